@@ -1,0 +1,171 @@
+//! What each `sluice` subcommand does, over the libraries.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use sluice_runtime::reject::RejectReason;
+
+use crate::embedded;
+use crate::progress::{ProgressLine, si};
+use crate::settings::Settings;
+
+/// sluice: exact streaming analytics for mobile app and game telemetry.
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, about, long_about = None)]
+pub struct Cli {
+    /// TOML configuration file (layered over built-in defaults, under SLUICE_* environment variables).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the whole job embedded (all stages in this process) over a workload directory, to the end of its input.
+    Run {
+        /// Workload directory: sdk-events.tsv, apps.csv, geo.csv, channels.csv.
+        #[arg(long)]
+        data: PathBuf,
+        /// State directory (created if missing); a second run over the same input changes nothing.
+        #[arg(long)]
+        state: PathBuf,
+    },
+    /// Write the tables of a state directory as OUT/<table>.jsonl (oracle.py's format).
+    Export {
+        /// State directory of an earlier `sluice run`.
+        #[arg(long)]
+        state: PathBuf,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Run the job on a generated sample and print a readable summary (no servers, no Python).
+    Demo {
+        /// Messages in the sample.
+        #[arg(long, default_value_t = 20_000)]
+        messages: u64,
+        /// Seed of the sample.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Keep the sample, state and export here instead of a temporary directory.
+        #[arg(long)]
+        keep: Option<PathBuf>,
+    },
+}
+
+fn load_settings(config: Option<&Path>) -> anyhow::Result<crate::settings::Validated> {
+    let settings: Settings = sluice_runtime::settings::load(config)?;
+    settings.validate()
+}
+
+/// Run the parsed command line.
+pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run { data, state } => run(cli.config.as_deref(), &data, &state),
+        Command::Export { state, out } => export(cli.config.as_deref(), &state, &out),
+        Command::Demo { messages, seed, keep } => demo(cli.config.as_deref(), messages, seed, keep),
+    }
+}
+
+fn run(config: Option<&Path>, data: &Path, state: &Path) -> anyhow::Result<()> {
+    let v = load_settings(config)?;
+    let mut line = ProgressLine::default();
+    let (report, _) = embedded::run(&v, data, state, &mut |p| line.update(p))?;
+    line.finish(&report.progress);
+    let p = &report.progress;
+    let mut out = std::io::stdout().lock();
+    if report.resumed_at_line > 0 {
+        writeln!(out, "resumed after line {} (already committed)", report.resumed_at_line)?;
+    }
+    writeln!(
+        out,
+        "done: {} records, {} accepted events, {} rejects in {:.2}s ({}/s accepted events); {} commits ({:.2}s), state {} bytes",
+        p.records,
+        p.accepted_events,
+        p.rejects.total(),
+        p.elapsed.as_secs_f64(),
+        si(p.accepted_events as f64 / p.elapsed.as_secs_f64().max(1e-9)),
+        p.commits,
+        report.commit_time.as_secs_f64(),
+        report.state_bytes
+    )?;
+    for reason in RejectReason::ALL {
+        let n = p.rejects.0[reason.index()];
+        if n > 0 {
+            writeln!(out, "  rejected {reason}: {n}")?;
+        }
+    }
+    Ok(())
+}
+
+fn export(config: Option<&Path>, state: &Path, out_dir: &Path) -> anyhow::Result<()> {
+    let v = load_settings(config)?;
+    let sink = embedded::open_sink(state, &v.settings.state)?;
+    let counts = sluice_sink::export::export(&sink, out_dir)?;
+    let mut out = std::io::stdout().lock();
+    for (table, n) in counts {
+        writeln!(out, "{}: {n} rows", out_dir.join(format!("{}.jsonl", table.name())).display())?;
+    }
+    Ok(())
+}
+
+fn demo(config: Option<&Path>, messages: u64, seed: u64, keep: Option<PathBuf>) -> anyhow::Result<()> {
+    let v = load_settings(config)?;
+    let scratch;
+    let root = match keep {
+        Some(dir) => dir,
+        None => {
+            scratch = tempfile_dir()?;
+            scratch.path().to_owned()
+        }
+    };
+    let (data, state, tables) = (root.join("data"), root.join("state"), root.join("tables"));
+    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+    let stats = crate::sample::write_sample(&data, seed, messages).context("writing the sample")?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "sluice demo: {} SDK uploads from {} devices of {} apps over {} days (sample in {})\n",
+        stats.records,
+        stats.devices,
+        stats.apps,
+        stats.days,
+        data.display()
+    )?;
+    drop(out);
+    let mut line = ProgressLine::default();
+    let (report, pipeline) = embedded::run(&v, &data, &state, &mut |p| line.update(p))?;
+    line.finish(&report.progress);
+    sluice_sink::export::export(pipeline.sink(), &tables)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out)?;
+    crate::summary::render_summary(&tables, &mut out)?;
+    writeln!(out, "\ntables exported to {} (one JSON object a line, as oracle.py writes them)", tables.display())?;
+    Ok(())
+}
+
+/// A scratch directory removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempfile_dir() -> anyhow::Result<Scratch> {
+    let dir = std::env::temp_dir().join(format!("sluice-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(Scratch(dir))
+}

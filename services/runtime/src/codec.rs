@@ -1,0 +1,595 @@
+//! Batches on the wire: the Cap'n Proto form of `schemas/batch.capnp`.
+//!
+//! Only distributed mode encodes; embedded mode hands the in-memory batches
+//! over as they are. Decoding refuses a batch of another `formatVersion`, an
+//! enum value this build does not know, or text that is not UTF-8, with a
+//! typed error: such a batch comes from a newer or broken peer and must not be
+//! half-applied.
+
+use std::sync::Arc;
+
+use capnp::message::{Builder, ReaderOptions};
+use capnp::serialize;
+
+use crate::batch::{
+    DailyCell, Dimensions, EnrichedBatch, EnrichedEvent, EnrichedUpload, EventBody, FORMAT_VERSION,
+    FirstEventMove, RawBatch, RawEvent, RawUpload, RowBatch, Upload,
+};
+use crate::batch_capnp as wire;
+use crate::event_time::{LocalDay, LocalMinute};
+use crate::key_group::KeyGroup;
+use crate::lineage::Lineage;
+use crate::reject::{RejectCounts, RejectReason};
+use crate::table::{
+    AppDay, CustomKey, CustomValue, DailyKey, DailyValue, MinuteKey, MinuteValue, PartialRow, RowKey,
+    RowValue,
+};
+
+/// A batch that could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// Not a valid Cap'n Proto message of the expected type.
+    #[error("batch is not valid Cap'n Proto: {0}")]
+    Capnp(#[from] capnp::Error),
+    /// An enum value or union member this build does not know.
+    #[error("batch uses a schema member this build does not know: {0}")]
+    NotInSchema(#[from] capnp::NotInSchema),
+    /// Text that is not UTF-8.
+    #[error("batch text is not UTF-8: {0}")]
+    Utf8(#[from] std::str::Utf8Error),
+    /// A batch of another format version.
+    #[error("batch format version {found}, this build reads {FORMAT_VERSION}")]
+    Version {
+        /// The version found.
+        found: u16,
+    },
+    /// A number that cannot be what the schema says (e.g. a decimal sum).
+    #[error("batch field {0} holds an invalid value")]
+    Invalid(&'static str),
+}
+
+type Result<T> = std::result::Result<T, CodecError>;
+
+/// Messages may be large (a batch per key group of a whole chunk of input);
+/// the traversal limit guards against malicious amplification, not size.
+fn reader_options() -> ReaderOptions {
+    let mut o = ReaderOptions::new();
+    o.traversal_limit_in_words(Some(1 << 30));
+    o
+}
+
+fn check_version(found: u16) -> Result<()> {
+    if found == FORMAT_VERSION { Ok(()) } else { Err(CodecError::Version { found }) }
+}
+
+fn reason_to_wire(r: RejectReason) -> wire::RejectReason {
+    match r {
+        RejectReason::Malformed => wire::RejectReason::Malformed,
+        RejectReason::MissingField => wire::RejectReason::MissingField,
+        RejectReason::UnknownApp => wire::RejectReason::UnknownApp,
+        RejectReason::Duplicate => wire::RejectReason::Duplicate,
+        RejectReason::UnknownEvent => wire::RejectReason::UnknownEvent,
+        RejectReason::BadTimestamp => wire::RejectReason::BadTimestamp,
+        RejectReason::BadValue => wire::RejectReason::BadValue,
+    }
+}
+
+fn reason_from_wire(r: wire::RejectReason) -> RejectReason {
+    match r {
+        wire::RejectReason::Malformed => RejectReason::Malformed,
+        wire::RejectReason::MissingField => RejectReason::MissingField,
+        wire::RejectReason::UnknownApp => RejectReason::UnknownApp,
+        wire::RejectReason::Duplicate => RejectReason::Duplicate,
+        wire::RejectReason::UnknownEvent => RejectReason::UnknownEvent,
+        wire::RejectReason::BadTimestamp => RejectReason::BadTimestamp,
+        wire::RejectReason::BadValue => RejectReason::BadValue,
+    }
+}
+
+fn text(r: capnp::Result<capnp::text::Reader<'_>>) -> Result<&str> {
+    Ok(r?.to_str()?)
+}
+
+fn set_lineage(mut b: wire::lineage::Builder<'_>, l: Lineage) {
+    b.set_partition(l.partition);
+    b.set_offset(l.offset);
+}
+
+fn get_lineage(r: capnp::Result<wire::lineage::Reader<'_>>) -> Result<Lineage> {
+    let r = r?;
+    Ok(Lineage { partition: r.get_partition(), offset: r.get_offset() })
+}
+
+fn to_bytes(message: &Builder<capnp::message::HeapAllocator>) -> Vec<u8> {
+    serialize::write_message_to_words(message)
+}
+
+// ------------------------------------------------------------------ raw
+
+/// Encode a source → enrich batch.
+pub fn encode_raw(batch: &RawBatch) -> Vec<u8> {
+    let mut message = Builder::new_default();
+    let mut b = message.init_root::<wire::raw_batch::Builder<'_>>();
+    b.set_format_version(FORMAT_VERSION);
+    b.set_key_group(batch.key_group.0);
+    let mut list = b.init_uploads(batch.uploads.len() as u32);
+    for (i, up) in batch.uploads.iter().enumerate() {
+        let mut u = list.reborrow().get(i as u32);
+        set_lineage(u.reborrow().init_lineage(), up.lineage);
+        match &up.body {
+            Err(reason) => u.set_rejected(reason_to_wire(*reason)),
+            Ok(up) => {
+                let mut a = u.init_accepted();
+                a.set_mid(&*up.mid);
+                a.set_app(&*up.app);
+                a.set_dev(&*up.dev);
+                if let Some(os) = &up.os {
+                    a.set_os(&**os);
+                }
+                if let Some(ch) = &up.channel {
+                    a.set_channel(&**ch);
+                }
+                if let Some(ip) = &up.ip {
+                    a.set_ip(&**ip);
+                }
+                a.set_sent(up.sent);
+                let mut evs = a.init_events(up.events.len() as u32);
+                for (j, ev) in up.events.iter().enumerate() {
+                    let mut e = evs.reborrow().get(j as u32);
+                    e.set_ts(ev.ts);
+                    match &ev.body {
+                        Err(reason) => e.set_rejected(reason_to_wire(*reason)),
+                        Ok(EventBody::Launch) => e.set_launch(()),
+                        Ok(EventBody::Page { dur }) => e.set_page(*dur),
+                        Ok(EventBody::Terminate { dur }) => e.set_terminate(*dur),
+                        Ok(EventBody::Custom { id }) => e.set_custom(&**id),
+                        Ok(EventBody::Pay { amount, currency }) => {
+                            let mut p = e.init_pay();
+                            p.set_amount(*amount);
+                            p.set_currency(&**currency);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    to_bytes(&message)
+}
+
+/// Decode a source → enrich batch.
+pub fn decode_raw(bytes: &[u8]) -> Result<RawBatch> {
+    let message = serialize::read_message_from_flat_slice(&mut &bytes[..], reader_options())?;
+    let b = message.get_root::<wire::raw_batch::Reader<'_>>()?;
+    check_version(b.get_format_version())?;
+    let list = b.get_uploads()?;
+    let mut uploads = Vec::with_capacity(list.len() as usize);
+    for u in list.iter() {
+        let lineage = get_lineage(u.get_lineage())?;
+        let body = match u.which()? {
+            wire::raw_upload::Rejected(r) => Err(reason_from_wire(r?)),
+            wire::raw_upload::Accepted(a) => {
+                let opt = |has: bool, r| -> Result<Option<Box<str>>> {
+                    if has { Ok(Some(text(r)?.into())) } else { Ok(None) }
+                };
+                let mut events = Vec::new();
+                for e in a.get_events()?.iter() {
+                    use wire::raw_event::Which;
+                    let body = match e.which()? {
+                        Which::Rejected(r) => Err(reason_from_wire(r?)),
+                        Which::Launch(()) => Ok(EventBody::Launch),
+                        Which::Page(dur) => Ok(EventBody::Page { dur }),
+                        Which::Terminate(dur) => Ok(EventBody::Terminate { dur }),
+                        Which::Custom(id) => Ok(EventBody::Custom { id: Arc::from(text(id)?) }),
+                        Which::Pay(p) => Ok(EventBody::Pay {
+                            amount: p.get_amount(),
+                            currency: Arc::from(text(p.get_currency())?),
+                        }),
+                    };
+                    events.push(RawEvent { ts: e.get_ts(), body });
+                }
+                Ok(Upload {
+                    mid: text(a.get_mid())?.into(),
+                    app: Arc::from(text(a.get_app())?),
+                    dev: Arc::from(text(a.get_dev())?),
+                    os: opt(a.has_os(), a.get_os())?,
+                    channel: opt(a.has_channel(), a.get_channel())?,
+                    ip: opt(a.has_ip(), a.get_ip())?,
+                    sent: a.get_sent(),
+                    events,
+                })
+            }
+        };
+        uploads.push(RawUpload { lineage, body });
+    }
+    Ok(RawBatch { key_group: KeyGroup(b.get_key_group()), uploads })
+}
+
+// ------------------------------------------------------------------ enriched
+
+fn set_dimensions(mut b: wire::dimensions::Builder<'_>, d: &Dimensions) {
+    b.set_os(&*d.os);
+    b.set_channel(&*d.channel);
+    b.set_country(&*d.country);
+}
+
+fn get_dimensions(r: capnp::Result<wire::dimensions::Reader<'_>>) -> Result<Dimensions> {
+    let r = r?;
+    Ok(Dimensions {
+        os: Arc::from(text(r.get_os())?),
+        channel: Arc::from(text(r.get_channel())?),
+        country: Arc::from(text(r.get_country())?),
+    })
+}
+
+/// Encode an enrich → window batch.
+pub fn encode_enriched(batch: &EnrichedBatch) -> Vec<u8> {
+    let mut message = Builder::new_default();
+    let mut b = message.init_root::<wire::enriched_batch::Builder<'_>>();
+    b.set_format_version(FORMAT_VERSION);
+    b.set_key_group(batch.key_group.0);
+    let mut list = b.reborrow().init_uploads(batch.uploads.len() as u32);
+    for (i, up) in batch.uploads.iter().enumerate() {
+        let mut u = list.reborrow().get(i as u32);
+        set_lineage(u.reborrow().init_lineage(), up.lineage);
+        u.set_app(&*up.app);
+        u.set_dev(&*up.dev);
+        set_dimensions(u.reborrow().init_dimensions(), &up.dimensions);
+        let mut evs = u.init_events(up.events.len() as u32);
+        for (j, ev) in up.events.iter().enumerate() {
+            let mut e = evs.reborrow().get(j as u32);
+            e.set_index(ev.index);
+            e.set_ts(ev.ts);
+            match &ev.body {
+                EventBody::Launch => e.set_launch(()),
+                EventBody::Page { dur } => e.set_page(*dur),
+                EventBody::Terminate { dur } => e.set_terminate(*dur),
+                EventBody::Custom { id } => e.set_custom(&**id),
+                EventBody::Pay { amount, currency } => {
+                    let mut p = e.init_pay();
+                    p.set_amount(*amount);
+                    p.set_currency(&**currency);
+                }
+            }
+        }
+    }
+    let mut moves = b.reborrow().init_first_event_moves(batch.first_event_moves.len() as u32);
+    for (i, mv) in batch.first_event_moves.iter().enumerate() {
+        let mut m = moves.reborrow().get(i as u32);
+        set_lineage(m.reborrow().init_lineage(), mv.lineage);
+        m.set_app(&*mv.app);
+        m.set_dev(&*mv.dev);
+        if let Some(out) = &mv.out_of {
+            m.set_has_out_of(true);
+            m.set_out_of_day(out.day.0);
+            set_dimensions(m.reborrow().init_out_of(), &out.dimensions);
+        }
+        m.set_into_day(mv.into.day.0);
+        set_dimensions(m.init_into(), &mv.into.dimensions);
+    }
+    let counts: Vec<(RejectReason, u64)> = batch.rejects.iter().collect();
+    let mut rejects = b.init_rejects(counts.len() as u32);
+    for (i, (reason, count)) in counts.into_iter().enumerate() {
+        let mut r = rejects.reborrow().get(i as u32);
+        r.set_reason(reason_to_wire(reason));
+        r.set_count(count);
+    }
+    to_bytes(&message)
+}
+
+/// Decode an enrich → window batch.
+pub fn decode_enriched(bytes: &[u8]) -> Result<EnrichedBatch> {
+    let message = serialize::read_message_from_flat_slice(&mut &bytes[..], reader_options())?;
+    let b = message.get_root::<wire::enriched_batch::Reader<'_>>()?;
+    check_version(b.get_format_version())?;
+    let mut uploads = Vec::new();
+    for u in b.get_uploads()?.iter() {
+        let mut events = Vec::new();
+        for e in u.get_events()?.iter() {
+            use wire::enriched_event::Which;
+            let body = match e.which()? {
+                Which::Launch(()) => EventBody::Launch,
+                Which::Page(dur) => EventBody::Page { dur },
+                Which::Terminate(dur) => EventBody::Terminate { dur },
+                Which::Custom(id) => EventBody::Custom { id: Arc::from(text(id)?) },
+                Which::Pay(p) => EventBody::Pay {
+                    amount: p.get_amount(),
+                    currency: Arc::from(text(p.get_currency())?),
+                },
+            };
+            events.push(EnrichedEvent { index: e.get_index(), ts: e.get_ts(), body });
+        }
+        uploads.push(EnrichedUpload {
+            lineage: get_lineage(u.get_lineage())?,
+            app: Arc::from(text(u.get_app())?),
+            dev: Arc::from(text(u.get_dev())?),
+            dimensions: get_dimensions(u.get_dimensions())?,
+            events,
+        });
+    }
+    let mut first_event_moves = Vec::new();
+    for m in b.get_first_event_moves()?.iter() {
+        let out_of = if m.get_has_out_of() {
+            Some(DailyCell { day: LocalDay(m.get_out_of_day()), dimensions: get_dimensions(m.get_out_of())? })
+        } else {
+            None
+        };
+        first_event_moves.push(FirstEventMove {
+            lineage: get_lineage(m.get_lineage())?,
+            app: Arc::from(text(m.get_app())?),
+            dev: Arc::from(text(m.get_dev())?),
+            out_of,
+            into: DailyCell { day: LocalDay(m.get_into_day()), dimensions: get_dimensions(m.get_into())? },
+        });
+    }
+    let mut rejects = RejectCounts::default();
+    for r in b.get_rejects()?.iter() {
+        rejects.0[reason_from_wire(r.get_reason()?).index()] += r.get_count();
+    }
+    Ok(EnrichedBatch { key_group: KeyGroup(b.get_key_group()), uploads, first_event_moves, rejects })
+}
+
+// ------------------------------------------------------------------ rows
+
+fn wide(r: capnp::Result<capnp::text::Reader<'_>>, field: &'static str) -> Result<i128> {
+    text(r)?.parse().map_err(|_| CodecError::Invalid(field))
+}
+
+/// Encode a window → sink batch.
+pub fn encode_rows(batch: &RowBatch) -> Vec<u8> {
+    let mut message = Builder::new_default();
+    let mut b = message.init_root::<wire::row_batch::Builder<'_>>();
+    b.set_format_version(FORMAT_VERSION);
+    b.set_key_group(batch.key_group.0);
+    let mut list = b.init_rows(batch.rows.len() as u32);
+    for (i, row) in batch.rows.iter().enumerate() {
+        let mut r = list.reborrow().get(i as u32);
+        r.set_version(row.version);
+        match (&row.key, &row.value) {
+            (RowKey::Daily(k), RowValue::Daily(v)) => {
+                let mut d = r.init_daily();
+                d.set_app(&*k.app);
+                d.set_day(k.day.0);
+                set_dimensions(
+                    d.reborrow().init_dimensions(),
+                    &Dimensions { os: k.os.clone(), channel: k.channel.clone(), country: k.country.clone() },
+                );
+                d.set_events(v.events);
+                d.set_launches(v.launches);
+                d.set_active_devices(v.active_devices);
+                d.set_new_devices(v.new_devices);
+                d.set_playtime_s(&*v.playtime_s.to_string());
+                let mut hist = d.reborrow().init_playtime_hist(8);
+                for (j, n) in v.playtime_hist.iter().enumerate() {
+                    hist.set(j as u32, *n);
+                }
+                d.set_payers(v.payers);
+                let mut rev = d.init_revenue(v.revenue.len() as u32);
+                for (j, (cur, amount)) in v.revenue.iter().enumerate() {
+                    let mut e = rev.reborrow().get(j as u32);
+                    e.set_currency(&**cur);
+                    e.set_amount(&*amount.to_string());
+                }
+            }
+            (RowKey::SessionsPerDevice(k), RowValue::SessionsPerDevice(buckets)) => {
+                let mut s = r.init_sessions_per_device();
+                s.set_app(&*k.app);
+                s.set_day(k.day.0);
+                let mut list = s.init_buckets(10);
+                for (j, n) in buckets.iter().enumerate() {
+                    list.set(j as u32, *n);
+                }
+            }
+            (RowKey::CustomEvents(k), RowValue::CustomEvents(v)) => {
+                let mut c = r.init_custom_events();
+                c.set_app(&*k.app);
+                c.set_day(k.day.0);
+                c.set_event_id(&*k.event_id);
+                c.set_count(v.count);
+                c.set_devices(v.devices);
+            }
+            (RowKey::Minute(k), RowValue::Minute(v)) => {
+                let mut m = r.init_minute();
+                m.set_app(&*k.app);
+                m.set_minute(k.minute.0);
+                m.set_events(v.events);
+                m.set_launches(v.launches);
+                m.set_revenue_cny(&*v.revenue_cny.to_string());
+            }
+            (RowKey::Rejects(reason), RowValue::Rejects(n)) => {
+                let mut x = r.init_rejects();
+                x.set_reason(reason_to_wire(*reason));
+                x.set_count(*n);
+            }
+            // A key and value of different tables cannot be built by the
+            // window; encode it as an empty rejects row rather than panic.
+            _ => {
+                let mut x = r.init_rejects();
+                x.set_count(0);
+            }
+        }
+    }
+    to_bytes(&message)
+}
+
+/// Decode a window → sink batch.
+pub fn decode_rows(bytes: &[u8]) -> Result<RowBatch> {
+    use wire::partial_row::Which;
+    let message = serialize::read_message_from_flat_slice(&mut &bytes[..], reader_options())?;
+    let b = message.get_root::<wire::row_batch::Reader<'_>>()?;
+    check_version(b.get_format_version())?;
+    let mut rows = Vec::new();
+    for r in b.get_rows()?.iter() {
+        let (key, value) = match r.which()? {
+            Which::Daily(d) => {
+                let dims = get_dimensions(d.get_dimensions())?;
+                let hist_list = d.get_playtime_hist()?;
+                if hist_list.len() != 8 {
+                    return Err(CodecError::Invalid("daily.playtimeHist"));
+                }
+                let mut playtime_hist = [0u64; 8];
+                for (j, n) in hist_list.iter().enumerate() {
+                    playtime_hist[j] = n;
+                }
+                let mut revenue = std::collections::BTreeMap::new();
+                for e in d.get_revenue()?.iter() {
+                    revenue.insert(Arc::from(text(e.get_currency())?), wide(e.get_amount(), "revenue.amount")?);
+                }
+                (
+                    RowKey::Daily(DailyKey {
+                        app: Arc::from(text(d.get_app())?),
+                        day: LocalDay(d.get_day()),
+                        os: dims.os,
+                        channel: dims.channel,
+                        country: dims.country,
+                    }),
+                    RowValue::Daily(DailyValue {
+                        events: d.get_events(),
+                        launches: d.get_launches(),
+                        active_devices: d.get_active_devices(),
+                        new_devices: d.get_new_devices(),
+                        playtime_s: wide(d.get_playtime_s(), "daily.playtimeS")?,
+                        playtime_hist,
+                        payers: d.get_payers(),
+                        revenue,
+                    }),
+                )
+            }
+            Which::SessionsPerDevice(s) => {
+                let list = s.get_buckets()?;
+                if list.len() != 10 {
+                    return Err(CodecError::Invalid("sessionsPerDevice.buckets"));
+                }
+                let mut buckets = [0u64; 10];
+                for (j, n) in list.iter().enumerate() {
+                    buckets[j] = n;
+                }
+                (
+                    RowKey::SessionsPerDevice(AppDay { app: Arc::from(text(s.get_app())?), day: LocalDay(s.get_day()) }),
+                    RowValue::SessionsPerDevice(buckets),
+                )
+            }
+            Which::CustomEvents(c) => (
+                RowKey::CustomEvents(CustomKey {
+                    app: Arc::from(text(c.get_app())?),
+                    day: LocalDay(c.get_day()),
+                    event_id: Arc::from(text(c.get_event_id())?),
+                }),
+                RowValue::CustomEvents(CustomValue { count: c.get_count(), devices: c.get_devices() }),
+            ),
+            Which::Minute(m) => (
+                RowKey::Minute(MinuteKey { app: Arc::from(text(m.get_app())?), minute: LocalMinute(m.get_minute()) }),
+                RowValue::Minute(MinuteValue {
+                    events: m.get_events(),
+                    launches: m.get_launches(),
+                    revenue_cny: wide(m.get_revenue_cny(), "minute.revenueCny")?,
+                }),
+            ),
+            Which::Rejects(x) => {
+                (RowKey::Rejects(reason_from_wire(x.get_reason()?)), RowValue::Rejects(x.get_count()))
+            }
+        };
+        rows.push(PartialRow { version: r.get_version(), key, value });
+    }
+    Ok(RowBatch { key_group: KeyGroup(b.get_key_group()), rows })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dims() -> Dimensions {
+        Dimensions { os: "ios".into(), channel: "apple".into(), country: "CN".into() }
+    }
+
+    #[test]
+    fn raw_batches_round_trip() -> Result<()> {
+        let batch = RawBatch {
+            key_group: KeyGroup(7),
+            uploads: vec![
+                RawUpload { lineage: Lineage { partition: 3, offset: 99 }, body: Err(RejectReason::Malformed) },
+                RawUpload {
+                    lineage: Lineage::line(5),
+                    body: Ok(Upload {
+                        mid: "m".into(),
+                        app: "a".into(),
+                        dev: "d".into(),
+                        os: None,
+                        channel: Some("".into()),
+                        ip: Some("1.2.3.4".into()),
+                        sent: -5,
+                        events: vec![
+                            RawEvent { ts: 1, body: Ok(EventBody::Launch) },
+                            RawEvent { ts: 2, body: Ok(EventBody::Pay { amount: 600, currency: "CNY".into() }) },
+                            RawEvent { ts: 3, body: Ok(EventBody::Custom { id: "单抽".into() }) },
+                            RawEvent { ts: 0, body: Err(RejectReason::BadValue) },
+                        ],
+                    }),
+                },
+            ],
+        };
+        assert_eq!(decode_raw(&encode_raw(&batch))?, batch);
+        Ok(())
+    }
+
+    #[test]
+    fn enriched_batches_round_trip() -> Result<()> {
+        let mut rejects = RejectCounts::default();
+        rejects.add(RejectReason::Duplicate);
+        let batch = EnrichedBatch {
+            key_group: KeyGroup(1),
+            uploads: vec![EnrichedUpload {
+                lineage: Lineage::line(1),
+                app: "a".into(),
+                dev: "d".into(),
+                dimensions: dims(),
+                events: vec![EnrichedEvent { index: 2, ts: 9, body: EventBody::Terminate { dur: 12 } }],
+            }],
+            first_event_moves: vec![FirstEventMove {
+                lineage: Lineage::line(1),
+                app: "a".into(),
+                dev: "d".into(),
+                out_of: Some(DailyCell { day: LocalDay(20_000), dimensions: dims() }),
+                into: DailyCell { day: LocalDay(19_999), dimensions: dims() },
+            }],
+            rejects,
+        };
+        assert_eq!(decode_enriched(&encode_enriched(&batch))?, batch);
+        Ok(())
+    }
+
+    #[test]
+    fn row_batches_round_trip_and_versions_are_checked() -> Result<()> {
+        let mut daily = DailyValue { events: 2, playtime_s: i128::from(i64::MAX) * 3, ..Default::default() };
+        daily.revenue.insert("CNY".into(), 600);
+        let batch = RowBatch {
+            key_group: KeyGroup(3),
+            rows: vec![
+                PartialRow {
+                    version: 4,
+                    key: RowKey::Daily(DailyKey {
+                        app: "a".into(),
+                        day: LocalDay(1),
+                        os: "ios".into(),
+                        channel: "apple".into(),
+                        country: "CN".into(),
+                    }),
+                    value: RowValue::Daily(daily),
+                },
+                PartialRow {
+                    version: 5,
+                    key: RowKey::Minute(MinuteKey { app: "a".into(), minute: LocalMinute(-3) }),
+                    value: RowValue::Minute(MinuteValue { events: 1, launches: 1, revenue_cny: 0 }),
+                },
+                PartialRow { version: 6, key: RowKey::Rejects(RejectReason::BadValue), value: RowValue::Rejects(3) },
+            ],
+        };
+        assert_eq!(decode_rows(&encode_rows(&batch))?, batch);
+
+        let mut message = Builder::new_default();
+        message.init_root::<wire::row_batch::Builder<'_>>().set_format_version(FORMAT_VERSION + 1);
+        let err = decode_rows(&to_bytes(&message)).expect_err("future version");
+        assert!(matches!(err, CodecError::Version { .. }), "{err}");
+        assert!(decode_rows(b"garbage").is_err());
+        Ok(())
+    }
+}
