@@ -68,7 +68,11 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { data, state } => run(cli.config.as_deref(), &data, &state),
         Command::Export { state, out } => export(cli.config.as_deref(), &state, &out),
-        Command::Demo { messages, seed, keep } => demo(cli.config.as_deref(), messages, seed, keep),
+        Command::Demo {
+            messages,
+            seed,
+            keep,
+        } => demo(cli.config.as_deref(), messages, seed, keep),
     }
 }
 
@@ -80,11 +84,15 @@ fn run(config: Option<&Path>, data: &Path, state: &Path) -> anyhow::Result<()> {
     let p = &report.progress;
     let mut out = std::io::stdout().lock();
     if report.resumed_at_line > 0 {
-        writeln!(out, "resumed after line {} (already committed)", report.resumed_at_line)?;
+        writeln!(
+            out,
+            "resumed after line {} (already committed)",
+            report.resumed_at_line
+        )?;
     }
     writeln!(
         out,
-        "done: {} records, {} accepted events, {} rejects in {:.2}s ({}/s accepted events); {} commits ({:.2}s), state {} bytes",
+        "done: {} records, {} accepted events, {} rejects in {:.2}s ({}/s accepted events); {} commits ({:.2}s); state {} MiB on disk; peak RSS {} MiB",
         p.records,
         p.accepted_events,
         p.rejects.total(),
@@ -92,7 +100,14 @@ fn run(config: Option<&Path>, data: &Path, state: &Path) -> anyhow::Result<()> {
         si(p.accepted_events as f64 / p.elapsed.as_secs_f64().max(1e-9)),
         p.commits,
         report.commit_time.as_secs_f64(),
-        report.state_bytes
+        report.state_bytes >> 20,
+        report.peak_rss_bytes >> 20
+    )?;
+    writeln!(
+        out,
+        "accepted_events_per_s={:.0} peak_rss_mib={}",
+        p.accepted_events as f64 / p.elapsed.as_secs_f64().max(1e-9),
+        report.peak_rss_bytes >> 20
     )?;
     for reason in RejectReason::ALL {
         let n = p.rejects.0[reason.index()];
@@ -109,12 +124,21 @@ fn export(config: Option<&Path>, state: &Path, out_dir: &Path) -> anyhow::Result
     let counts = sluice_sink::export::export(&sink, out_dir)?;
     let mut out = std::io::stdout().lock();
     for (table, n) in counts {
-        writeln!(out, "{}: {n} rows", out_dir.join(format!("{}.jsonl", table.name())).display())?;
+        writeln!(
+            out,
+            "{}: {n} rows",
+            out_dir.join(format!("{}.jsonl", table.name())).display()
+        )?;
     }
     Ok(())
 }
 
-fn demo(config: Option<&Path>, messages: u64, seed: u64, keep: Option<PathBuf>) -> anyhow::Result<()> {
+fn demo(
+    config: Option<&Path>,
+    messages: u64,
+    seed: u64,
+    keep: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let v = load_settings(config)?;
     let scratch;
     let root = match keep {
@@ -145,7 +169,11 @@ fn demo(config: Option<&Path>, messages: u64, seed: u64, keep: Option<PathBuf>) 
     let mut out = std::io::stdout().lock();
     writeln!(out)?;
     crate::summary::render_summary(&tables, &mut out)?;
-    writeln!(out, "\ntables exported to {} (one JSON object a line, as oracle.py writes them)", tables.display())?;
+    writeln!(
+        out,
+        "\ntables exported to {} (one JSON object a line, as oracle.py writes them)",
+        tables.display()
+    )?;
     Ok(())
 }
 

@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -70,6 +70,20 @@ pub struct RunReport {
     pub commit_time: Duration,
     /// Size of the state directory on disk.
     pub state_bytes: u64,
+    /// Peak resident memory of this process so far, bytes (Linux; 0 elsewhere).
+    pub peak_rss_bytes: u64,
+}
+
+/// Peak resident set size of this process (`VmHWM`), in bytes; 0 when unknown.
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
 }
 
 struct Chunk {
@@ -97,15 +111,22 @@ pub struct Pipeline {
 impl Pipeline {
     /// Open the state in `state_dir` and restore every stage from it.
     pub fn open(v: &Validated, data_dir: &Path, state_dir: &Path) -> anyhow::Result<Self> {
-        let tables = DimensionTables::load(data_dir).with_context(|| format!("loading dimension tables from {}", data_dir.display()))?;
-        let store = CommitStore::open(state_dir, &v.settings.state).with_context(|| format!("opening state at {}", state_dir.display()))?;
+        let tables = DimensionTables::load(data_dir)
+            .with_context(|| format!("loading dimension tables from {}", data_dir.display()))?;
+        let store = CommitStore::open(state_dir, &v.settings.state)
+            .with_context(|| format!("opening state at {}", state_dir.display()))?;
         let mut enrich = Enricher::new(Arc::new(tables), &v.settings.enrich);
         let mut window = Window::new();
         let mut sink = Sink::new();
         enrich.start(&store).context("restoring enrich state")?;
         window.start(&store).context("restoring window state")?;
         sink.start(&store).context("restoring sink state")?;
-        Ok(Self { store, enrich, window, sink })
+        Ok(Self {
+            store,
+            enrich,
+            window,
+            sink,
+        })
     }
 
     fn position(&self) -> anyhow::Result<Option<FilePosition>> {
@@ -120,7 +141,11 @@ impl Pipeline {
         let mut enriched: Vec<EnrichedBatch> = Vec::with_capacity(1);
         self.enrich.batch(raw, &mut enriched)?;
         for batch in enriched {
-            progress.accepted_events += batch.uploads.iter().map(|u| u.events.len() as u64).sum::<u64>();
+            progress.accepted_events += batch
+                .uploads
+                .iter()
+                .map(|u| u.events.len() as u64)
+                .sum::<u64>();
             progress.rejects.merge(&batch.rejects);
             self.window.batch(batch, &mut Vec::new())?;
         }
@@ -137,7 +162,10 @@ impl Pipeline {
             self.sink.batch(batch, &mut Vec::new())?;
         }
         self.sink.commit(&mut Vec::new(), &mut tx)?;
-        tx.put(&StateKey::namespace(POSITION_KEY), state::encode("file position", &position)?);
+        tx.put(
+            &StateKey::namespace(POSITION_KEY),
+            state::encode("file position", &position)?,
+        );
         self.store.commit(tx).context("committing state")?;
         Ok(())
     }
@@ -149,9 +177,17 @@ impl Pipeline {
 }
 
 /// Open only the sink's tables of a state directory (for export).
-pub fn open_sink(state_dir: &Path, settings: &sluice_runtime::state::StateSettings) -> anyhow::Result<Sink> {
-    anyhow::ensure!(state_dir.is_dir(), "no state directory at {}", state_dir.display());
-    let store = CommitStore::open(state_dir, settings).with_context(|| format!("opening state at {}", state_dir.display()))?;
+pub fn open_sink(
+    state_dir: &Path,
+    settings: &sluice_runtime::state::StateSettings,
+) -> anyhow::Result<Sink> {
+    anyhow::ensure!(
+        state_dir.is_dir(),
+        "no state directory at {}",
+        state_dir.display()
+    );
+    let store = CommitStore::open(state_dir, settings)
+        .with_context(|| format!("opening state at {}", state_dir.display()))?;
     let mut sink = Sink::new();
     sink.start(&store).context("reading the tables")?;
     Ok(sink)
@@ -167,12 +203,16 @@ pub fn run(
     let started = Instant::now();
     let input = data_dir.join(INPUT_FILE);
     let mut file = File::open(&input).with_context(|| format!("opening {}", input.display()))?;
-    let bytes_total = file.metadata().with_context(|| format!("reading {}", input.display()))?.len();
+    let bytes_total = file
+        .metadata()
+        .with_context(|| format!("reading {}", input.display()))?
+        .len();
     let mut pipeline = Pipeline::open(v, data_dir, state_dir)?;
 
     let mut position = pipeline.position()?.unwrap_or_default();
     let mut head = vec![0u8; FINGERPRINT_BYTES.min(bytes_total) as usize];
-    file.read_exact(&mut head).with_context(|| format!("reading {}", input.display()))?;
+    file.read_exact(&mut head)
+        .with_context(|| format!("reading {}", input.display()))?;
     if position.offset > 0 {
         let covered = position.offset.min(FINGERPRINT_BYTES) as usize;
         if position.offset > bytes_total || fingerprint(&head[..covered]) != position.fingerprint {
@@ -185,7 +225,8 @@ pub fn run(
         }
     }
     let resumed_at_line = position.line;
-    file.seek(SeekFrom::Start(position.offset)).context("seeking to the committed position")?;
+    file.seek(SeekFrom::Start(position.offset))
+        .context("seeking to the committed position")?;
 
     let settings = &v.settings;
     let (chunk_tx, chunk_rx) = bounded::<Chunk>(settings.source.queue_chunks);
@@ -210,7 +251,11 @@ pub fn run(
     }
     drop((chunk_rx, parsed_tx));
 
-    let mut progress = Progress { bytes_done: position.offset, bytes_total, ..Default::default() };
+    let mut progress = Progress {
+        bytes_done: position.offset,
+        bytes_total,
+        ..Default::default()
+    };
     let mut pending: BTreeMap<u64, Parsed> = BTreeMap::new();
     let mut next_seq = 0u64;
     let mut last_commit = Instant::now();
@@ -232,7 +277,8 @@ pub fn run(
             uncommitted = true;
             if last_commit.elapsed() >= settings.run.commit_interval {
                 let t = Instant::now();
-                position.fingerprint = fingerprint(&head[..position.offset.min(FINGERPRINT_BYTES) as usize]);
+                position.fingerprint =
+                    fingerprint(&head[..position.offset.min(FINGERPRINT_BYTES) as usize]);
                 pipeline.commit(position)?;
                 commit_time += t.elapsed();
                 progress.commits += 1;
@@ -246,14 +292,21 @@ pub fn run(
             }
         }
     }
-    reader.join().map_err(|_| anyhow::anyhow!("the reader thread panicked"))??;
+    reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("the reader thread panicked"))??;
     for p in parsers {
-        p.join().map_err(|_| anyhow::anyhow!("a parser thread panicked"))?;
+        p.join()
+            .map_err(|_| anyhow::anyhow!("a parser thread panicked"))?;
     }
-    anyhow::ensure!(pending.is_empty(), "input chunks were lost between parsing and processing");
+    anyhow::ensure!(
+        pending.is_empty(),
+        "input chunks were lost between parsing and processing"
+    );
     if uncommitted || position.offset == 0 {
         let t = Instant::now();
-        position.fingerprint = fingerprint(&head[..position.offset.min(FINGERPRINT_BYTES) as usize]);
+        position.fingerprint =
+            fingerprint(&head[..position.offset.min(FINGERPRINT_BYTES) as usize]);
         pipeline.commit(position)?;
         commit_time += t.elapsed();
         progress.commits += 1;
@@ -261,11 +314,26 @@ pub fn run(
     progress.elapsed = started.elapsed();
     on_progress(&progress);
     let state_bytes = pipeline.store.size_on_disk().unwrap_or(0);
-    Ok((RunReport { progress, resumed_at_line, commit_time, state_bytes }, pipeline))
+    Ok((
+        RunReport {
+            progress,
+            resumed_at_line,
+            commit_time,
+            state_bytes,
+            peak_rss_bytes: peak_rss_bytes(),
+        },
+        pipeline,
+    ))
 }
 
 /// Cut the input into chunks of whole lines and send them on, in order.
-fn read_chunks(mut file: File, input: &PathBuf, start: FilePosition, chunk_bytes: usize, tx: &Sender<Chunk>) -> anyhow::Result<()> {
+fn read_chunks(
+    mut file: File,
+    input: &Path,
+    start: FilePosition,
+    chunk_bytes: usize,
+    tx: &Sender<Chunk>,
+) -> anyhow::Result<()> {
     let mut carry: Vec<u8> = Vec::new();
     let (mut offset, mut line, mut seq) = (start.offset, start.line, 0u64);
     let mut eof = false;
@@ -277,7 +345,9 @@ fn read_chunks(mut file: File, input: &PathBuf, start: FilePosition, chunk_bytes
         loop {
             let filled = buf.len();
             buf.resize(filled + chunk_bytes.max(64 * 1024), 0);
-            let n = file.read(&mut buf[filled..]).with_context(|| format!("reading {}", input.display()))?;
+            let n = file
+                .read(&mut buf[filled..])
+                .with_context(|| format!("reading {}", input.display()))?;
             buf.truncate(filled + n);
             if n == 0 {
                 eof = true;
@@ -287,14 +357,25 @@ fn read_chunks(mut file: File, input: &PathBuf, start: FilePosition, chunk_bytes
                 break;
             }
         }
-        let cut = if eof { buf.len() } else { buf.iter().rposition(|&b| b == b'\n').map_or(buf.len(), |i| i + 1) };
+        let cut = if eof {
+            buf.len()
+        } else {
+            buf.iter()
+                .rposition(|&b| b == b'\n')
+                .map_or(buf.len(), |i| i + 1)
+        };
         carry = buf.split_off(cut);
         if buf.is_empty() {
             continue;
         }
         let n_lines = lines(&buf).count() as u64;
         offset += buf.len() as u64;
-        let chunk = Chunk { seq, first_line: line, end_offset: offset, bytes: buf };
+        let chunk = Chunk {
+            seq,
+            first_line: line,
+            end_offset: offset,
+            bytes: buf,
+        };
         line += n_lines;
         seq += 1;
         if tx.send(chunk).is_err() {
@@ -305,7 +386,11 @@ fn read_chunks(mut file: File, input: &PathBuf, start: FilePosition, chunk_bytes
 }
 
 /// Parse chunks into raw batches (the source stage's work).
-fn parse_chunks(rx: &Receiver<Chunk>, tx: &Sender<anyhow::Result<Parsed>>, key_groups: sluice_runtime::key_group::KeyGroups) {
+fn parse_chunks(
+    rx: &Receiver<Chunk>,
+    tx: &Sender<anyhow::Result<Parsed>>,
+    key_groups: sluice_runtime::key_group::KeyGroups,
+) {
     let mut batcher = Batcher::new(key_groups);
     for chunk in rx.iter() {
         let mut n = 0u64;
@@ -314,7 +399,12 @@ fn parse_chunks(rx: &Receiver<Chunk>, tx: &Sender<anyhow::Result<Parsed>>, key_g
             batcher.push(Lineage::line(chunk.first_line + i as u64), key, value);
             n += 1;
         }
-        let parsed = Parsed { seq: chunk.seq, end_offset: chunk.end_offset, lines: n, batches: batcher.take() };
+        let parsed = Parsed {
+            seq: chunk.seq,
+            end_offset: chunk.end_offset,
+            lines: n,
+            batches: batcher.take(),
+        };
         if tx.send(Ok(parsed)).is_err() {
             return;
         }

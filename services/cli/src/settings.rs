@@ -28,7 +28,10 @@ pub struct RunSettings {
 
 impl Default for RunSettings {
     fn default() -> Self {
-        Self { commit_interval: Duration::from_secs(2), progress_interval: Duration::from_millis(500) }
+        Self {
+            commit_interval: Duration::from_secs(2),
+            progress_interval: Duration::from_millis(500),
+        }
     }
 }
 
@@ -69,13 +72,29 @@ impl Settings {
                 self.pipeline.key_groups
             )
         })?;
-        anyhow::ensure!(self.source.chunk_bytes >= 1024, "source.chunk_bytes must be at least 1024, got {}", self.source.chunk_bytes);
-        anyhow::ensure!(self.source.queue_chunks >= 1, "source.queue_chunks must be at least 1");
-        anyhow::ensure!(!self.run.commit_interval.is_zero(), "run.commit_interval must be positive");
+        anyhow::ensure!(
+            self.source.chunk_bytes >= 1024,
+            "source.chunk_bytes must be at least 1024, got {}",
+            self.source.chunk_bytes
+        );
+        anyhow::ensure!(
+            self.source.queue_chunks >= 1,
+            "source.queue_chunks must be at least 1"
+        );
+        anyhow::ensure!(
+            !self.run.commit_interval.is_zero(),
+            "run.commit_interval must be positive"
+        );
         let parse_threads = match self.source.parse_threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)),
+            0 => {
+                std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
+            }
             n => n,
         };
-        Ok(Validated { settings: self, key_groups, parse_threads })
+        Ok(Validated {
+            settings: self,
+            key_groups,
+            parse_threads,
+        })
     }
 }

@@ -11,8 +11,10 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 
 /// A schema and where its generated Rust lives, relative to the workspace root.
-const CAPNP: &[(&str, &str)] =
-    &[("schemas/batch.capnp", "services/runtime/src/generated/batch_capnp.rs")];
+const CAPNP: &[(&str, &str)] = &[(
+    "schemas/batch.capnp",
+    "services/runtime/src/generated/batch_capnp.rs",
+)];
 
 fn main() -> ExitCode {
     let check = std::env::args().skip(1).any(|a| a == "--check");
@@ -56,14 +58,18 @@ fn run(check: bool) -> anyhow::Result<()> {
             stale.push(*target);
         } else {
             if let Some(dir) = target_path.parent() {
-                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
             }
             std::fs::write(&target_path, fresh).with_context(|| format!("writing {target}"))?;
             eprintln!("sluice-codegen: regenerated {target}");
         }
     }
     if !stale.is_empty() {
-        bail!("generated code is out of date: {} (run `just schemas`)", stale.join(", "));
+        bail!(
+            "generated code is out of date: {} (run `just schemas`)",
+            stale.join(", ")
+        );
     }
     Ok(())
 }

@@ -44,16 +44,25 @@ fn csv_rows<'a>(
     text: &'a str,
     columns: &[&str],
 ) -> Result<Vec<(usize, Vec<&'a str>)>, DimensionError> {
-    let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l)).enumerate();
-    let header: Vec<&str> = lines.next().map(|(_, h)| h.split(',').collect()).unwrap_or_default();
+    let mut lines = text
+        .split('\n')
+        .map(|l| l.strip_suffix('\r').unwrap_or(l))
+        .enumerate();
+    let header: Vec<&str> = lines
+        .next()
+        .map(|(_, h)| h.split(',').collect())
+        .unwrap_or_default();
     let index: Vec<usize> = columns
         .iter()
         .map(|c| {
-            header.iter().position(|h| h == c).ok_or_else(|| DimensionError::Content {
-                file,
-                line: 1,
-                problem: format!("no column `{c}` in header {header:?}"),
-            })
+            header
+                .iter()
+                .position(|h| h == c)
+                .ok_or_else(|| DimensionError::Content {
+                    file,
+                    line: 1,
+                    problem: format!("no column `{c}` in header {header:?}"),
+                })
         })
         .collect::<Result<_, _>>()?;
     let mut rows = Vec::new();
@@ -78,7 +87,10 @@ fn csv_rows<'a>(
 
 fn read(dir: &Path, name: &str) -> Result<String, DimensionError> {
     let path = dir.join(name);
-    std::fs::read_to_string(&path).map_err(|source| DimensionError::Read { path: path.display().to_string(), source })
+    std::fs::read_to_string(&path).map_err(|source| DimensionError::Read {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 /// An app of the catalogue.
@@ -117,14 +129,26 @@ pub struct DimensionTables {
 impl DimensionTables {
     /// Load `apps.csv`, `geo.csv` and `channels.csv` from `dir`.
     pub fn load(dir: &Path) -> Result<Self, DimensionError> {
-        Self::from_csv(&read(dir, "apps.csv")?, &read(dir, "geo.csv")?, &read(dir, "channels.csv")?)
+        Self::from_csv(
+            &read(dir, "apps.csv")?,
+            &read(dir, "geo.csv")?,
+            &read(dir, "channels.csv")?,
+        )
     }
 
     /// Build from the three files' contents.
     pub fn from_csv(apps: &str, geo: &str, channels: &str) -> Result<Self, DimensionError> {
         let apps = csv_rows("apps.csv", apps, &["app_key", "name", "kind"])?
             .into_iter()
-            .map(|(_, r)| (Arc::from(r[0]), App { name: r[1].to_owned(), kind: r[2].to_owned() }))
+            .map(|(_, r)| {
+                (
+                    Arc::from(r[0]),
+                    App {
+                        name: r[1].to_owned(),
+                        kind: r[2].to_owned(),
+                    },
+                )
+            })
             .collect();
         let mut ranges = Vec::new();
         for (line, r) in csv_rows("geo.csv", geo, &["start_ip", "end_ip", "country", "region"])? {
@@ -137,11 +161,20 @@ impl DimensionTables {
             };
             let (start, end) = (ip(r[0])?, ip(r[1])?);
             if start > end {
-                return Err(DimensionError::Content { file: "geo.csv", line, problem: "start_ip is after end_ip".into() });
+                return Err(DimensionError::Content {
+                    file: "geo.csv",
+                    line,
+                    problem: "start_ip is after end_ip".into(),
+                });
             }
-            ranges.push(GeoRange { start, end, country: Arc::from(r[2]), region: Arc::from(r[3]) });
+            ranges.push(GeoRange {
+                start,
+                end,
+                country: Arc::from(r[2]),
+                region: Arc::from(r[3]),
+            });
         }
-        ranges.sort_by(|a, b| (a.start, a.end).cmp(&(b.start, b.end)));
+        ranges.sort_by_key(|r| (r.start, r.end));
         if let Some(w) = ranges.windows(2).find(|w| w[1].start <= w[0].end) {
             return Err(DimensionError::Content {
                 file: "geo.csv",
@@ -183,7 +216,8 @@ impl DimensionTables {
 
     /// The country of a message's ip: `ZZ` when missing, not IPv4, or in no range.
     pub fn country(&self, ip: Option<&str>) -> Arc<str> {
-        ip.and_then(|ip| self.geo(ip)).map_or_else(|| self.no_country.clone(), |r| r.country.clone())
+        ip.and_then(|ip| self.geo(ip))
+            .map_or_else(|| self.no_country.clone(), |r| r.country.clone())
     }
 
     /// The channel group of a raw channel string: `other` when missing or unlisted.
@@ -198,8 +232,17 @@ impl DimensionTables {
     }
 
     /// All three dimensions of a message (uncached; see [`DimensionCache`]).
-    pub fn dimensions(&self, os: Option<&str>, channel: Option<&str>, ip: Option<&str>) -> EventDimensions {
-        EventDimensions { os: self.os(os), channel: self.channel_group(channel), country: self.country(ip) }
+    pub fn dimensions(
+        &self,
+        os: Option<&str>,
+        channel: Option<&str>,
+        ip: Option<&str>,
+    ) -> EventDimensions {
+        EventDimensions {
+            os: self.os(os),
+            channel: self.channel_group(channel),
+            country: self.country(ip),
+        }
     }
 }
 
@@ -238,6 +281,7 @@ fn u32_to_ipv4(n: u32) -> String {
 
 /// A bounded memo of OS and channel normalisation: the same few raw strings
 /// repeat across millions of messages, and each lookup would allocate.
+#[derive(Default)]
 pub struct DimensionCache {
     os: HashMap<Box<str>, Arc<str>>,
     channel: HashMap<Box<str>, Arc<str>>,
@@ -246,12 +290,6 @@ pub struct DimensionCache {
 
 /// Entries per memo; beyond it lookups are computed, not cached.
 const CACHE_LIMIT: usize = 4096;
-
-impl Default for DimensionCache {
-    fn default() -> Self {
-        Self { os: HashMap::new(), channel: HashMap::new(), seen_apps: HashSet::new() }
-    }
-}
 
 impl DimensionCache {
     /// The dimensions of a message, using and filling the memo.
@@ -270,7 +308,11 @@ impl DimensionCache {
             None => tables.other_channel.clone(),
             Some(raw) => memo(&mut self.channel, raw, || tables.channel_group(Some(raw))),
         };
-        EventDimensions { os, channel, country: tables.country(ip) }
+        EventDimensions {
+            os,
+            channel,
+            country: tables.country(ip),
+        }
     }
 
     /// A shared copy of an app key, so every record of an app points at one
@@ -286,7 +328,11 @@ impl DimensionCache {
     }
 }
 
-fn memo(map: &mut HashMap<Box<str>, Arc<str>>, raw: &str, compute: impl FnOnce() -> Arc<str>) -> Arc<str> {
+fn memo(
+    map: &mut HashMap<Box<str>, Arc<str>>,
+    raw: &str,
+    compute: impl FnOnce() -> Arc<str>,
+) -> Arc<str> {
     if let Some(v) = map.get(raw) {
         return v.clone();
     }
@@ -317,8 +363,19 @@ mod tests {
         assert_eq!(&*t.country(Some("36.110.4.7")), "CN");
         assert_eq!(&*t.country(Some("1.0.0.255")), "US");
         assert_eq!(&*t.country(Some("1.0.1.0")), "ZZ");
-        assert_eq!(&*t.country(Some("036.110.004.007")), "CN", "leading zeros are digits");
-        for bad in [None, Some("240e:1::1"), Some("36.110.4"), Some("36.110.4.256"), Some("36.110.4.7 "), Some("0.0.0.0")] {
+        assert_eq!(
+            &*t.country(Some("036.110.004.007")),
+            "CN",
+            "leading zeros are digits"
+        );
+        for bad in [
+            None,
+            Some("240e:1::1"),
+            Some("36.110.4"),
+            Some("36.110.4.256"),
+            Some("36.110.4.7 "),
+            Some("0.0.0.0"),
+        ] {
             assert_eq!(&*t.country(bad), "ZZ", "{bad:?}");
         }
         assert_eq!(&*t.channel_group(Some(" App Store")), "apple");
@@ -335,15 +392,28 @@ mod tests {
         let t = tables();
         let mut c = DimensionCache::default();
         for _ in 0..2 {
-            assert_eq!(c.dimensions(&t, Some("iOS"), Some(" appstore"), Some("36.110.0.1")), t.dimensions(Some("iOS"), Some(" appstore"), Some("36.110.0.1")));
+            assert_eq!(
+                c.dimensions(&t, Some("iOS"), Some(" appstore"), Some("36.110.0.1")),
+                t.dimensions(Some("iOS"), Some(" appstore"), Some("36.110.0.1"))
+            );
         }
     }
 
     #[test]
     fn refuses_broken_tables() {
-        let err = DimensionTables::from_csv("app_key,name\n", "start_ip,end_ip,country,region\n", "raw,group\n").expect_err("no kind column");
+        let err = DimensionTables::from_csv(
+            "app_key,name\n",
+            "start_ip,end_ip,country,region\n",
+            "raw,group\n",
+        )
+        .expect_err("no kind column");
         assert!(err.to_string().contains("kind"), "{err}");
-        let err = DimensionTables::from_csv("app_key,name,kind\n", "start_ip,end_ip,country,region\n1.0.0.0,1.0.0.9,US,X\n1.0.0.5,1.0.0.20,CN,Y\n", "raw,group\n").expect_err("overlap");
+        let err = DimensionTables::from_csv(
+            "app_key,name,kind\n",
+            "start_ip,end_ip,country,region\n1.0.0.0,1.0.0.9,US,X\n1.0.0.5,1.0.0.20,CN,Y\n",
+            "raw,group\n",
+        )
+        .expect_err("overlap");
         assert!(err.to_string().contains("overlap"), "{err}");
     }
 }

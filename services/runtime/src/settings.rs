@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 pub struct SettingsError {
     file: Option<String>,
     #[source]
-    source: config::ConfigError,
+    source: Box<config::ConfigError>,
 }
 
 /// Settings every deployment shares.
@@ -38,7 +38,9 @@ impl Default for PipelineSettings {
 
 /// Load `T`: its `Default`, then `file` (TOML) if given, then `SLUICE_*`
 /// environment variables.
-pub fn load<T: Serialize + DeserializeOwned + Default>(file: Option<&Path>) -> Result<T, SettingsError> {
+pub fn load<T: Serialize + DeserializeOwned + Default>(
+    file: Option<&Path>,
+) -> Result<T, SettingsError> {
     load_from(file, std::env::vars())
 }
 
@@ -47,14 +49,19 @@ pub fn load_from<T: Serialize + DeserializeOwned + Default>(
     file: Option<&Path>,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<T, SettingsError> {
-    let fail = |source| SettingsError { file: file.map(|f| f.display().to_string()), source };
+    let fail = |source: config::ConfigError| SettingsError {
+        file: file.map(|f| f.display().to_string()),
+        source: Box::new(source),
+    };
     let defaults = config::Config::try_from(&T::default()).map_err(fail)?;
     let mut builder = config::Config::builder().add_source(defaults);
     if let Some(file) = file {
         builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
     }
-    let env: config::Map<String, String> =
-        env.into_iter().filter(|(k, _)| k.starts_with("SLUICE_")).collect();
+    let env: config::Map<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("SLUICE_"))
+        .collect();
     builder = builder.add_source(
         config::Environment::with_prefix("SLUICE")
             .prefix_separator("_")
@@ -62,7 +69,10 @@ pub fn load_from<T: Serialize + DeserializeOwned + Default>(
             .try_parsing(true)
             .source(Some(env)),
     );
-    builder.build().and_then(|c| c.try_deserialize()).map_err(fail)
+    builder
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .map_err(fail)
 }
 
 #[cfg(test)]

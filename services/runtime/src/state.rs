@@ -67,7 +67,9 @@ pub struct StateSettings {
 
 impl Default for StateSettings {
     fn default() -> Self {
-        Self { cache_capacity_bytes: 64 * 1024 * 1024 }
+        Self {
+            cache_capacity_bytes: 64 * 1024 * 1024,
+        }
     }
 }
 
@@ -86,12 +88,21 @@ impl CommitStore {
             // Durability comes from the explicit flush in `commit`, not a timer.
             .flush_every_ms(None)
             .open()
-            .map_err(|source| StateError::Store { path: path.to_owned(), source })?;
-        Ok(Self { path: path.to_owned(), db })
+            .map_err(|source| StateError::Store {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(Self {
+            path: path.to_owned(),
+            db,
+        })
     }
 
     fn err(&self, source: sled::Error) -> StateError {
-        StateError::Store { path: self.path.clone(), source }
+        StateError::Store {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     /// Apply `batch` atomically, then flush it to disk. When this returns
@@ -112,7 +123,9 @@ impl CommitStore {
         &self,
         prefix: &StateKey,
     ) -> impl Iterator<Item = Result<(sled::IVec, sled::IVec), StateError>> + '_ {
-        self.db.scan_prefix(&prefix.0).map(|r| r.map_err(|e| self.err(e)))
+        self.db
+            .scan_prefix(&prefix.0)
+            .map(|r| r.map_err(|e| self.err(e)))
     }
 
     /// Bytes the store takes on disk.
@@ -169,9 +182,15 @@ impl StateKey {
     /// Append a part.
     pub fn part(mut self, bytes: &[u8]) -> Self {
         // Parts longer than 4 GiB cannot occur: records are bounded far below.
-        self.0.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+        self.0
+            .extend_from_slice(&(bytes.len() as u32).to_be_bytes());
         self.0.extend_from_slice(bytes);
         self
+    }
+
+    /// A key from its raw bytes (as read back from a scan).
+    pub fn from_bytes(bytes: Vec<u8>) -> Self {
+        Self(bytes)
     }
 
     /// The raw bytes.
@@ -190,13 +209,20 @@ pub fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, St
 /// Decode a record written by [`encode`], refusing other versions.
 pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StateError> {
     match bytes.split_first() {
-        Some((&RECORD_VERSION, body)) => postcard::from_bytes(body)
-            .map_err(|e| StateError::Decode { what, detail: e.to_string() }),
+        Some((&RECORD_VERSION, body)) => {
+            postcard::from_bytes(body).map_err(|e| StateError::Decode {
+                what,
+                detail: e.to_string(),
+            })
+        }
         Some((v, _)) => Err(StateError::Decode {
             what,
             detail: format!("record version {v}, this build reads {RECORD_VERSION}"),
         }),
-        None => Err(StateError::Decode { what, detail: "empty record".into() }),
+        None => Err(StateError::Decode {
+            what,
+            detail: "empty record".into(),
+        }),
     }
 }
 
@@ -216,7 +242,10 @@ mod tests {
             let mut batch = CommitBatch::default();
             batch.put(&ns.clone().part(b"a"), encode("thing", &(1u32, "x"))?);
             batch.put(&ns.clone().part(b"b"), encode("thing", &(2u32, "y"))?);
-            batch.put(&StateKey::namespace("test/other").part(b"a"), encode("thing", &0u8)?);
+            batch.put(
+                &StateKey::namespace("test/other").part(b"a"),
+                encode("thing", &0u8)?,
+            );
             store.commit(batch)?;
         }
         let store = CommitStore::open(dir.path(), &StateSettings::default())?;
@@ -237,6 +266,9 @@ mod tests {
     #[test]
     fn parts_do_not_alias() {
         let ns = StateKey::namespace("n");
-        assert_ne!(ns.clone().part(b"ab").part(b"c"), ns.clone().part(b"a").part(b"bc"));
+        assert_ne!(
+            ns.clone().part(b"ab").part(b"c"),
+            ns.clone().part(b"a").part(b"bc")
+        );
     }
 }

@@ -1,14 +1,15 @@
 //! One table's partial rows: per key, the newest (version, value) of each key
 //! group, plus what changed since the last commit.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::Hash;
 
 use rustc_hash::FxBuildHasher;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use sluice_runtime::changelog::ChangelogTable;
 use sluice_runtime::key_group::KeyGroup;
-use sluice_runtime::state::{self, CommitBatch, CommitStore, StateError, StateKey};
+use sluice_runtime::state::{CommitBatch, CommitStore, StateError};
 
 /// The partials of one key: (key group, version, value), at most one per key group.
 pub type Contributions<V> = Vec<(KeyGroup, u64, V)>;
@@ -33,11 +34,15 @@ pub fn decide(existing: Option<u64>, version: u64) -> Applied {
 
 /// One table of the sink.
 pub struct TableStore<K, V> {
-    namespace: &'static str,
     rows: HashMap<K, Contributions<V>, FxBuildHasher>,
     dirty: Vec<K>,
     dirty_set: std::collections::HashSet<K, FxBuildHasher>,
+    log: ChangelogTable<K, Contributions<V>>,
 }
+
+/// The sink's tables are keyed by row, not by key group (a row merges many);
+/// their changelog uses one partition.
+const SINK_PARTITION: KeyGroup = KeyGroup(0);
 
 impl<K, V> TableStore<K, V>
 where
@@ -46,7 +51,12 @@ where
 {
     /// An empty table stored under `namespace`.
     pub fn new(namespace: &'static str) -> Self {
-        Self { namespace, rows: HashMap::default(), dirty: Vec::new(), dirty_set: Default::default() }
+        Self {
+            rows: HashMap::default(),
+            dirty: Vec::new(),
+            dirty_set: Default::default(),
+            log: ChangelogTable::new(namespace),
+        }
     }
 
     /// Apply one partial row.
@@ -84,27 +94,34 @@ where
     /// Stage every key that changed since the last commit.
     pub fn commit(&mut self, tx: &mut CommitBatch) -> Result<(), StateError> {
         self.dirty_set.clear();
-        for key in std::mem::take(&mut self.dirty) {
-            if let Some(c) = self.rows.get(&key) {
-                let k = StateKey::namespace(self.namespace).part(&state::encode(self.namespace, &key)?);
-                tx.put(&k, state::encode(self.namespace, c)?);
-            }
-        }
-        Ok(())
+        let dirty = std::mem::take(&mut self.dirty);
+        let rows = &self.rows;
+        let changes: Vec<(&K, Option<&Contributions<V>>)> = dirty
+            .iter()
+            .filter_map(|k| rows.get_key_value(k))
+            .map(|(k, c)| (k, Some(c)))
+            .collect();
+        self.log
+            .commit(tx, BTreeMap::from([(SINK_PARTITION, changes)]), || {
+                BTreeMap::from([(
+                    SINK_PARTITION,
+                    rows.iter().map(|(k, c)| (k, Some(c))).collect::<Vec<_>>(),
+                )])
+            })
     }
 
     /// Load the table from the store.
     pub fn restore(&mut self, store: &CommitStore) -> Result<(), StateError> {
-        let prefix = StateKey::namespace(self.namespace);
-        for entry in store.scan(&prefix) {
-            let (k, v) = entry?;
-            let bad = || StateError::Decode { what: self.namespace, detail: "malformed key".into() };
-            let part = k.strip_prefix(prefix.as_bytes()).and_then(|r| r.get(4..)).ok_or_else(bad)?;
-            let key: K = state::decode(self.namespace, part)?;
-            let contributions: Contributions<V> = state::decode(self.namespace, &v)?;
-            self.rows.insert(key, contributions);
-        }
-        Ok(())
+        let rows = &mut self.rows;
+        self.log
+            .restore(store, |_, key, contributions| match contributions {
+                Some(c) => {
+                    rows.insert(key, c);
+                }
+                None => {
+                    rows.remove(&key);
+                }
+            })
     }
 }
 
@@ -114,7 +131,12 @@ mod tests {
 
     #[test]
     fn newest_version_per_key_group_wins_in_any_order() {
-        let upserts = [(KeyGroup(0), 1, 10u64), (KeyGroup(0), 3, 30), (KeyGroup(1), 2, 5), (KeyGroup(0), 2, 20)];
+        let upserts = [
+            (KeyGroup(0), 1, 10u64),
+            (KeyGroup(0), 3, 30),
+            (KeyGroup(1), 2, 5),
+            (KeyGroup(0), 2, 20),
+        ];
         for order in [[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2], [2, 1, 1, 3]] {
             let mut t: TableStore<String, u64> = TableStore::new("t");
             for i in order {
@@ -124,7 +146,11 @@ mod tests {
             }
             let mut c = t.iter().next().map(|(_, c)| c.clone()).unwrap_or_default();
             c.sort();
-            let want: Vec<(KeyGroup, u64, u64)> = if order.contains(&2) { vec![(KeyGroup(0), 3, 30), (KeyGroup(1), 2, 5)] } else { vec![(KeyGroup(0), 3, 30)] };
+            let want: Vec<(KeyGroup, u64, u64)> = if order.contains(&2) {
+                vec![(KeyGroup(0), 3, 30), (KeyGroup(1), 2, 5)]
+            } else {
+                vec![(KeyGroup(0), 3, 30)]
+            };
             assert_eq!(c, want, "{order:?}");
         }
         assert_eq!(decide(Some(3), 3), Applied::Stale);

@@ -1,0 +1,53 @@
+# sluice: every developer task. `just` lists them.
+# (A fresh machine has no `just`: `cargo install just`, or run the commands below by hand.)
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# List the recipes.
+default:
+    @just --list --unsorted
+
+# Run the demo: the whole job, embedded, on a generated sample; prints a summary.
+[group('dev')]
+demo *ARGS:
+    cargo run -q --release -p sluice-cli -- demo {{ARGS}}
+
+# Run the job embedded over a workload directory into a state directory.
+[group('dev')]
+run DATA STATE:
+    cargo run -q --release -p sluice-cli -- run --data {{DATA}} --state {{STATE}}
+
+# Export the tables of a state directory as JSON lines.
+[group('dev')]
+export STATE OUT:
+    cargo run -q --release -p sluice-cli -- export --state {{STATE}} --out {{OUT}}
+
+# Regenerate the Rust code checked in from schemas/ (installs capnp if missing).
+[group('dev')]
+schemas:
+    command -v capnp >/dev/null || (apt-get update -qq && apt-get install -y -qq capnproto)
+    cargo run -q -p sluice-codegen
+
+# Format the code.
+[group('dev')]
+fmt:
+    cargo fmt --all
+
+# The whole suite, as CI runs it (fmt, codegen check, clippy, tests).
+[group('test')]
+test:
+    bash scripts/test.sh
+
+# Alias of `test`: what .ci/run runs.
+[group('test')]
+ci: test
+
+# Unit tests only (fast).
+[group('test')]
+unit:
+    cargo nextest run --workspace --lib
+
+# Embedded benchmark on the bench set: median events/s of RUNS runs, peak RSS, checked against oracle.py.
+[group('bench')]
+bench-embedded DIR="/tmp/sluice-bench" RUNS="3":
+    bash scripts/bench-embedded.sh {{DIR}} {{RUNS}}
