@@ -155,7 +155,7 @@ pub fn generate(dir: &Path, seed: u64, extra_args: &[&str]) -> anyhow::Result<()
         "--seed".as_ref(),
         seed.as_ref(),
     ];
-    args.extend(extra_args.iter().map(|a| std::ffi::OsStr::new(a)));
+    args.extend(extra_args.iter().map(std::ffi::OsStr::new));
     python("gen.py", &args)
         .with_context(|| format!("generating a data set (seed {seed}, {extra_args:?})"))
 }
@@ -276,6 +276,29 @@ pub fn permutation(n: usize, seed: u64) -> Vec<usize> {
         p.swap(i, j);
     }
     p
+}
+
+/// A deterministic interleaving of `records` that keeps the relative order of
+/// the records of each KEY (the text before the first TAB): what a different
+/// partitioning of the topic by KEY, read back in another interleaving, gives.
+/// It shuffles globally with [`permutation`], then puts each KEY's records back,
+/// in their original order, into the slots that KEY got.
+pub fn interleave_keeping_key_order(records: &[Vec<u8>], seed: u64) -> Vec<&[u8]> {
+    let key =
+        |r: &[u8]| -> Vec<u8> { r.split(|&b| b == b'\t').next().unwrap_or_default().to_vec() };
+    let mut queues: std::collections::HashMap<Vec<u8>, std::collections::VecDeque<&[u8]>> =
+        std::collections::HashMap::new();
+    for r in records {
+        queues.entry(key(r)).or_default().push_back(r);
+    }
+    permutation(records.len(), seed)
+        .into_iter()
+        .filter_map(|i| {
+            queues
+                .get_mut(&key(&records[i]))
+                .and_then(std::collections::VecDeque::pop_front)
+        })
+        .collect()
 }
 
 /// Default settings (the tests change the few fields they vary).
@@ -493,6 +516,27 @@ mod tests {
         let mut s = p.clone();
         s.sort_unstable();
         assert_eq!(s, (0..1000).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn interleaving_keeps_each_keys_order() {
+        let records: Vec<Vec<u8>> = (0..200)
+            .map(|i| format!("k{}\t{i}", i % 7).into_bytes())
+            .collect();
+        let mixed = interleave_keeping_key_order(&records, 9);
+        assert_eq!(mixed.len(), records.len());
+        assert_ne!(mixed, records.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        for k in 0..7 {
+            let prefix = format!("k{k}\t");
+            let of_key = |v: &[&[u8]]| {
+                v.iter()
+                    .filter(|r| r.starts_with(prefix.as_bytes()))
+                    .map(|r| r.to_vec())
+                    .collect::<Vec<_>>()
+            };
+            let original: Vec<&[u8]> = records.iter().map(Vec::as_slice).collect();
+            assert_eq!(of_key(&mixed), of_key(&original));
+        }
     }
 
     #[test]

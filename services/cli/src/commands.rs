@@ -141,6 +141,7 @@ fn demo(
 ) -> anyhow::Result<()> {
     let v = load_settings(config)?;
     let scratch;
+    let kept = keep.is_some();
     let root = match keep {
         Some(dir) => dir,
         None => {
@@ -169,11 +170,18 @@ fn demo(
     let mut out = std::io::stdout().lock();
     writeln!(out)?;
     crate::summary::render_summary(&tables, &mut out)?;
-    writeln!(
-        out,
-        "\ntables exported to {} (one JSON object a line, as oracle.py writes them)",
-        tables.display()
-    )?;
+    if kept {
+        writeln!(
+            out,
+            "\nsample, state and tables (as oracle.py writes them) are in {}",
+            root.display()
+        )?;
+    } else {
+        writeln!(
+            out,
+            "\n(`sluice demo --keep DIR` keeps the sample, the state and the exported tables)"
+        )?;
+    }
     Ok(())
 }
 

@@ -38,6 +38,7 @@ use sluice_window::Window;
 use crate::settings::Validated;
 
 const POSITION_KEY: &str = "source/file-position";
+const KEY_GROUPS_KEY: &str = "pipeline/key-groups";
 const INPUT_FILE: &str = "sdk-events.tsv";
 
 /// A snapshot of a run's progress.
@@ -118,6 +119,25 @@ impl Pipeline {
         let mut enrich = Enricher::new(Arc::new(tables), &v.settings.enrich);
         let mut window = Window::new();
         let mut sink = Sink::new();
+        let p = u32::from(v.key_groups.count());
+        match store.get(&StateKey::namespace(KEY_GROUPS_KEY))? {
+            Some(stored) => {
+                let stored: u32 = state::decode("key groups", &stored)?;
+                anyhow::ensure!(
+                    stored == p,
+                    "the state at {} was built with pipeline.key_groups = {stored}, not {p}; key groups are fixed for a state's lifetime",
+                    state_dir.display()
+                );
+            }
+            None => {
+                let mut tx = CommitBatch::default();
+                tx.put(
+                    &StateKey::namespace(KEY_GROUPS_KEY),
+                    state::encode("key groups", &p)?,
+                );
+                store.commit(tx).context("recording the key groups")?;
+            }
+        }
         enrich.start(&store).context("restoring enrich state")?;
         window.start(&store).context("restoring window state")?;
         sink.start(&store).context("restoring sink state")?;
@@ -229,15 +249,25 @@ pub fn run(
         .context("seeking to the committed position")?;
 
     let settings = &v.settings;
-    let (chunk_tx, chunk_rx) = bounded::<Chunk>(settings.source.queue_chunks);
-    let (parsed_tx, parsed_rx) = bounded::<anyhow::Result<Parsed>>(settings.source.queue_chunks);
+    // At most `queue_chunks` chunks are in flight between the reader and the
+    // stage thread (queued, being parsed, or waiting to be processed in
+    // order): the reader takes a slot per chunk, the stage thread returns it
+    // once the chunk is processed. Both queues can hold every chunk in flight,
+    // so no send ever waits on a receiver that waits for it.
+    let in_flight = settings.source.queue_chunks;
+    let (slot_tx, slot_rx) = bounded::<()>(in_flight);
+    for _ in 0..in_flight {
+        slot_tx.send(()).context("preparing the chunk slots")?;
+    }
+    let (chunk_tx, chunk_rx) = bounded::<Chunk>(in_flight);
+    let (parsed_tx, parsed_rx) = bounded::<anyhow::Result<Parsed>>(in_flight);
     let chunk_bytes = settings.source.chunk_bytes as usize;
     let reader = {
         let input = input.clone();
         let start = position;
         std::thread::Builder::new()
             .name("sluice-reader".into())
-            .spawn(move || read_chunks(file, &input, start, chunk_bytes, &chunk_tx))
+            .spawn(move || read_chunks(file, &input, start, chunk_bytes, &slot_rx, &chunk_tx))
             .context("starting the reader thread")?
     };
     let mut parsers = Vec::new();
@@ -267,6 +297,8 @@ pub fn run(
         pending.insert(parsed.seq, parsed);
         while let Some(parsed) = pending.remove(&next_seq) {
             next_seq += 1;
+            // The reader may be gone already (end of input); the slot is then moot.
+            let _ = slot_tx.try_send(());
             for batch in parsed.batches {
                 pipeline.process(batch, &mut progress)?;
             }
@@ -332,12 +364,16 @@ fn read_chunks(
     input: &Path,
     start: FilePosition,
     chunk_bytes: usize,
+    slots: &Receiver<()>,
     tx: &Sender<Chunk>,
 ) -> anyhow::Result<()> {
     let mut carry: Vec<u8> = Vec::new();
     let (mut offset, mut line, mut seq) = (start.offset, start.line, 0u64);
     let mut eof = false;
     while !eof {
+        if slots.recv().is_err() {
+            break; // the pipeline stopped (it reports why)
+        }
         let mut buf = std::mem::take(&mut carry);
         buf.reserve(chunk_bytes);
         // Fill to at least chunk_bytes, and on until a line ends (a long line

@@ -17,7 +17,9 @@ impl Default for ProgressLine {
     fn default() -> Self {
         Self {
             tty: std::io::stderr().is_terminal(),
-            last_line: None,
+            // Off a terminal the first line comes after a few seconds: short
+            // runs print only their final line.
+            last_line: Some(Instant::now()),
         }
     }
 }

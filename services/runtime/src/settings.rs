@@ -11,6 +11,9 @@ use std::path::Path;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+/// `SLUICE_*` variables that are not settings (read elsewhere).
+const NOT_SETTINGS: &[&str] = &["SLUICE_LOG", "SLUICE_WORKLOAD_DIR"];
+
 /// Settings that could not be loaded.
 #[derive(Debug, thiserror::Error)]
 #[error("loading configuration{}: {source}", file.as_ref().map(|f| format!(" from {f}")).unwrap_or_default())]
@@ -60,7 +63,7 @@ pub fn load_from<T: Serialize + DeserializeOwned + Default>(
     }
     let env: config::Map<String, String> = env
         .into_iter()
-        .filter(|(k, _)| k.starts_with("SLUICE_"))
+        .filter(|(k, _)| k.starts_with("SLUICE_") && !NOT_SETTINGS.contains(&k.as_str()))
         .collect();
     builder = builder.add_source(
         config::Environment::with_prefix("SLUICE")
@@ -96,7 +99,10 @@ mod tests {
         let t: Top = load_from(Some(&file), [])?;
         assert_eq!(t.pipeline.key_groups, 16);
 
-        let env = [("SLUICE_PIPELINE__KEY_GROUPS".to_string(), "8".to_string())];
+        let env = [
+            ("SLUICE_PIPELINE__KEY_GROUPS".to_string(), "8".to_string()),
+            ("SLUICE_LOG".to_string(), "debug".to_string()),
+        ];
         let t: Top = load_from(Some(&file), env)?;
         assert_eq!(t.pipeline.key_groups, 8);
         Ok(())
