@@ -430,6 +430,18 @@ fn table_diff(table: &str, expected: &[Value], got: &[Value]) -> Option<String> 
         show(expected.get(first)),
         show(got.get(first))
     ));
+    // A few more differing positions, for context.
+    let more: Vec<usize> = (first + 1..expected.len().max(got.len()))
+        .filter(|&i| expected.get(i) != got.get(i))
+        .take(4)
+        .collect();
+    for i in more {
+        msg.push_str(&format!(
+            "\n  row {i}:\n    expected: {}\n    got:      {}",
+            show(expected.get(i)),
+            show(got.get(i))
+        ));
+    }
     // For unequal counts, name the first row missing from one side (by equality).
     if expected.len() != got.len() {
         if let Some(missing) = expected.iter().find(|e| !got.contains(e)) {
