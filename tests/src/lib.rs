@@ -27,13 +27,7 @@ use sluice_cli::settings::Settings;
 use tempfile::TempDir;
 
 /// The five tables of SPEC §3, as exported (`<table>.jsonl`).
-pub const TABLES: [&str; 5] = [
-    "daily",
-    "sessions_per_device",
-    "custom_events",
-    "minute",
-    "rejects",
-];
+pub const TABLES: [&str; 5] = ["daily", "sessions_per_device", "custom_events", "minute", "rejects"];
 
 /// The input file of a data set.
 pub const INPUT_FILE: &str = "sdk-events.tsv";
@@ -60,10 +54,7 @@ pub fn workload_dir() -> anyhow::Result<PathBuf> {
     let (dir, source) = match std::env::var_os(WORKLOAD_DIR_ENV) {
         Some(d) => (PathBuf::from(d), format!("${WORKLOAD_DIR_ENV}")),
         None => (
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../shared/workload"
-            )),
+            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/workload")),
             format!("the default location (set ${WORKLOAD_DIR_ENV} to override)"),
         ),
     };
@@ -90,12 +81,7 @@ fn python(script: &str, args: &[&std::ffi::OsStr]) -> anyhow::Result<()> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .with_context(|| {
-            format!(
-                "cannot start `python3 {}`: is python3 installed and on PATH?",
-                path.display()
-            )
-        })?;
+        .with_context(|| format!("cannot start `python3 {}`: is python3 installed and on PATH?", path.display()))?;
     // Drain the pipes on threads so a chatty script cannot block on a full pipe.
     let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
         std::thread::spawn(move || {
@@ -106,18 +92,8 @@ fn python(script: &str, args: &[&std::ffi::OsStr]) -> anyhow::Result<()> {
             String::from_utf8_lossy(&text).into_owned()
         })
     };
-    let out = drain(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-    );
-    let err = drain(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-    );
+    let out = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
+    let err = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn std::io::Read + Send>));
     let deadline = Instant::now() + SCRIPT_DEADLINE;
     let status = loop {
         if let Some(status) = child.try_wait().context("waiting for python3")? {
@@ -126,12 +102,7 @@ fn python(script: &str, args: &[&std::ffi::OsStr]) -> anyhow::Result<()> {
         if Instant::now() >= deadline {
             let _ = child.kill(); // the test fails below either way
             let _ = child.wait();
-            bail!(
-                "`python3 {} {:?}` did not finish within {:?}",
-                path.display(),
-                args,
-                SCRIPT_DEADLINE
-            );
+            bail!("`python3 {} {:?}` did not finish within {:?}", path.display(), args, SCRIPT_DEADLINE);
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -149,21 +120,14 @@ fn python(script: &str, args: &[&std::ffi::OsStr]) -> anyhow::Result<()> {
 /// `python3 gen.py --out DIR --seed SEED [extra...]` (`gen` is a reserved word in Rust 2024).
 pub fn generate(dir: &Path, seed: u64, extra_args: &[&str]) -> anyhow::Result<()> {
     let seed = seed.to_string();
-    let mut args: Vec<&std::ffi::OsStr> = vec![
-        "--out".as_ref(),
-        dir.as_os_str(),
-        "--seed".as_ref(),
-        seed.as_ref(),
-    ];
+    let mut args: Vec<&std::ffi::OsStr> = vec!["--out".as_ref(), dir.as_os_str(), "--seed".as_ref(), seed.as_ref()];
     args.extend(extra_args.iter().map(std::ffi::OsStr::new));
-    python("gen.py", &args)
-        .with_context(|| format!("generating a data set (seed {seed}, {extra_args:?})"))
+    python("gen.py", &args).with_context(|| format!("generating a data set (seed {seed}, {extra_args:?})"))
 }
 
 /// `python3 oracle.py DIR`; returns `DIR/expected`.
 pub fn oracle(dir: &Path) -> anyhow::Result<PathBuf> {
-    python("oracle.py", &[dir.as_os_str()])
-        .with_context(|| format!("running the oracle on {}", dir.display()))?;
+    python("oracle.py", &[dir.as_os_str()]).with_context(|| format!("running the oracle on {}", dir.display()))?;
     let expected = dir.join("expected");
     for t in TABLES {
         let p = expected.join(format!("{t}.jsonl"));
@@ -181,10 +145,7 @@ pub struct DataSet {
 impl DataSet {
     /// Generate with `gen.py --seed SEED [extra...]` and run the oracle on it.
     pub fn generate(seed: u64, extra_args: &[&str]) -> anyhow::Result<Self> {
-        let root = tempfile::Builder::new()
-            .prefix("sluice-wl-")
-            .tempdir()
-            .context("creating a temp dir")?;
+        let root = tempfile::Builder::new().prefix("sluice-wl-").tempdir().context("creating a temp dir")?;
         let set = Self { root };
         std::fs::create_dir_all(set.data()).context("creating the data dir")?;
         generate(&set.data(), seed, extra_args)?;
@@ -225,11 +186,7 @@ pub fn read_records(input: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
 }
 
 /// Write records, each followed by `\n`, to `path` (appending when `append`).
-pub fn write_records<R: AsRef<[u8]>>(
-    path: &Path,
-    records: &[R],
-    append: bool,
-) -> anyhow::Result<()> {
+pub fn write_records<R: AsRef<[u8]>>(path: &Path, records: &[R], append: bool) -> anyhow::Result<()> {
     let file = std::fs::OpenOptions::new()
         .create(true)
         .write(true)
@@ -254,8 +211,7 @@ pub fn write_records<R: AsRef<[u8]>>(
 pub fn copy_dimensions(from: &Path, to: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
     for f in DIMENSION_FILES {
-        std::fs::copy(from.join(f), to.join(f))
-            .with_context(|| format!("copying {f} to {}", to.display()))?;
+        std::fs::copy(from.join(f), to.join(f)).with_context(|| format!("copying {f} to {}", to.display()))?;
     }
     Ok(())
 }
@@ -284,8 +240,7 @@ pub fn permutation(n: usize, seed: u64) -> Vec<usize> {
 /// It shuffles globally with [`permutation`], then puts each KEY's records back,
 /// in their original order, into the slots that KEY got.
 pub fn interleave_keeping_key_order(records: &[Vec<u8>], seed: u64) -> Vec<&[u8]> {
-    let key =
-        |r: &[u8]| -> Vec<u8> { r.split(|&b| b == b'\t').next().unwrap_or_default().to_vec() };
+    let key = |r: &[u8]| -> Vec<u8> { r.split(|&b| b == b'\t').next().unwrap_or_default().to_vec() };
     let mut queues: std::collections::HashMap<Vec<u8>, std::collections::VecDeque<&[u8]>> =
         std::collections::HashMap::new();
     for r in records {
@@ -293,11 +248,7 @@ pub fn interleave_keeping_key_order(records: &[Vec<u8>], seed: u64) -> Vec<&[u8]
     }
     permutation(records.len(), seed)
         .into_iter()
-        .filter_map(|i| {
-            queues
-                .get_mut(&key(&records[i]))
-                .and_then(std::collections::VecDeque::pop_front)
-        })
+        .filter_map(|i| queues.get_mut(&key(&records[i])).and_then(std::collections::VecDeque::pop_front))
         .collect()
 }
 
@@ -333,16 +284,9 @@ fn with_deadline<T: Send + 'static>(
 /// Run the job over `data` with state in `state` to EOF, then drop the
 /// pipeline without exporting (as a process that stops after its last commit).
 pub fn run_only(settings: &Settings, data: &Path, state: &Path) -> anyhow::Result<RunReport> {
-    let v = settings
-        .clone()
-        .validate()
-        .context("validating the settings")?;
+    let v = settings.clone().validate().context("validating the settings")?;
     let (data, state) = (data.to_path_buf(), state.to_path_buf());
-    let what = format!(
-        "running the pipeline over {} (state {})",
-        data.display(),
-        state.display()
-    );
+    let what = format!("running the pipeline over {} (state {})", data.display(), state.display());
     with_deadline(what, move || {
         let (report, pipeline) = sluice_cli::embedded::run(&v, &data, &state, &mut |_p| {})?;
         drop(pipeline);
@@ -352,22 +296,10 @@ pub fn run_only(settings: &Settings, data: &Path, state: &Path) -> anyhow::Resul
 
 /// Run the job over `data` with state in `state` to EOF and export the
 /// tables to `out/<table>.jsonl`.
-pub fn run_and_export(
-    settings: &Settings,
-    data: &Path,
-    state: &Path,
-    out: &Path,
-) -> anyhow::Result<RunReport> {
-    let v = settings
-        .clone()
-        .validate()
-        .context("validating the settings")?;
+pub fn run_and_export(settings: &Settings, data: &Path, state: &Path, out: &Path) -> anyhow::Result<RunReport> {
+    let v = settings.clone().validate().context("validating the settings")?;
     let (data, state, out) = (data.to_path_buf(), state.to_path_buf(), out.to_path_buf());
-    let what = format!(
-        "running the pipeline over {} (state {}) and exporting",
-        data.display(),
-        state.display()
-    );
+    let what = format!("running the pipeline over {} (state {}) and exporting", data.display(), state.display());
     with_deadline(what, move || {
         let (report, pipeline) = sluice_cli::embedded::run(&v, &data, &state, &mut |_p| {})?;
         sluice_sink::export::export(pipeline.sink(), &out)
@@ -382,8 +314,7 @@ pub fn export_state(state: &Path, out: &Path) -> anyhow::Result<()> {
     let what = format!("exporting the tables of {}", state.display());
     with_deadline(what, move || {
         let sink = sluice_cli::embedded::open_sink(&state, &Default::default())?;
-        sluice_sink::export::export(&sink, &out)
-            .with_context(|| format!("exporting to {}", out.display()))?;
+        sluice_sink::export::export(&sink, &out).with_context(|| format!("exporting to {}", out.display()))?;
         Ok(())
     })
 }
@@ -391,13 +322,11 @@ pub fn export_state(state: &Path, out: &Path) -> anyhow::Result<()> {
 /// The rows of one exported table, each line parsed as JSON.
 pub fn read_table(dir: &Path, table: &str) -> anyhow::Result<Vec<Value>> {
     let path = dir.join(format!("{table}.jsonl"));
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     text.lines()
         .enumerate()
         .map(|(i, line)| {
-            serde_json::from_str(line)
-                .with_context(|| format!("{}:{}: not JSON: {line:.200}", path.display(), i + 1))
+            serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON: {line:.200}", path.display(), i + 1))
         })
         .collect()
 }
@@ -408,33 +337,15 @@ fn table_diff(table: &str, expected: &[Value], got: &[Value]) -> Option<String> 
     if expected == got {
         return None;
     }
-    let mut msg = format!(
-        "table `{table}`: expected {} rows, got {}",
-        expected.len(),
-        got.len()
-    );
-    let first = expected
-        .iter()
-        .zip(got)
-        .position(|(e, g)| e != g)
-        .unwrap_or(expected.len().min(got.len()));
-    let differing = expected.iter().zip(got).filter(|(e, g)| e != g).count()
-        + expected.len().abs_diff(got.len());
-    msg.push_str(&format!(
-        "; {differing} row positions differ; first difference at row {} (0-based)",
-        first
-    ));
+    let mut msg = format!("table `{table}`: expected {} rows, got {}", expected.len(), got.len());
+    let first = expected.iter().zip(got).position(|(e, g)| e != g).unwrap_or(expected.len().min(got.len()));
+    let differing = expected.iter().zip(got).filter(|(e, g)| e != g).count() + expected.len().abs_diff(got.len());
+    msg.push_str(&format!("; {differing} row positions differ; first difference at row {} (0-based)", first));
     let show = |v: Option<&Value>| v.map_or_else(|| "<no row>".to_owned(), Value::to_string);
-    msg.push_str(&format!(
-        "\n    expected: {}\n    got:      {}",
-        show(expected.get(first)),
-        show(got.get(first))
-    ));
+    msg.push_str(&format!("\n    expected: {}\n    got:      {}", show(expected.get(first)), show(got.get(first))));
     // A few more differing positions, for context.
-    let more: Vec<usize> = (first + 1..expected.len().max(got.len()))
-        .filter(|&i| expected.get(i) != got.get(i))
-        .take(4)
-        .collect();
+    let more: Vec<usize> =
+        (first + 1..expected.len().max(got.len())).filter(|&i| expected.get(i) != got.get(i)).take(4).collect();
     for i in more {
         msg.push_str(&format!(
             "\n  row {i}:\n    expected: {}\n    got:      {}",
@@ -445,14 +356,10 @@ fn table_diff(table: &str, expected: &[Value], got: &[Value]) -> Option<String> 
     // For unequal counts, name the first row missing from one side (by equality).
     if expected.len() != got.len() {
         if let Some(missing) = expected.iter().find(|e| !got.contains(e)) {
-            msg.push_str(&format!(
-                "\n    first expected row absent from got: {missing}"
-            ));
+            msg.push_str(&format!("\n    first expected row absent from got: {missing}"));
         }
         if let Some(extra) = got.iter().find(|g| !expected.contains(g)) {
-            msg.push_str(&format!(
-                "\n    first got row absent from expected: {extra}"
-            ));
+            msg.push_str(&format!("\n    first got row absent from expected: {extra}"));
         }
     }
     Some(msg)
@@ -483,14 +390,8 @@ pub fn assert_tables_equal(expected_dir: &Path, got_dir: &Path) -> anyhow::Resul
 pub fn reject_counts(dir: &Path) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
     let mut out = std::collections::BTreeMap::new();
     for row in read_table(dir, "rejects")? {
-        let reason = row
-            .get("reason")
-            .and_then(Value::as_str)
-            .context("a rejects row without a string reason")?;
-        let count = row
-            .get("count")
-            .and_then(Value::as_u64)
-            .context("a rejects row without an integer count")?;
+        let reason = row.get("reason").and_then(Value::as_str).context("a rejects row without a string reason")?;
+        let count = row.get("count").and_then(Value::as_u64).context("a rejects row without an integer count")?;
         out.insert(reason.to_owned(), count);
     }
     Ok(out)
@@ -510,10 +411,7 @@ pub fn sum_field(dir: &Path, table: &str, field: &str) -> anyhow::Result<u64> {
 
 /// A scratch directory for a test's state and exports.
 pub fn scratch() -> anyhow::Result<TempDir> {
-    tempfile::Builder::new()
-        .prefix("sluice-test-")
-        .tempdir()
-        .context("creating a temp dir")
+    tempfile::Builder::new().prefix("sluice-test-").tempdir().context("creating a temp dir")
 }
 
 #[cfg(test)]
@@ -532,19 +430,14 @@ mod tests {
 
     #[test]
     fn interleaving_keeps_each_keys_order() {
-        let records: Vec<Vec<u8>> = (0..200)
-            .map(|i| format!("k{}\t{i}", i % 7).into_bytes())
-            .collect();
+        let records: Vec<Vec<u8>> = (0..200).map(|i| format!("k{}\t{i}", i % 7).into_bytes()).collect();
         let mixed = interleave_keeping_key_order(&records, 9);
         assert_eq!(mixed.len(), records.len());
         assert_ne!(mixed, records.iter().map(Vec::as_slice).collect::<Vec<_>>());
         for k in 0..7 {
             let prefix = format!("k{k}\t");
             let of_key = |v: &[&[u8]]| {
-                v.iter()
-                    .filter(|r| r.starts_with(prefix.as_bytes()))
-                    .map(|r| r.to_vec())
-                    .collect::<Vec<_>>()
+                v.iter().filter(|r| r.starts_with(prefix.as_bytes())).map(|r| r.to_vec()).collect::<Vec<_>>()
             };
             let original: Vec<&[u8]> = records.iter().map(Vec::as_slice).collect();
             assert_eq!(of_key(&mixed), of_key(&original));
@@ -557,9 +450,6 @@ mod tests {
         let b = vec![serde_json::json!({"k": 1}), serde_json::json!({"k": 3})];
         assert!(table_diff("t", &a, &a).is_none());
         let d = table_diff("t", &a, &b).expect("the tables differ");
-        assert!(
-            d.contains("row 1") && d.contains(r#"{"k":2}"#) && d.contains(r#"{"k":3}"#),
-            "{d}"
-        );
+        assert!(d.contains("row 1") && d.contains(r#"{"k":2}"#) && d.contains(r#"{"k":3}"#), "{d}");
     }
 }

@@ -3,8 +3,8 @@
 
 use anyhow::Context;
 use sluice_tests::{
-    DataSet, INPUT_FILE, assert_tables_equal, copy_dimensions, oracle, read_records, reject_counts,
-    run_and_export, scratch, settings, sum_field, write_records,
+    DataSet, INPUT_FILE, assert_tables_equal, copy_dimensions, oracle, read_records, reject_counts, run_and_export,
+    scratch, settings, sum_field, write_records,
 };
 
 const MB10: usize = 10_000_000;
@@ -22,11 +22,7 @@ fn event(i: usize, sent: i64) -> String {
     let sid = format!("s-big-{}", i / 5);
     match i % 5 {
         0 => format!(r#"{{"t":"launch","ts":{ts},"sid":"{sid}"}}"#),
-        1 => format!(
-            r#"{{"t":"page","ts":{ts},"sid":"{sid}","page":"level_{}","dur":{}}}"#,
-            i % 40,
-            i % 97
-        ),
+        1 => format!(r#"{{"t":"page","ts":{ts},"sid":"{sid}","page":"level_{}","dur":{}}}"#, i % 40, i % 97),
         2 => format!(
             r#"{{"t":"custom","ts":{ts},"sid":"{sid}","id":"big_upload","label":"w{}","params":{{"n":{i}}}}}"#,
             i % 3
@@ -36,10 +32,7 @@ fn event(i: usize, sent: i64) -> String {
             i,
             if i % 2 == 0 { "CNY" } else { "USD" }
         ),
-        _ => format!(
-            r#"{{"t":"terminate","ts":{ts},"sid":"{sid}","dur":{}}}"#,
-            (i * 7) % 4000
-        ),
+        _ => format!(r#"{{"t":"terminate","ts":{ts},"sid":"{sid}","dur":{}}}"#, (i * 7) % 4000),
     }
 }
 
@@ -51,8 +44,7 @@ fn upload(app: &str, dev: &str, mid: &str, sent: i64, events: &str) -> String {
 }
 
 #[test]
-fn broken_lines_are_rejected_like_the_oracle_and_a_huge_upload_is_processed() -> anyhow::Result<()>
-{
+fn broken_lines_are_rejected_like_the_oracle_and_a_huge_upload_is_processed() -> anyhow::Result<()> {
     let set = DataSet::small()?;
     let work = scratch()?;
     let data = work.path().join("data");
@@ -62,22 +54,11 @@ fn broken_lines_are_rejected_like_the_oracle_and_a_huge_upload_is_processed() ->
 
     // A valid v2 upload of 5,000 events (SPEC §1: a valid upload of any size is processed).
     let big_events: Vec<String> = (0..5000).map(|i| event(i, sent)).collect();
-    let big = format!(
-        "d-big-0001\t{}",
-        upload(
-            &app,
-            "d-big-0001",
-            "big-upload-5000-events",
-            sent,
-            &big_events.join(",")
-        )
-    );
+    let big =
+        format!("d-big-0001\t{}", upload(&app, "d-big-0001", "big-upload-5000-events", sent, &big_events.join(",")));
 
     // A valid-looking v2 upload cut off at 10 MB (never closed: not JSON).
-    let mut truncated = format!(
-        "d-big-0002\t{}",
-        upload(&app, "d-big-0002", "truncated-10mb", sent, "")
-    );
+    let mut truncated = format!("d-big-0002\t{}", upload(&app, "d-big-0002", "truncated-10mb", sent, ""));
     truncated.truncate(truncated.len() - 2); // drop the closing `]}`
     let mut i = 0;
     while truncated.len() < MB10 + 11 {
@@ -89,36 +70,16 @@ fn broken_lines_are_rejected_like_the_oracle_and_a_huge_upload_is_processed() ->
 
     // (record, reason the oracle gives it; None: accepted)
     let added: Vec<(Vec<u8>, Option<&str>)> = vec![
-        (
-            b"a line with no tab at all {\"mid\":\"m\"}".to_vec(),
-            Some("malformed"),
-        ),
+        (b"a line with no tab at all {\"mid\":\"m\"}".to_vec(), Some("malformed")),
         (b"dev\t{\"mid\":\"\xff\"}".to_vec(), Some("malformed")),
         (Vec::new(), Some("malformed")), // an empty line
-        (
-            [&b"d-x\t"[..], &vec![b'x'; MB10]].concat(),
-            Some("malformed"),
-        ),
+        ([&b"d-x\t"[..], &vec![b'x'; MB10]].concat(), Some("malformed")),
         (big.into_bytes(), None),
         (b"\t".to_vec(), Some("malformed")),
         (truncated.into_bytes(), Some("malformed")),
-        (
-            [&b"d-deep-1\t"[..], &vec![b'['; 100_000]].concat(),
-            Some("malformed"),
-        ),
-        (
-            [&b"d-deep-2\t"[..], &b"{\"a\":".repeat(100_000)].concat(),
-            Some("malformed"),
-        ),
-        (
-            [
-                &b"d-deep-3\t"[..],
-                &b"[".repeat(100_000),
-                &b"]".repeat(100_000),
-            ]
-            .concat(),
-            Some("malformed"),
-        ), // valid JSON, not an object
+        ([&b"d-deep-1\t"[..], &vec![b'['; 100_000]].concat(), Some("malformed")),
+        ([&b"d-deep-2\t"[..], &b"{\"a\":".repeat(100_000)].concat(), Some("malformed")),
+        ([&b"d-deep-3\t"[..], &b"[".repeat(100_000), &b"]".repeat(100_000)].concat(), Some("malformed")), // valid JSON, not an object
         (b"d-v1\t{\"ver\":1}".to_vec(), Some("missing_field")),
         (Vec::new(), Some("malformed")), // another empty line, last
     ];
@@ -130,31 +91,18 @@ fn broken_lines_are_rejected_like_the_oracle_and_a_huge_upload_is_processed() ->
     let expected = oracle(&data)?;
     let out = work.path().join("out");
     let report = run_and_export(&settings(), &data, &work.path().join("state"), &out)?;
-    assert_eq!(
-        report.progress.records,
-        (original + added.len()) as u64,
-        "every line is one record"
-    );
+    assert_eq!(report.progress.records, (original + added.len()) as u64, "every line is one record");
     assert_tables_equal(&expected, &out)?;
 
     // Directly: the added lines moved exactly their reject counts, and the
     // 5,000 events of the huge upload were all accepted.
     let before = reject_counts(&set.expected())?;
     let after = reject_counts(&out)?;
-    for reason in [
-        "malformed",
-        "missing_field",
-        "unknown_app",
-        "duplicate",
-        "unknown_event",
-        "bad_timestamp",
-        "bad_value",
-    ] {
+    for reason in
+        ["malformed", "missing_field", "unknown_app", "duplicate", "unknown_event", "bad_timestamp", "bad_value"]
+    {
         let added_here = added.iter().filter(|(_, r)| *r == Some(reason)).count() as u64;
-        let (b, a) = (
-            before.get(reason).copied().unwrap_or(0),
-            after.get(reason).copied().unwrap_or(0),
-        );
+        let (b, a) = (before.get(reason).copied().unwrap_or(0), after.get(reason).copied().unwrap_or(0));
         assert_eq!(
             a,
             b + added_here,
@@ -163,10 +111,6 @@ fn broken_lines_are_rejected_like_the_oracle_and_a_huge_upload_is_processed() ->
     }
     let events_before = sum_field(&set.expected(), "daily", "events")?;
     let events_after = sum_field(&out, "daily", "events")?;
-    assert_eq!(
-        events_after,
-        events_before + 5000,
-        "the 5,000-event upload is processed in full"
-    );
+    assert_eq!(events_after, events_before + 5000, "the 5,000-event upload is processed in full");
     Ok(())
 }

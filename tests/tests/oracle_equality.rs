@@ -9,10 +9,7 @@ fn equals_oracle(seed: u64, extra_args: &[&str]) -> anyhow::Result<()> {
     let (state, out) = (work.path().join("state"), work.path().join("out"));
     let report = run_and_export(&settings(), &set.data(), &state, &out)?;
     let lines = read_records(&set.input())?.len() as u64;
-    assert_eq!(
-        report.progress.records, lines,
-        "every line of the input is one record"
-    );
+    assert_eq!(report.progress.records, lines, "every line of the input is one record");
     assert_tables_equal(&set.expected(), &out)
 }
 

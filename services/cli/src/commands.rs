@@ -68,11 +68,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { data, state } => run(cli.config.as_deref(), &data, &state),
         Command::Export { state, out } => export(cli.config.as_deref(), &state, &out),
-        Command::Demo {
-            messages,
-            seed,
-            keep,
-        } => demo(cli.config.as_deref(), messages, seed, keep),
+        Command::Demo { messages, seed, keep } => demo(cli.config.as_deref(), messages, seed, keep),
     }
 }
 
@@ -84,11 +80,7 @@ fn run(config: Option<&Path>, data: &Path, state: &Path) -> anyhow::Result<()> {
     let p = &report.progress;
     let mut out = std::io::stdout().lock();
     if report.resumed_at_line > 0 {
-        writeln!(
-            out,
-            "resumed after line {} (already committed)",
-            report.resumed_at_line
-        )?;
+        writeln!(out, "resumed after line {} (already committed)", report.resumed_at_line)?;
     }
     writeln!(
         out,
@@ -124,21 +116,12 @@ fn export(config: Option<&Path>, state: &Path, out_dir: &Path) -> anyhow::Result
     let counts = sluice_sink::export::export(&sink, out_dir)?;
     let mut out = std::io::stdout().lock();
     for (table, n) in counts {
-        writeln!(
-            out,
-            "{}: {n} rows",
-            out_dir.join(format!("{}.jsonl", table.name())).display()
-        )?;
+        writeln!(out, "{}: {n} rows", out_dir.join(format!("{}.jsonl", table.name())).display())?;
     }
     Ok(())
 }
 
-fn demo(
-    config: Option<&Path>,
-    messages: u64,
-    seed: u64,
-    keep: Option<PathBuf>,
-) -> anyhow::Result<()> {
+fn demo(config: Option<&Path>, messages: u64, seed: u64, keep: Option<PathBuf>) -> anyhow::Result<()> {
     let v = load_settings(config)?;
     let scratch;
     let kept = keep.is_some();
@@ -171,16 +154,9 @@ fn demo(
     writeln!(out)?;
     crate::summary::render_summary(&tables, &mut out)?;
     if kept {
-        writeln!(
-            out,
-            "\nsample, state and tables (as oracle.py writes them) are in {}",
-            root.display()
-        )?;
+        writeln!(out, "\nsample, state and tables (as oracle.py writes them) are in {}", root.display())?;
     } else {
-        writeln!(
-            out,
-            "\n(`sluice demo --keep DIR` keeps the sample, the state and the exported tables)"
-        )?;
+        writeln!(out, "\n(`sluice demo --keep DIR` keeps the sample, the state and the exported tables)")?;
     }
     Ok(())
 }

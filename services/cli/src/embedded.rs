@@ -1,30 +1,41 @@
 //! Embedded mode: all four stages in one process, chained, over a workload
 //! directory, with one commit store.
 //!
-//! Threads: a reader cuts the input into chunks of whole lines; parser threads
-//! turn chunks into raw batches (the source stage's work, the most CPU-hungry);
-//! the calling thread runs enrich, window and sink on the batches *in input
-//! order* and commits. Queues between them are bounded (`source.queue_chunks`),
-//! so memory for input in flight is bounded whatever the file size.
+//! Threads, each with one job:
+//! - a **reader** cuts the input into chunks of whole lines;
+//! - **parser** threads turn chunks into raw batches per key group (the
+//!   source stage's work);
+//! - **workers**, each an enrich + window pair owning a share of the key
+//!   groups (as distributed instances will), process the batches of their key
+//!   groups in input order;
+//! - the **coordinator** (the calling thread) hands batches to workers in
+//!   input order, and at every commit point collects each worker's staged
+//!   changes and partial rows, applies the rows to the sink, and commits.
 //!
-//! Exactly-once: a commit writes, in one atomic batch, every stage's changed
-//! state, the window's changed partial rows as applied by the sink, and the
-//! input position, then flushes. A crash loses only uncommitted work, which
-//! the restart re-reads from the committed position; running again over a
-//! fully consumed input changes nothing.
+//! Queues between them are bounded: at most `source.queue_chunks` chunks are
+//! in flight, so memory for input in flight is bounded whatever the file size.
+//!
+//! Exactly-once: a commit is a barrier in every worker's input. Each worker
+//! stages its state as of that point of the input; the coordinator writes all
+//! of it, the sink's changes and the input position in one atomic batch, then
+//! flushes. A crash loses only uncommitted work, which the restart re-reads
+//! from the committed position; running again over a fully consumed input
+//! changes nothing.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use crossbeam_channel::{Receiver, Sender, bounded};
 use sluice_enrich::Enricher;
 use sluice_enrich::dimensions::DimensionTables;
-use sluice_runtime::batch::{EnrichedBatch, RawBatch};
+use sluice_runtime::batch::{EnrichedBatch, RawBatch, RowBatch};
+use sluice_runtime::key_group::KeyGroupSet;
 use sluice_runtime::lineage::Lineage;
 use sluice_runtime::reject::RejectCounts;
 use sluice_runtime::stage::Stage;
@@ -101,113 +112,287 @@ struct Parsed {
     batches: Vec<RawBatch>,
 }
 
-/// The stages of the embedded pipeline and their store.
+/// What a finished run leaves: the tables, for queries and export.
 pub struct Pipeline {
-    store: CommitStore,
-    enrich: Enricher,
-    window: Window,
     sink: Sink,
 }
 
 impl Pipeline {
-    /// Open the state in `state_dir` and restore every stage from it.
-    pub fn open(v: &Validated, data_dir: &Path, state_dir: &Path) -> anyhow::Result<Self> {
-        let tables = DimensionTables::load(data_dir)
-            .with_context(|| format!("loading dimension tables from {}", data_dir.display()))?;
-        let store = CommitStore::open(state_dir, &v.settings.state)
-            .with_context(|| format!("opening state at {}", state_dir.display()))?;
-        let mut enrich = Enricher::new(Arc::new(tables), &v.settings.enrich);
-        let mut window = Window::new();
-        let mut sink = Sink::new();
-        let p = u32::from(v.key_groups.count());
-        match store.get(&StateKey::namespace(KEY_GROUPS_KEY))? {
-            Some(stored) => {
-                let stored: u32 = state::decode("key groups", &stored)?;
-                anyhow::ensure!(
-                    stored == p,
-                    "the state at {} was built with pipeline.key_groups = {stored}, not {p}; key groups are fixed for a state's lifetime",
-                    state_dir.display()
-                );
-            }
-            None => {
-                let mut tx = CommitBatch::default();
-                tx.put(
-                    &StateKey::namespace(KEY_GROUPS_KEY),
-                    state::encode("key groups", &p)?,
-                );
-                store.commit(tx).context("recording the key groups")?;
-            }
-        }
-        enrich.start(&store).context("restoring enrich state")?;
-        window.start(&store).context("restoring window state")?;
-        sink.start(&store).context("restoring sink state")?;
-        Ok(Self {
-            store,
-            enrich,
-            window,
-            sink,
-        })
-    }
-
-    fn position(&self) -> anyhow::Result<Option<FilePosition>> {
-        match self.store.get(&StateKey::namespace(POSITION_KEY))? {
-            Some(bytes) => Ok(Some(state::decode("file position", &bytes)?)),
-            None => Ok(None),
-        }
-    }
-
-    /// Run one raw batch through enrich and window.
-    fn process(&mut self, raw: RawBatch, progress: &mut Progress) -> anyhow::Result<()> {
-        let mut enriched: Vec<EnrichedBatch> = Vec::with_capacity(1);
-        self.enrich.batch(raw, &mut enriched)?;
-        for batch in enriched {
-            progress.accepted_events += batch
-                .uploads
-                .iter()
-                .map(|u| u.events.len() as u64)
-                .sum::<u64>();
-            progress.rejects.merge(&batch.rejects);
-            self.window.batch(batch, &mut Vec::new())?;
-        }
-        Ok(())
-    }
-
-    /// Commit every stage's changes and the input position, atomically and durably.
-    fn commit(&mut self, position: FilePosition) -> anyhow::Result<()> {
-        let mut tx = CommitBatch::default();
-        self.enrich.commit(&mut Vec::new(), &mut tx)?;
-        let mut rows = Vec::new();
-        self.window.commit(&mut rows, &mut tx)?;
-        for batch in rows {
-            self.sink.batch(batch, &mut Vec::new())?;
-        }
-        self.sink.commit(&mut Vec::new(), &mut tx)?;
-        tx.put(
-            &StateKey::namespace(POSITION_KEY),
-            state::encode("file position", &position)?,
-        );
-        self.store.commit(tx).context("committing state")?;
-        Ok(())
-    }
-
     /// The sink, for queries and export.
     pub fn sink(&self) -> &Sink {
         &self.sink
     }
 }
 
+/// A message from the coordinator to a worker, in input order.
+enum ToWorker {
+    /// Process batches of the worker's key groups (those of one chunk).
+    Batches(Vec<RawBatch>),
+    /// Commit point: stage everything up to here and reply.
+    Commit,
+}
+
+/// A worker's answer to [`ToWorker::Commit`].
+struct Staged {
+    tx: CommitBatch,
+    rows: Vec<RowBatch>,
+    /// (devices, device-days, partial rows) after this commit.
+    sizes: (usize, usize, usize),
+}
+
+/// Counters the workers add to and the progress line reads.
+#[derive(Default)]
+struct Counters {
+    accepted_events: AtomicU64,
+    rejects: [AtomicU64; 7],
+}
+
+impl Counters {
+    fn snapshot(&self, progress: &mut Progress) {
+        progress.accepted_events = self.accepted_events.load(Ordering::Relaxed);
+        for (i, n) in self.rejects.iter().enumerate() {
+            progress.rejects.0[i] = n.load(Ordering::Relaxed);
+        }
+    }
+}
+
+/// One worker: an enrich and a window stage over a share of the key groups.
+fn work(
+    mut enrich: Enricher,
+    mut window: Window,
+    rx: &Receiver<ToWorker>,
+    tx: &Sender<anyhow::Result<Staged>>,
+    counters: &Counters,
+) {
+    let mut enriched: Vec<EnrichedBatch> = Vec::with_capacity(1);
+    for msg in rx.iter() {
+        let result = match msg {
+            ToWorker::Batches(raws) => (|| {
+                let mut events = 0u64;
+                let mut rejects = RejectCounts::default();
+                for raw in raws {
+                    enrich.batch(raw, &mut enriched)?;
+                    for batch in enriched.drain(..) {
+                        events += batch.uploads.iter().map(|u| u.events.len() as u64).sum::<u64>();
+                        rejects.merge(&batch.rejects);
+                        window.batch(batch, &mut Vec::new())?;
+                    }
+                }
+                counters.accepted_events.fetch_add(events, Ordering::Relaxed);
+                for (reason, n) in rejects.iter() {
+                    counters.rejects[reason.index()].fetch_add(n, Ordering::Relaxed);
+                }
+                anyhow::Ok(())
+            })(),
+            ToWorker::Commit => (|| {
+                let mut staged = Staged { tx: CommitBatch::default(), rows: Vec::new(), sizes: (0, 0, 0) };
+                enrich.commit(&mut Vec::new(), &mut staged.tx)?;
+                window.commit(&mut staged.rows, &mut staged.tx)?;
+                let (days, partials) = window.sizes();
+                staged.sizes = (enrich.devices(), days, partials);
+                if tx.send(Ok(staged)).is_err() {
+                    return Err(anyhow::anyhow!("the coordinator stopped"));
+                }
+                anyhow::Ok(())
+            })(),
+        };
+        if let Err(e) = result {
+            // The coordinator is told at its next commit point and stops.
+            let _ = tx.send(Err(e));
+            return;
+        }
+    }
+}
+
+/// The coordinator's side of the workers.
+struct Workers {
+    senders: Vec<Sender<ToWorker>>,
+    replies: Vec<Receiver<anyhow::Result<Staged>>>,
+    handles: Vec<std::thread::JoinHandle<()>>,
+    owner: Vec<usize>,
+    sizes: (usize, usize, usize),
+}
+
+impl Workers {
+    fn start(
+        v: &Validated,
+        tables: &Arc<DimensionTables>,
+        store: &CommitStore,
+        counters: &Arc<Counters>,
+    ) -> anyhow::Result<Self> {
+        let count = v.workers;
+        let mut w = Workers {
+            senders: Vec::new(),
+            replies: Vec::new(),
+            handles: Vec::new(),
+            owner: v.key_groups.all().map(|kg| usize::from(kg.0) % count).collect(),
+            sizes: (0, 0, 0),
+        };
+        for index in 0..count {
+            let share = KeyGroupSet::share(v.key_groups, index, count);
+            let mut enrich = Enricher::new(tables.clone(), &v.settings.enrich).owning(share.clone());
+            let mut window = Window::new().owning(share);
+            enrich.start(store).context("restoring enrich state")?;
+            window.start(store).context("restoring window state")?;
+            // One message per chunk: as many as chunks may be in flight.
+            let (to_tx, to_rx) = bounded::<ToWorker>(v.settings.source.queue_chunks + 1);
+            let (reply_tx, reply_rx) = bounded::<anyhow::Result<Staged>>(2);
+            let counters = counters.clone();
+            let handle = std::thread::Builder::new()
+                .name(format!("sluice-worker-{index}"))
+                .spawn(move || work(enrich, window, &to_rx, &reply_tx, &counters))
+                .context("starting a worker thread")?;
+            w.senders.push(to_tx);
+            w.replies.push(reply_rx);
+            w.handles.push(handle);
+        }
+        Ok(w)
+    }
+
+    /// Hand a chunk's batches to the workers owning their key groups.
+    fn send(&self, batches: Vec<RawBatch>) -> anyhow::Result<()> {
+        let mut per_worker: Vec<Vec<RawBatch>> = vec![Vec::new(); self.senders.len()];
+        for batch in batches {
+            per_worker[self.owner[usize::from(batch.key_group.0)]].push(batch);
+        }
+        for (sender, batches) in self.senders.iter().zip(per_worker) {
+            if !batches.is_empty() {
+                sender.send(ToWorker::Batches(batches)).map_err(|_| self.failed())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn failed(&self) -> anyhow::Error {
+        // A worker that stopped has sent its error as its last reply.
+        for r in &self.replies {
+            if let Ok(Err(e)) = r.try_recv() {
+                return e;
+            }
+        }
+        anyhow::anyhow!("a worker stopped")
+    }
+
+    /// Put a commit barrier into every worker's input, after everything sent so far.
+    fn begin_commit(&self) -> anyhow::Result<Vec<Option<Staged>>> {
+        for s in &self.senders {
+            s.send(ToWorker::Commit).map_err(|_| self.failed())?;
+        }
+        Ok((0..self.senders.len()).map(|_| None).collect())
+    }
+
+    /// Gather the workers' answers to the barrier; true once every worker
+    /// has answered. With `wait`, block until then.
+    fn collect(&mut self, staged: &mut [Option<Staged>], wait: bool) -> anyhow::Result<bool> {
+        for (slot, reply) in staged.iter_mut().zip(&self.replies) {
+            if slot.is_some() {
+                continue;
+            }
+            let answer = if wait {
+                reply.recv().map_err(|_| anyhow::anyhow!("a worker stopped"))?
+            } else {
+                match reply.try_recv() {
+                    Ok(answer) => answer,
+                    Err(crossbeam_channel::TryRecvError::Empty) => continue,
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => anyhow::bail!("a worker stopped"),
+                }
+            };
+            *slot = Some(answer?);
+        }
+        let done = staged.iter().all(Option::is_some);
+        if done {
+            self.sizes =
+                staged.iter().flatten().fold((0, 0, 0), |a, s| (a.0 + s.sizes.0, a.1 + s.sizes.1, a.2 + s.sizes.2));
+        }
+        Ok(done)
+    }
+
+    fn stop(self) -> anyhow::Result<()> {
+        drop(self.senders);
+        for h in self.handles {
+            h.join().map_err(|_| anyhow::anyhow!("a worker thread panicked"))?;
+        }
+        Ok(())
+    }
+}
+
+/// A commit on its way to disk: every worker's staged changes and partial
+/// rows as of one barrier, and the input position of that barrier.
+struct CommitJob {
+    staged: Vec<Staged>,
+    position: FilePosition,
+}
+
+/// What the committer hands back when the run ends.
+struct Committed {
+    sink: Sink,
+    store: CommitStore,
+    busy: Duration,
+}
+
+/// The committer thread: applies each commit's rows to the sink and writes
+/// the commit (workers' changes + sink changes + input position) as one
+/// atomic, flushed batch. Commits are written in barrier order; meanwhile the
+/// workers go on with the input after the barrier.
+fn commit_loop(mut sink: Sink, store: CommitStore, jobs: &Receiver<CommitJob>) -> anyhow::Result<Committed> {
+    let mut busy = Duration::ZERO;
+    for job in jobs.iter() {
+        let t0 = Instant::now();
+        let mut tx = CommitBatch::default();
+        let mut rows = 0usize;
+        for staged in job.staged {
+            tx.append(staged.tx);
+            for batch in staged.rows {
+                rows += batch.rows.len();
+                sink.batch(batch, &mut Vec::new())?;
+            }
+        }
+        let t1 = Instant::now();
+        sink.commit(&mut Vec::new(), &mut tx)?;
+        tx.put(&StateKey::namespace(POSITION_KEY), state::encode("file position", &job.position)?);
+        let (writes, bytes) = (tx.len(), tx.value_bytes());
+        let t2 = Instant::now();
+        store.commit(tx).context("committing state")?;
+        busy += t0.elapsed();
+        tracing::debug!(
+            sink_apply_s = (t1 - t0).as_secs_f64(),
+            sink_stage_s = (t2 - t1).as_secs_f64(),
+            write_s = t2.elapsed().as_secs_f64(),
+            rows,
+            writes,
+            bytes,
+            line = job.position.line,
+            "committed"
+        );
+    }
+    Ok(Committed { sink, store, busy })
+}
+
+fn check_key_groups(v: &Validated, store: &CommitStore, state_dir: &Path) -> anyhow::Result<()> {
+    let p = u32::from(v.key_groups.count());
+    match store.get(&StateKey::namespace(KEY_GROUPS_KEY))? {
+        Some(stored) => {
+            let stored: u32 = state::decode("key groups", &stored)?;
+            anyhow::ensure!(
+                stored == p,
+                "the state at {} was built with pipeline.key_groups = {stored}, not {p}; key groups are fixed for a state's lifetime",
+                state_dir.display()
+            );
+        }
+        None => {
+            let mut tx = CommitBatch::default();
+            tx.put(&StateKey::namespace(KEY_GROUPS_KEY), state::encode("key groups", &p)?);
+            store.commit(tx).context("recording the key groups")?;
+        }
+    }
+    Ok(())
+}
+
 /// Open only the sink's tables of a state directory (for export).
-pub fn open_sink(
-    state_dir: &Path,
-    settings: &sluice_runtime::state::StateSettings,
-) -> anyhow::Result<Sink> {
-    anyhow::ensure!(
-        state_dir.is_dir(),
-        "no state directory at {}",
-        state_dir.display()
-    );
-    let store = CommitStore::open(state_dir, settings)
-        .with_context(|| format!("opening state at {}", state_dir.display()))?;
+pub fn open_sink(state_dir: &Path, settings: &sluice_runtime::state::StateSettings) -> anyhow::Result<Sink> {
+    anyhow::ensure!(state_dir.is_dir(), "no state directory at {}", state_dir.display());
+    let store =
+        CommitStore::open(state_dir, settings).with_context(|| format!("opening state at {}", state_dir.display()))?;
     let mut sink = Sink::new();
     sink.start(&store).context("reading the tables")?;
     Ok(sink)
@@ -223,16 +408,37 @@ pub fn run(
     let started = Instant::now();
     let input = data_dir.join(INPUT_FILE);
     let mut file = File::open(&input).with_context(|| format!("opening {}", input.display()))?;
-    let bytes_total = file
-        .metadata()
-        .with_context(|| format!("reading {}", input.display()))?
-        .len();
-    let mut pipeline = Pipeline::open(v, data_dir, state_dir)?;
-
-    let mut position = pipeline.position()?.unwrap_or_default();
+    let bytes_total = file.metadata().with_context(|| format!("reading {}", input.display()))?.len();
+    let tables = Arc::new(
+        DimensionTables::load(data_dir)
+            .with_context(|| format!("loading dimension tables from {}", data_dir.display()))?,
+    );
+    let store = CommitStore::open(state_dir, &v.settings.state)
+        .with_context(|| format!("opening state at {}", state_dir.display()))?;
+    check_key_groups(v, &store, state_dir)?;
+    let mut position: FilePosition = match store.get(&StateKey::namespace(POSITION_KEY))? {
+        Some(bytes) => state::decode("file position", &bytes)?,
+        None => FilePosition::default(),
+    };
+    let mut sink = Sink::new();
+    sink.start(&store).context("restoring sink state")?;
+    let counters = Arc::new(Counters::default());
+    let mut workers = Workers::start(v, &tables, &store, &counters)?;
+    let (job_tx, job_rx) = bounded::<CommitJob>(1);
+    let committer = std::thread::Builder::new()
+        .name("sluice-commit".into())
+        .spawn(move || commit_loop(sink, store, &job_rx))
+        .context("starting the commit thread")?;
+    // Once the committer stops early, its error is what to report.
+    let committer_failed = |committer: std::thread::JoinHandle<anyhow::Result<Committed>>| -> anyhow::Error {
+        match committer.join() {
+            Ok(Err(e)) => e,
+            Ok(Ok(_)) => anyhow::anyhow!("the commit thread stopped"),
+            Err(_) => anyhow::anyhow!("the commit thread panicked"),
+        }
+    };
     let mut head = vec![0u8; FINGERPRINT_BYTES.min(bytes_total) as usize];
-    file.read_exact(&mut head)
-        .with_context(|| format!("reading {}", input.display()))?;
+    file.read_exact(&mut head).with_context(|| format!("reading {}", input.display()))?;
     if position.offset > 0 {
         let covered = position.offset.min(FINGERPRINT_BYTES) as usize;
         if position.offset > bytes_total || fingerprint(&head[..covered]) != position.fingerprint {
@@ -245,8 +451,7 @@ pub fn run(
         }
     }
     let resumed_at_line = position.line;
-    file.seek(SeekFrom::Start(position.offset))
-        .context("seeking to the committed position")?;
+    file.seek(SeekFrom::Start(position.offset)).context("seeking to the committed position")?;
 
     let settings = &v.settings;
     // At most `queue_chunks` chunks are in flight between the reader and the
@@ -281,81 +486,94 @@ pub fn run(
     }
     drop((chunk_rx, parsed_tx));
 
-    let mut progress = Progress {
-        bytes_done: position.offset,
-        bytes_total,
-        ..Default::default()
-    };
+    let mut progress = Progress { bytes_done: position.offset, bytes_total, ..Default::default() };
     let mut pending: BTreeMap<u64, Parsed> = BTreeMap::new();
     let mut next_seq = 0u64;
     let mut last_commit = Instant::now();
     let mut last_progress = Instant::now();
-    let mut commit_time = Duration::ZERO;
     let mut uncommitted = false;
-    for parsed in parsed_rx.iter() {
+    // The barrier whose answers are being gathered, and its position.
+    let mut barrier: Option<(Vec<Option<Staged>>, FilePosition)> = None;
+    let submit = |staged: Vec<Option<Staged>>, position: FilePosition| -> bool {
+        job_tx.send(CommitJob { staged: staged.into_iter().flatten().collect(), position }).is_ok()
+    };
+    let mut committer_gone = false;
+    'input: for parsed in parsed_rx.iter() {
         let parsed = parsed?;
         pending.insert(parsed.seq, parsed);
         while let Some(parsed) = pending.remove(&next_seq) {
             next_seq += 1;
             // The reader may be gone already (end of input); the slot is then moot.
             let _ = slot_tx.try_send(());
-            for batch in parsed.batches {
-                pipeline.process(batch, &mut progress)?;
-            }
+            workers.send(parsed.batches)?;
             progress.records += parsed.lines;
             progress.bytes_done = parsed.end_offset;
             position.line += parsed.lines;
             position.offset = parsed.end_offset;
             uncommitted = true;
-            if last_commit.elapsed() >= settings.run.commit_interval {
-                let t = Instant::now();
-                position.fingerprint =
-                    fingerprint(&head[..position.offset.min(FINGERPRINT_BYTES) as usize]);
-                pipeline.commit(position)?;
-                commit_time += t.elapsed();
-                progress.commits += 1;
+            if let Some((staged, at)) = &mut barrier {
+                if workers.collect(staged, false)? {
+                    let at = *at;
+                    let (staged, _) = barrier.take().unwrap_or_default();
+                    if !submit(staged, at) {
+                        committer_gone = true;
+                        break 'input;
+                    }
+                    progress.commits += 1;
+                }
+            }
+            if barrier.is_none() && last_commit.elapsed() >= settings.run.commit_interval {
+                position.fingerprint = fingerprint(&head[..position.offset.min(FINGERPRINT_BYTES) as usize]);
+                barrier = Some((workers.begin_commit()?, position));
                 uncommitted = false;
                 last_commit = Instant::now();
             }
             if last_progress.elapsed() >= settings.run.progress_interval {
                 progress.elapsed = started.elapsed();
+                counters.snapshot(&mut progress);
                 on_progress(&progress);
                 last_progress = Instant::now();
             }
         }
     }
-    reader
-        .join()
-        .map_err(|_| anyhow::anyhow!("the reader thread panicked"))??;
-    for p in parsers {
-        p.join()
-            .map_err(|_| anyhow::anyhow!("a parser thread panicked"))?;
+    if committer_gone {
+        return Err(committer_failed(committer));
     }
-    anyhow::ensure!(
-        pending.is_empty(),
-        "input chunks were lost between parsing and processing"
-    );
-    if uncommitted || position.offset == 0 {
-        let t = Instant::now();
-        position.fingerprint =
-            fingerprint(&head[..position.offset.min(FINGERPRINT_BYTES) as usize]);
-        pipeline.commit(position)?;
-        commit_time += t.elapsed();
+    reader.join().map_err(|_| anyhow::anyhow!("the reader thread panicked"))??;
+    for p in parsers {
+        p.join().map_err(|_| anyhow::anyhow!("a parser thread panicked"))?;
+    }
+    anyhow::ensure!(pending.is_empty(), "input chunks were lost between parsing and processing");
+    if let Some((mut staged, at)) = barrier.take() {
+        workers.collect(&mut staged, true)?;
+        if !submit(staged, at) {
+            return Err(committer_failed(committer));
+        }
         progress.commits += 1;
     }
+    if uncommitted || position.offset == 0 {
+        position.fingerprint = fingerprint(&head[..position.offset.min(FINGERPRINT_BYTES) as usize]);
+        let mut staged = workers.begin_commit()?;
+        workers.collect(&mut staged, true)?;
+        if !submit(staged, position) {
+            return Err(committer_failed(committer));
+        }
+        progress.commits += 1;
+    }
+    drop(job_tx);
+    let Committed { sink, store, busy: commit_time } = match committer.join() {
+        Ok(result) => result?,
+        Err(_) => anyhow::bail!("the commit thread panicked"),
+    };
+    let (devices, device_days, partials) = workers.sizes;
+    workers.stop()?;
+    counters.snapshot(&mut progress);
     progress.elapsed = started.elapsed();
     on_progress(&progress);
-    let state_bytes = pipeline.store.size_on_disk().unwrap_or(0);
-    Ok((
-        RunReport {
-            progress,
-            resumed_at_line,
-            commit_time,
-            state_bytes,
-            peak_rss_bytes: peak_rss_bytes(),
-        },
-        pipeline,
-    ))
+    tracing::info!(devices, device_days, partials, sink_keys = ?sink.sizes(), "state at the last commit");
+    let state_bytes = store.size_on_disk().unwrap_or(0);
+    let report = RunReport { progress, resumed_at_line, commit_time, state_bytes, peak_rss_bytes: peak_rss_bytes() };
+    Ok((report, Pipeline { sink }))
 }
 
 /// Cut the input into chunks of whole lines and send them on, in order.
@@ -381,9 +599,7 @@ fn read_chunks(
         loop {
             let filled = buf.len();
             buf.resize(filled + chunk_bytes.max(64 * 1024), 0);
-            let n = file
-                .read(&mut buf[filled..])
-                .with_context(|| format!("reading {}", input.display()))?;
+            let n = file.read(&mut buf[filled..]).with_context(|| format!("reading {}", input.display()))?;
             buf.truncate(filled + n);
             if n == 0 {
                 eof = true;
@@ -393,25 +609,14 @@ fn read_chunks(
                 break;
             }
         }
-        let cut = if eof {
-            buf.len()
-        } else {
-            buf.iter()
-                .rposition(|&b| b == b'\n')
-                .map_or(buf.len(), |i| i + 1)
-        };
+        let cut = if eof { buf.len() } else { buf.iter().rposition(|&b| b == b'\n').map_or(buf.len(), |i| i + 1) };
         carry = buf.split_off(cut);
         if buf.is_empty() {
             continue;
         }
         let n_lines = lines(&buf).count() as u64;
         offset += buf.len() as u64;
-        let chunk = Chunk {
-            seq,
-            first_line: line,
-            end_offset: offset,
-            bytes: buf,
-        };
+        let chunk = Chunk { seq, first_line: line, end_offset: offset, bytes: buf };
         line += n_lines;
         seq += 1;
         if tx.send(chunk).is_err() {
@@ -435,12 +640,7 @@ fn parse_chunks(
             batcher.push(Lineage::line(chunk.first_line + i as u64), key, value);
             n += 1;
         }
-        let parsed = Parsed {
-            seq: chunk.seq,
-            end_offset: chunk.end_offset,
-            lines: n,
-            batches: batcher.take(),
-        };
+        let parsed = Parsed { seq: chunk.seq, end_offset: chunk.end_offset, lines: n, batches: batcher.take() };
         if tx.send(Ok(parsed)).is_err() {
             return;
         }

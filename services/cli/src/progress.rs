@@ -37,11 +37,7 @@ pub fn si(n: f64) -> String {
 /// One line describing `p`.
 pub fn describe(p: &Progress) -> String {
     let secs = p.elapsed.as_secs_f64().max(1e-9);
-    let pct = if p.bytes_total > 0 {
-        100.0 * p.bytes_done as f64 / p.bytes_total as f64
-    } else {
-        100.0
-    };
+    let pct = if p.bytes_total > 0 { 100.0 * p.bytes_done as f64 / p.bytes_total as f64 } else { 100.0 };
     format!(
         "{pct:5.1}% | {} records | {} events ({}/s) | {} rejects | {} commits | {:.1}s",
         si(p.records as f64),
@@ -60,10 +56,7 @@ impl ProgressLine {
         if self.tty {
             let _ = write!(err, "\r\x1b[2K{}", describe(p));
             let _ = err.flush();
-        } else if self
-            .last_line
-            .is_none_or(|t| t.elapsed() >= Duration::from_secs(5))
-        {
+        } else if self.last_line.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
             let _ = writeln!(err, "{}", describe(p));
             self.last_line = Some(Instant::now());
         }

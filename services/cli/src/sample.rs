@@ -82,14 +82,8 @@ const CHANNELS: [(&str, &str); 16] = [
     ("4399", "4399"),
 ];
 /// Raw channel strings as SDKs send them: case and whitespace vary, some are not in channels.csv.
-const RAW_CH_IOS: [(&str, u32); 6] = [
-    ("AppStore", 70),
-    ("appstore", 10),
-    (" App Store", 5),
-    ("APPSTORE ", 3),
-    ("TestFlight", 3),
-    ("official", 2),
-];
+const RAW_CH_IOS: [(&str, u32); 6] =
+    [("AppStore", 70), ("appstore", 10), (" App Store", 5), ("APPSTORE ", 3), ("TestFlight", 3), ("official", 2)];
 const RAW_CH_ANDROID: [(&str, u32); 20] = [
     (" Huawei ", 4),
     ("HUAWEI", 6),
@@ -112,20 +106,9 @@ const RAW_CH_ANDROID: [(&str, u32); 20] = [
     ("ad_toutiao_01", 3),
     ("", 1),
 ];
-const V2_OS: [(&str, u32); 6] = [
-    ("ios", 30),
-    ("android", 55),
-    ("iOS", 6),
-    ("Android", 4),
-    ("harmonyos", 4),
-    ("iPadOS", 1),
-];
-const V1_OS: [(&str, u32); 4] = [
-    ("Android", 55),
-    ("iOS", 30),
-    ("ANDROID", 5),
-    ("HarmonyOS", 10),
-];
+const V2_OS: [(&str, u32); 6] =
+    [("ios", 30), ("android", 55), ("iOS", 6), ("Android", 4), ("harmonyos", 4), ("iPadOS", 1)];
+const V1_OS: [(&str, u32); 4] = [("Android", 55), ("iOS", 30), ("ANDROID", 5), ("HarmonyOS", 10)];
 const V2_SDK: [&str; 3] = ["json/2.4.0", "json/2.4.1", "json/2.5.0"];
 const V1_SDK: [&str; 2] = ["1.9.3", "1.8.7"];
 const V2_APPV: [&str; 3] = ["3.4.0", "3.4.1", "3.5.0"];
@@ -133,18 +116,7 @@ const V1_APPV: [&str; 2] = ["3.3.9", "2.9.0"];
 
 /// Geo ranges per country; CN dominates like the real traffic.
 const COUNTRY_BLOCKS: [(&str, usize, &[&str]); 6] = [
-    (
-        "CN",
-        26,
-        &[
-            "Beijing",
-            "Shanghai",
-            "Guangdong",
-            "Zhejiang",
-            "Jiangsu",
-            "Sichuan",
-        ],
-    ),
+    ("CN", 26, &["Beijing", "Shanghai", "Guangdong", "Zhejiang", "Jiangsu", "Sichuan"]),
     ("US", 4, &["California", "Virginia"]),
     ("JP", 3, &["Tokyo", "Osaka"]),
     ("KR", 3, &["Seoul"]),
@@ -152,29 +124,16 @@ const COUNTRY_BLOCKS: [(&str, usize, &[&str]); 6] = [
     ("DE", 2, &["Hesse"]),
 ];
 /// First octets of public IPv4 space to place geo ranges in (private and special blocks left out).
-const GEO_FIRST_OCTETS: [u32; 16] = [
-    1, 14, 27, 36, 39, 42, 58, 59, 60, 61, 101, 106, 110, 111, 112, 113,
-];
+const GEO_FIRST_OCTETS: [u32; 16] = [1, 14, 27, 36, 39, 42, 58, 59, 60, 61, 101, 106, 110, 111, 112, 113];
 
 /// Relative session starts per local hour: quiet at night, busiest in the evening.
-const HOUR_WEIGHTS: [u32; 24] = [
-    30, 20, 12, 8, 6, 6, 10, 18, 26, 30, 32, 34, 40, 38, 34, 34, 36, 40, 46, 56, 66, 72, 68, 52,
-];
+const HOUR_WEIGHTS: [u32; 24] =
+    [30, 20, 12, 8, 6, 6, 10, 18, 26, 30, 32, 34, 40, 38, 34, 34, 36, 40, 46, 56, 66, 72, 68, 52];
 /// Session length (play time) buckets of SPEC section 3 with their weights: a heavy tail, every bucket used.
-const PLAY_BUCKETS: [(i64, i64, u32); 8] = [
-    (0, 2, 6),
-    (3, 9, 8),
-    (10, 29, 12),
-    (30, 59, 12),
-    (60, 179, 20),
-    (180, 599, 20),
-    (600, 1799, 14),
-    (1800, 7200, 8),
-];
-const PAGES: [&str; 12] = [
-    "home", "battle", "shop", "bag", "gacha", "rank", "mail", "商城", "主城", "level_1", "level_2",
-    "level_3",
-];
+const PLAY_BUCKETS: [(i64, i64, u32); 8] =
+    [(0, 2, 6), (3, 9, 8), (10, 29, 12), (30, 59, 12), (60, 179, 20), (180, 599, 20), (600, 1799, 14), (1800, 7200, 8)];
+const PAGES: [&str; 12] =
+    ["home", "battle", "shop", "bag", "gacha", "rank", "mail", "商城", "主城", "level_1", "level_2", "level_3"];
 const PAY_CNY: [i64; 7] = [600, 1800, 3000, 6800, 12800, 32800, 64800];
 const PAY_USD: [i64; 4] = [99, 499, 999, 1999];
 
@@ -406,13 +365,7 @@ fn write_json_str(out: &mut String, s: &str) {
 // Dimension tables
 
 fn ip_str(n: u32) -> String {
-    format!(
-        "{}.{}.{}.{}",
-        n >> 24,
-        (n >> 16) & 255,
-        (n >> 8) & 255,
-        n & 255
-    )
+    format!("{}.{}.{}.{}", n >> 24, (n >> 16) & 255, (n >> 8) & 255, n & 255)
 }
 
 /// Non-overlapping inclusive ranges, one per distinct /16 block, sorted by start.
@@ -444,12 +397,7 @@ impl Geo {
                 let start = rng.range(0, 32) as u32;
                 let len = rng.range(4, 96) as u32;
                 let (country, _, regions) = COUNTRY_BLOCKS[ci];
-                (
-                    base + (start << 8),
-                    base + ((start + len) << 8) - 1,
-                    country,
-                    rng.pick(regions),
-                )
+                (base + (start << 8), base + ((start + len) << 8) - 1, country, rng.pick(regions))
             })
             .collect();
         Geo { ranges }
@@ -478,12 +426,7 @@ impl Geo {
                 }
             }
         }
-        format!(
-            "240e:{:x}:{:x}::{:x}",
-            rng.below(65536),
-            rng.below(65536),
-            rng.range(1, 65535)
-        )
+        format!("240e:{:x}:{:x}::{:x}", rng.below(65536), rng.below(65536), rng.range(1, 65535))
     }
 }
 
@@ -502,11 +445,7 @@ fn write_dimensions(dir: &Path, geo: &Geo) -> io::Result<()> {
     fs::write(dir.join("apps.csv"), apps)?;
     let mut geo_csv = String::from("start_ip,end_ip,country,region\n");
     for &(lo, hi, country, region) in &geo.ranges {
-        geo_csv.push_str(&format!(
-            "{},{},{country},{region}\n",
-            ip_str(lo),
-            ip_str(hi)
-        ));
+        geo_csv.push_str(&format!("{},{},{country},{region}\n", ip_str(lo), ip_str(hi)));
     }
     fs::write(dir.join("geo.csv"), geo_csv)?;
     let mut channels = String::from("raw,group\n");
@@ -566,11 +505,7 @@ fn make_devices(rng: &mut Rng, n: usize, geo: &Geo) -> Vec<Device> {
             };
             let os = rng.weighted(if v1 { &V1_OS[..] } else { &V2_OS[..] });
             let lower = os.to_ascii_lowercase();
-            let raw_ch = if lower == "ios" || lower == "ipados" {
-                &RAW_CH_IOS[..]
-            } else {
-                &RAW_CH_ANDROID[..]
-            };
+            let raw_ch = if lower == "ios" || lower == "ipados" { &RAW_CH_IOS[..] } else { &RAW_CH_ANDROID[..] };
             let mut ch = Some(rng.weighted(raw_ch));
             if matches!(role, Role::V2 | Role::Unknown) && rng.chance(0.01) {
                 ch = None; // a build that does not report its channel
@@ -683,14 +618,7 @@ fn make_session(rng: &mut Rng, dev: usize, role: Role) -> Session {
             (dur, kinds, chunks, 0)
         }
     };
-    Session {
-        dev,
-        start: 0,
-        dur_s,
-        kinds,
-        chunks,
-        split,
-    }
+    Session { dev, start: 0, dur_s, kinds, chunks, split }
 }
 
 /// Collects sessions until exactly `n_uploads` uploads are planned.
@@ -719,24 +647,16 @@ impl Planner {
 
 /// Which device plays which session, until exactly `n_uploads` uploads are planned.
 fn plan_sessions(rng: &mut Rng, devices: &[Device], n_uploads: usize) -> Vec<Session> {
-    let mut plan = Planner {
-        sessions: Vec::new(),
-        total: 0,
-        n_uploads,
-    };
-    let members = |roles: &[Role]| -> Vec<usize> {
-        (0..devices.len())
-            .filter(|&i| roles.contains(&devices[i].role))
-            .collect()
-    };
+    let mut plan = Planner { sessions: Vec::new(), total: 0, n_uploads };
+    let members =
+        |roles: &[Role]| -> Vec<usize> { (0..devices.len()).filter(|&i| roles.contains(&devices[i].role)).collect() };
     for di in members(&[Role::Forced]) {
         if plan.total + 2 <= n_uploads {
             plan.add(make_session(rng, di, Role::Forced));
         }
     }
     let heavy = members(&[Role::Heavy]);
-    let heavy_per_day =
-        ((n_uploads * 3 / 100) / (DAYS as usize * heavy.len().max(1))).clamp(1, 80) as i64;
+    let heavy_per_day = ((n_uploads * 3 / 100) / (DAYS as usize * heavy.len().max(1))).clamp(1, 80) as i64;
     for &di in &heavy {
         for _ in 0..rng.range(heavy_per_day / 2, heavy_per_day) * DAYS {
             plan.add(make_session(rng, di, Role::Heavy));
@@ -744,23 +664,19 @@ fn plan_sessions(rng: &mut Rng, devices: &[Device], n_uploads: usize) -> Vec<Ses
     }
     // Activity per device is heavy-tailed too: a Pareto(1) weight capped at 100. Forced devices play
     // ordinary v2 sessions after their first one.
-    let pools = [
-        (Role::Unknown, &[Role::Unknown][..]),
-        (Role::V1, &[Role::V1]),
-        (Role::V2, &[Role::V2, Role::Forced]),
-    ]
-    .map(|(role, roles)| {
-        let m = members(roles);
-        let mut acc = 0.0;
-        let cum: Vec<f64> = m
-            .iter()
-            .map(|_| {
-                acc += (1.0 / (1.0 - rng.unit())).min(100.0);
-                acc
-            })
-            .collect();
-        (role, m, cum)
-    });
+    let pools = [(Role::Unknown, &[Role::Unknown][..]), (Role::V1, &[Role::V1]), (Role::V2, &[Role::V2, Role::Forced])]
+        .map(|(role, roles)| {
+            let m = members(roles);
+            let mut acc = 0.0;
+            let cum: Vec<f64> = m
+                .iter()
+                .map(|_| {
+                    acc += (1.0 / (1.0 - rng.unit())).min(100.0);
+                    acc
+                })
+                .collect();
+            (role, m, cum)
+        });
     let (mut n_unknown, mut n_v1) = (0usize, 0usize);
     while !plan.full() {
         let cat = if (n_unknown as f64) < P_UNKNOWN_APP * plan.total as f64 {
@@ -844,9 +760,7 @@ fn event_times(rng: &mut Rng, s: &Session) -> Vec<i64> {
     let mut mids: Vec<i64> = Vec::with_capacity(n);
     if s.split > 0 {
         let midnight = BASE_MS + ((s.start - BASE_MS) / DAY + 1) * DAY;
-        let mut pre: Vec<i64> = (1..s.split)
-            .map(|_| rng.range(s.start + 1, midnight - 1))
-            .collect();
+        let mut pre: Vec<i64> = (1..s.split).map(|_| rng.range(s.start + 1, midnight - 1)).collect();
         let mut post: Vec<i64> = (s.split + 1..n).map(|_| rng.range(midnight, end)).collect();
         pre.sort_unstable();
         post.sort_unstable();
@@ -887,35 +801,15 @@ struct Upload {
 /// A custom event's id, label and optional integer parameter.
 fn custom_fields(rng: &mut Rng) -> (&'static str, String, Option<(&'static str, i64)>) {
     match rng.weighted_index([30u32, 20, 20, 12, 12, 6].into_iter()) {
-        0 => (
-            "level_up",
-            format!("world{}", rng.range(1, 5)),
-            Some(("level", rng.range(2, 80))),
-        ),
+        0 => ("level_up", format!("world{}", rng.range(1, 5)), Some(("level", rng.range(2, 80)))),
         1 => {
             let step = rng.range(1, 12);
-            (
-                "tutorial_step",
-                format!("step_{step}"),
-                Some(("step", step)),
-            )
+            ("tutorial_step", format!("step_{step}"), Some(("step", step)))
         }
-        2 => (
-            "ad_reward",
-            "rewarded_video".to_string(),
-            Some(("coins", rng.pick(&[50, 100, 200]))),
-        ),
+        2 => ("ad_reward", "rewarded_video".to_string(), Some(("coins", rng.pick(&[50, 100, 200])))),
         3 => ("gacha_pull", rng.pick(&["单抽", "十连"]).to_string(), None),
-        4 => (
-            "quest_complete",
-            rng.pick(&["daily", "main", "event"]).to_string(),
-            None,
-        ),
-        _ => (
-            "share",
-            rng.pick(&["wechat", "qq", "weibo"]).to_string(),
-            None,
-        ),
+        4 => ("quest_complete", rng.pick(&["daily", "main", "event"]).to_string(), None),
+        _ => ("share", rng.pick(&["wechat", "qq", "weibo"]).to_string(), None),
     }
 }
 
@@ -925,10 +819,7 @@ fn payment(rng: &mut Rng) -> (i64, &'static str) {
     if r < 0.01 {
         (0, "CNY")
     } else if r < 0.95 {
-        (
-            PAY_CNY[rng.weighted_index([30u32, 15, 20, 15, 10, 6, 4].into_iter())],
-            "CNY",
-        )
+        (PAY_CNY[rng.weighted_index([30u32, 15, 20, 15, 10, 6, 4].into_iter())], "CNY")
     } else {
         (rng.pick(&PAY_USD), "USD")
     }
@@ -988,13 +879,7 @@ fn corrupt_v2_event(rng: &mut Rng, ev: &mut Json, sent: i64, r: f64) {
         if rng.chance(0.2) {
             ev.remove("t");
         } else {
-            let bad = [
-                Json::s("crash"),
-                Json::s("heartbeat"),
-                Json::s("Launch"),
-                Json::s(""),
-                Json::Int(7),
-            ];
+            let bad = [Json::s("crash"), Json::s("heartbeat"), Json::s("Launch"), Json::s(""), Json::Int(7)];
             ev.set("t", rng.pick(&bad));
         }
         return;
@@ -1034,14 +919,7 @@ fn corrupt_v2_event(rng: &mut Rng, ev: &mut Json, sent: i64, r: f64) {
         }
         Some("custom") => match k {
             0 => ev.remove("id"),
-            _ => ev.set(
-                "id",
-                if rng.chance(0.5) {
-                    Json::Null
-                } else {
-                    Json::Int(17)
-                },
-            ),
+            _ => ev.set("id", if rng.chance(0.5) { Json::Null } else { Json::Int(17) }),
         },
         _ => {} // a launch has no value to break
     }
@@ -1050,10 +928,7 @@ fn corrupt_v2_event(rng: &mut Rng, ev: &mut Json, sent: i64, r: f64) {
 /// Per-event faults of a v1 upload: unknown type or bad value (its time is checked as a field).
 fn corrupt_v1_event(rng: &mut Rng, msg: &mut Json, r: f64) {
     if r < P_EV_UNKNOWN {
-        msg.set(
-            "type",
-            Json::s(rng.pick(&["crash", "heartbeat", "login", "Exit"])),
-        );
+        msg.set("type", Json::s(rng.pick(&["crash", "heartbeat", "login", "Exit"])));
         return;
     }
     match msg.get_str("type") {
@@ -1066,14 +941,8 @@ fn corrupt_v1_event(rng: &mut Rng, msg: &mut Json, r: f64) {
             }
         }
         Some("payment") => {
-            let bad = [
-                Json::s("6元"),
-                Json::s("six"),
-                Json::s("-6.00"),
-                Json::s(""),
-                Json::Int(6),
-                Json::Raw("6.5".into()),
-            ];
+            let bad =
+                [Json::s("6元"), Json::s("six"), Json::s("-6.00"), Json::s(""), Json::Int(6), Json::Raw("6.5".into())];
             msg.set("money", rng.pick(&bad));
         }
         Some("event") => msg.set("eventid", Json::Int(42)),
@@ -1083,11 +952,7 @@ fn corrupt_v1_event(rng: &mut Rng, msg: &mut Json, r: f64) {
 
 /// Missing or mistyped required fields (rule 2). Returns the record KEY to use.
 fn break_fields(rng: &mut Rng, msg: &mut Json, v1: bool) -> String {
-    let (app, dev, mid) = if v1 {
-        ("appkey", "deviceid", "msgid")
-    } else {
-        ("app", "dev", "mid")
-    };
+    let (app, dev, mid) = if v1 { ("appkey", "deviceid", "msgid") } else { ("app", "dev", "mid") };
     match rng.below(10) {
         0 => msg.remove(app),
         1 => msg.remove(dev),
@@ -1129,9 +994,7 @@ fn malformed(rng: &mut Rng, text: &str) -> String {
             text.get(..cut).unwrap_or("").to_string()
         }
         3 => format!("[{text}]"), // a batch sent as an array
-        4 => rng
-            .pick(&["null", "true", "\"ok\"", "ping", "12345"])
-            .to_string(),
+        4 => rng.pick(&["null", "true", "\"ok\"", "ping", "12345"]).to_string(),
         _ => String::new(),
     }
 }
@@ -1176,10 +1039,7 @@ fn v1_message(rng: &mut Rng, d: &Device, mid: &str, ev: &Json, sid: &str) -> (Js
             copy(&mut msg, "label", "label");
         }
         "pay" => {
-            msg.set(
-                "money",
-                Json::Str(money_str(rng, ev.get_int("amount").unwrap_or(0))),
-            );
+            msg.set("money", Json::Str(money_str(rng, ev.get_int("amount").unwrap_or(0))));
             copy(&mut msg, "currency", "cur");
             copy(&mut msg, "orderid", "order");
         }
@@ -1190,12 +1050,7 @@ fn v1_message(rng: &mut Rng, d: &Device, mid: &str, ev: &Json, sid: &str) -> (Js
 }
 
 /// Builds every device's uploads and their delivery times (topic order comes from sorting these).
-fn build_records(
-    rng: &mut Rng,
-    geo: &Geo,
-    devices: &mut [Device],
-    sessions: &[Session],
-) -> Vec<Record> {
+fn build_records(rng: &mut Rng, geo: &Geo, devices: &mut [Device], sessions: &[Session]) -> Vec<Record> {
     let salt = rng.next_u64();
     let p_ev_any = P_EV_UNKNOWN + P_EV_BAD_TS + P_EV_BAD_VALUE;
     let mut by_dev: Vec<Vec<usize>> = vec![Vec::new(); devices.len()];
@@ -1219,13 +1074,9 @@ fn build_records(
             let mut pos = 0;
             for &size in &s.chunks {
                 seq += 1;
-                let mid = format!(
-                    "{:016x}",
-                    seq.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(salt)
-                );
-                let mut events: Vec<Json> = (pos..pos + size)
-                    .map(|k| v2_event(rng, s.kinds[k], ts[k], &sid, s.dur_s, &mut order_no))
-                    .collect();
+                let mid = format!("{:016x}", seq.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(salt));
+                let mut events: Vec<Json> =
+                    (pos..pos + size).map(|k| v2_event(rng, s.kinds[k], ts[k], &sid, s.dur_s, &mut order_no)).collect();
                 pos += size;
                 let r_msg = if protected { 1.0 } else { rng.unit() };
                 let (mut msg, sent) = if v1 {
@@ -1238,12 +1089,7 @@ fn build_records(
                 } else {
                     // Flushed a moment after its last event; sometimes after minutes offline.
                     let last = ts[pos - 1];
-                    let sent = last
-                        + if rng.chance(0.97) {
-                            rng.range(100, 4000)
-                        } else {
-                            rng.range(1, 30) * MINUTE
-                        };
+                    let sent = last + if rng.chance(0.97) { rng.range(100, 4000) } else { rng.range(1, 30) * MINUTE };
                     if !protected {
                         for ev in &mut events {
                             let r = rng.unit();
@@ -1281,14 +1127,7 @@ fn build_records(
                     }
                 }
                 let delivery = sent + rng.range(10, 1500);
-                ups.push(Upload {
-                    sent,
-                    delivery,
-                    key,
-                    value,
-                    protected,
-                    seq,
-                });
+                ups.push(Upload { sent, delivery, key, value, protected, seq });
             }
         }
         delay_some(rng, &mut ups);
@@ -1306,8 +1145,7 @@ fn build_records(
 /// can arrive after later ones. A `Forced` session's pre-midnight upload always does.
 fn delay_some(rng: &mut Rng, ups: &mut [Upload]) {
     for j in 0..ups.len().saturating_sub(1) {
-        let (next_sent, next_delivery, next_protected) =
-            (ups[j + 1].sent, ups[j + 1].delivery, ups[j + 1].protected);
+        let (next_sent, next_delivery, next_protected) = (ups[j + 1].sent, ups[j + 1].delivery, ups[j + 1].protected);
         let cur = &mut ups[j];
         if cur.protected && next_protected {
             cur.delivery = next_delivery + rng.range(2 * HOUR, 5 * HOUR);
@@ -1367,21 +1205,13 @@ mod tests {
 
     #[test]
     fn same_seed_gives_same_bytes() {
-        let (a, b, c) = (
-            tempfile::tempdir().unwrap(),
-            tempfile::tempdir().unwrap(),
-            tempfile::tempdir().unwrap(),
-        );
+        let (a, b, c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let sa = write_sample(a.path(), 7, 3000).unwrap();
         let sb = write_sample(b.path(), 7, 3000).unwrap();
         write_sample(c.path(), 8, 3000).unwrap();
         assert_eq!(sa, sb);
         assert_eq!(read_all(a.path()), read_all(b.path()));
-        assert_ne!(
-            read_all(a.path())[0],
-            read_all(c.path())[0],
-            "another seed gives other events"
-        );
+        assert_ne!(read_all(a.path())[0], read_all(c.path())[0], "another seed gives other events");
     }
 
     #[test]
@@ -1393,10 +1223,7 @@ mod tests {
             assert_eq!(text.lines().count() as u64, messages, "messages={messages}");
             assert_eq!(stats.records, messages);
             assert_eq!((stats.apps, stats.days), (8, 2));
-            assert!(
-                text.lines().all(|l| l.matches('\t').count() == 1),
-                "every line is KEY<TAB>VALUE"
-            );
+            assert!(text.lines().all(|l| l.matches('\t').count() == 1), "every line is KEY<TAB>VALUE");
         }
     }
 
@@ -1404,52 +1231,21 @@ mod tests {
     fn default_size_has_every_shape_and_fault() {
         let dir = tempfile::tempdir().unwrap();
         let stats = write_sample(dir.path(), 7, 20_000).unwrap();
-        assert!(
-            (900..=1000).contains(&stats.devices),
-            "devices={}",
-            stats.devices
-        );
+        assert!((900..=1000).contains(&stats.devices), "devices={}", stats.devices);
         let text = fs::read_to_string(dir.path().join("sdk-events.tsv")).unwrap();
-        let values: Vec<&str> = text
-            .lines()
-            .filter_map(|l| l.split_once('\t'))
-            .map(|(_, v)| v)
-            .collect();
+        let values: Vec<&str> = text.lines().filter_map(|l| l.split_once('\t')).map(|(_, v)| v).collect();
         let count = |needle: &str| values.iter().filter(|v| v.contains(needle)).count();
         let v1 = values.iter().filter(|v| v.starts_with("{\"ver\":")).count();
         assert!((2000..4000).contains(&v1), "v1 uploads: {v1}");
-        assert!(
-            count("\"app\":\"app-9901\"") + count("\"app\":\"app-0009\"") > 0,
-            "unknown apps"
-        );
+        assert!(count("\"app\":\"app-9901\"") + count("\"app\":\"app-0009\"") > 0, "unknown apps");
         assert!(values.iter().any(|v| v.is_empty()), "empty values");
-        assert!(
-            values.iter().any(|v| !v.is_empty() && !v.starts_with('{')),
-            "non-object values"
-        );
-        assert!(
-            count("\"events\":[]") + count("\"events\":null") > 0,
-            "missing events"
-        );
-        assert!(
-            count("\"t\":\"crash\"") + count("\"t\":\"heartbeat\"") > 0,
-            "unknown events"
-        );
-        assert!(
-            count("\"dur\":-") + count("\"duration\":-") > 0,
-            "negative durations"
-        );
-        assert!(
-            count("\"amount\":\"") > 0 || count("\"amount\":-") > 0,
-            "bad amounts"
-        );
+        assert!(values.iter().any(|v| !v.is_empty() && !v.starts_with('{')), "non-object values");
+        assert!(count("\"events\":[]") + count("\"events\":null") > 0, "missing events");
+        assert!(count("\"t\":\"crash\"") + count("\"t\":\"heartbeat\"") > 0, "unknown events");
+        assert!(count("\"dur\":-") + count("\"duration\":-") > 0, "negative durations");
+        assert!(count("\"amount\":\"") > 0 || count("\"amount\":-") > 0, "bad amounts");
         let mut sorted = values.clone();
         sorted.sort_unstable();
-        assert!(
-            sorted
-                .windows(2)
-                .any(|w| w[0] == w[1] && w[0].contains("\"mid\"")),
-            "re-sends"
-        );
+        assert!(sorted.windows(2).any(|w| w[0] == w[1] && w[0].contains("\"mid\"")), "re-sends");
     }
 }

@@ -21,6 +21,10 @@ pub struct RunSettings {
     /// fresher tables on disk; longer means fewer, larger writes.
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
+    /// Worker threads running the enrich and window stages, each owning an
+    /// equal share of the key groups (as distributed instances do). 0 means
+    /// one per core. More workers than cores only adds switching.
+    pub workers: usize,
     /// How often the progress line is refreshed.
     #[serde(with = "humantime_serde")]
     pub progress_interval: Duration,
@@ -28,10 +32,7 @@ pub struct RunSettings {
 
 impl Default for RunSettings {
     fn default() -> Self {
-        Self {
-            commit_interval: Duration::from_secs(2),
-            progress_interval: Duration::from_millis(500),
-        }
+        Self { commit_interval: Duration::from_secs(2), workers: 0, progress_interval: Duration::from_millis(500) }
     }
 }
 
@@ -60,6 +61,8 @@ pub struct Validated {
     pub key_groups: KeyGroups,
     /// Parse threads to start.
     pub parse_threads: usize,
+    /// Enrich + window workers to start.
+    pub workers: usize,
 }
 
 impl Settings {
@@ -77,24 +80,18 @@ impl Settings {
             "source.chunk_bytes must be at least 1024, got {}",
             self.source.chunk_bytes
         );
-        anyhow::ensure!(
-            self.source.queue_chunks >= 1,
-            "source.queue_chunks must be at least 1"
-        );
-        anyhow::ensure!(
-            !self.run.commit_interval.is_zero(),
-            "run.commit_interval must be positive"
-        );
+        anyhow::ensure!(self.source.queue_chunks >= 1, "source.queue_chunks must be at least 1");
+        anyhow::ensure!(!self.run.commit_interval.is_zero(), "run.commit_interval must be positive");
         let parse_threads = match self.source.parse_threads {
-            0 => {
-                std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
-            }
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)),
             n => n,
         };
-        Ok(Validated {
-            settings: self,
-            key_groups,
-            parse_threads,
-        })
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let workers = match self.run.workers {
+            0 => cores,
+            n => n,
+        }
+        .min(usize::from(key_groups.count()));
+        Ok(Validated { settings: self, key_groups, parse_threads, workers })
     }
 }

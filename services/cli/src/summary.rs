@@ -13,9 +13,7 @@ use anyhow::{Context, Result, anyhow};
 use serde_json::Value;
 
 /// Labels of the 8 `playtime_hist` buckets: [0,3) [3,10) [10,30) [30,60) [60,180) [180,600) [600,1800) [1800,inf) s.
-const PLAYTIME_LABELS: [&str; 8] = [
-    "0-3s", "3-10s", "10-30s", "30-60s", "1-3m", "3-10m", "10-30m", "30m+",
-];
+const PLAYTIME_LABELS: [&str; 8] = ["0-3s", "3-10s", "10-30s", "30-60s", "1-3m", "3-10m", "10-30m", "30m+"];
 /// Widest bar of the play-time chart, in terminal cells.
 const BAR_WIDTH: u64 = 40;
 /// Apps shown in the top-apps table.
@@ -38,8 +36,7 @@ pub fn render_summary(dir: &Path, out: &mut dyn Write) -> Result<()> {
     new_devices_per_day(&daily, &mut text)?;
     playtime_chart(&daily, &mut text)?;
     rejects_by_reason(&rejects, &mut text)?;
-    out.write_all(text.as_bytes())
-        .context("writing the summary")?;
+    out.write_all(text.as_bytes()).context("writing the summary")?;
     out.flush().context("writing the summary")?;
     Ok(())
 }
@@ -52,10 +49,7 @@ struct Row {
 
 impl Row {
     fn str(&self, key: &str) -> Result<&str> {
-        self.value
-            .get(key)
-            .and_then(Value::as_str)
-            .ok_or_else(|| anyhow!("{}: no string field `{key}`", self.origin))
+        self.value.get(key).and_then(Value::as_str).ok_or_else(|| anyhow!("{}: no string field `{key}`", self.origin))
     }
 
     fn uint(&self, key: &str) -> Result<u64> {
@@ -74,10 +68,7 @@ impl Row {
             .ok_or_else(|| anyhow!("{}: no array field `{key}`", self.origin))?;
         items
             .iter()
-            .map(|v| {
-                v.as_u64()
-                    .ok_or_else(|| anyhow!("{}: `{key}` holds a non-integer {v}", self.origin))
-            })
+            .map(|v| v.as_u64().ok_or_else(|| anyhow!("{}: `{key}` holds a non-integer {v}", self.origin)))
             .collect()
     }
 
@@ -85,9 +76,7 @@ impl Row {
     fn revenue(&self, cur: &str) -> Result<u64> {
         match self.value.get("revenue").and_then(|r| r.get(cur)) {
             None => Ok(0),
-            Some(v) => v
-                .as_u64()
-                .ok_or_else(|| anyhow!("{}: revenue.{cur} is not an integer: {v}", self.origin)),
+            Some(v) => v.as_u64().ok_or_else(|| anyhow!("{}: revenue.{cur} is not an integer: {v}", self.origin)),
         }
     }
 }
@@ -95,19 +84,14 @@ impl Row {
 /// Reads `<dir>/<table>.jsonl`, one JSON object a non-empty line.
 fn read_table(dir: &Path, table: &str) -> Result<Vec<Row>> {
     let path = dir.join(format!("{table}.jsonl"));
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "cannot read table file {} (was the `{table}` table exported?)",
-            path.display()
-        )
-    })?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read table file {} (was the `{table}` table exported?)", path.display()))?;
     text.lines()
         .enumerate()
         .filter(|(_, line)| !line.trim().is_empty())
         .map(|(i, line)| {
             let origin = format!("{}:{}", path.display(), i + 1);
-            let value: Value =
-                serde_json::from_str(line).with_context(|| format!("{origin}: not valid JSON"))?;
+            let value: Value = serde_json::from_str(line).with_context(|| format!("{origin}: not valid JSON"))?;
             Ok(Row { origin, value })
         })
         .collect()
@@ -136,9 +120,7 @@ fn top_apps(daily: &[Row], sessions: &[Row], text: &mut String) -> Result<()> {
     for row in sessions {
         let devices: u64 = row.uints("buckets")?.iter().sum();
         let app = apps.entry(row.str("app")?.to_string()).or_default();
-        *app.dau_by_day
-            .entry(row.str("day")?.to_string())
-            .or_default() += devices;
+        *app.dau_by_day.entry(row.str("day")?.to_string()).or_default() += devices;
     }
     for row in daily {
         let app = apps.entry(row.str("app")?.to_string()).or_default();
@@ -147,19 +129,9 @@ fn top_apps(daily: &[Row], sessions: &[Row], text: &mut String) -> Result<()> {
     }
     let mut ranked: Vec<(&String, &AppTotals)> = apps.iter().collect();
     // Highest average DAU first; the app key breaks ties so the order is stable.
-    ranked.sort_by(|a, b| {
-        b.1.average_dau()
-            .total_cmp(&a.1.average_dau())
-            .then_with(|| a.0.cmp(b.0))
-    });
+    ranked.sort_by(|a, b| b.1.average_dau().total_cmp(&a.1.average_dau()).then_with(|| a.0.cmp(b.0)));
 
-    heading(
-        text,
-        &format!(
-            "Top apps by daily active devices (top {TOP_APPS} of {})",
-            apps.len()
-        ),
-    );
+    heading(text, &format!("Top apps by daily active devices (top {TOP_APPS} of {})", apps.len()));
     let rows: Vec<Vec<String>> = ranked
         .iter()
         .take(TOP_APPS)
@@ -173,11 +145,7 @@ fn top_apps(daily: &[Row], sessions: &[Row], text: &mut String) -> Result<()> {
             ]
         })
         .collect();
-    write_table(
-        text,
-        &["app", "avg DAU", "days", "events", "revenue CNY"],
-        &rows,
-    );
+    write_table(text, &["app", "avg DAU", "days", "events", "revenue CNY"], &rows);
     Ok(())
 }
 
@@ -187,10 +155,7 @@ fn new_devices_per_day(daily: &[Row], text: &mut String) -> Result<()> {
         *by_day.entry(row.str("day")?.to_string()).or_default() += row.uint("new_devices")?;
     }
     heading(text, "New devices per day (UTC+08:00)");
-    let mut rows: Vec<Vec<String>> = by_day
-        .iter()
-        .map(|(day, n)| vec![day.clone(), thousands(*n)])
-        .collect();
+    let mut rows: Vec<Vec<String>> = by_day.iter().map(|(day, n)| vec![day.clone(), thousands(*n)]).collect();
     rows.push(vec!["total".to_string(), thousands(by_day.values().sum())]);
     write_table(text, &["day", "new devices"], &rows);
     Ok(())
@@ -201,11 +166,7 @@ fn playtime_chart(daily: &[Row], text: &mut String) -> Result<()> {
     for row in daily {
         let counts = row.uints("playtime_hist")?;
         if counts.len() != hist.len() {
-            return Err(anyhow!(
-                "{}: playtime_hist has {} buckets, expected 8",
-                row.origin,
-                counts.len()
-            ));
+            return Err(anyhow!("{}: playtime_hist has {} buckets, expected 8", row.origin, counts.len()));
         }
         for (h, c) in hist.iter_mut().zip(counts) {
             *h += c;
@@ -213,29 +174,14 @@ fn playtime_chart(daily: &[Row], text: &mut String) -> Result<()> {
     }
     let total: u64 = hist.iter().sum();
     let max = hist.iter().copied().max().unwrap_or(0);
-    heading(
-        text,
-        &format!(
-            "Play time per session (terminate events: {})",
-            thousands(total)
-        ),
-    );
+    heading(text, &format!("Play time per session (terminate events: {})", thousands(total)));
     let counts: Vec<String> = hist.iter().map(|&c| thousands(c)).collect();
-    let label_w = PLAYTIME_LABELS
-        .iter()
-        .map(|l| l.chars().count())
-        .max()
-        .unwrap_or(0);
+    let label_w = PLAYTIME_LABELS.iter().map(|l| l.chars().count()).max().unwrap_or(0);
     let count_w = counts.iter().map(String::len).max().unwrap_or(0);
     for ((label, count), &c) in PLAYTIME_LABELS.iter().zip(&counts).zip(&hist) {
         let bar = bar(c, max);
         let pad = BAR_WIDTH as usize - bar.chars().count();
-        let _ = writeln!(
-            text,
-            "  {label:>label_w$} │{bar}{:pad$} {count:>count_w$}  {:>5.1}%",
-            "",
-            percent(c, total)
-        );
+        let _ = writeln!(text, "  {label:>label_w$} │{bar}{:pad$} {count:>count_w$}  {:>5.1}%", "", percent(c, total));
     }
     Ok(())
 }
@@ -251,13 +197,7 @@ fn rejects_by_reason(rejects: &[Row], text: &mut String) -> Result<()> {
     heading(text, "Rejects by reason");
     let mut rows: Vec<Vec<String>> = ranked
         .iter()
-        .map(|&(reason, &n)| {
-            vec![
-                reason.clone(),
-                thousands(n),
-                format!("{:.1}%", percent(n, total)),
-            ]
-        })
+        .map(|&(reason, &n)| vec![reason.clone(), thousands(n), format!("{:.1}%", percent(n, total))])
         .collect();
     rows.push(vec!["total".to_string(), thousands(total), String::new()]);
     write_table(text, &["reason", "count", "share"], &rows);
@@ -307,11 +247,7 @@ fn bar(count: u64, max: u64) -> String {
 }
 
 fn percent(part: u64, total: u64) -> f64 {
-    if total == 0 {
-        0.0
-    } else {
-        part as f64 * 100.0 / total as f64
-    }
+    if total == 0 { 0.0 } else { part as f64 * 100.0 / total as f64 }
 }
 
 /// `1234567` → `1,234,567`, so large counts stay readable.
@@ -360,14 +296,7 @@ mod tests {
                 r#"{"app":"app-0002","buckets":[0,5,0,0,0,0,0,0,0,0],"day":"2024-11-18"}"#,
             ],
         );
-        write(
-            dir,
-            "rejects.jsonl",
-            &[
-                r#"{"count":3,"reason":"bad_value"}"#,
-                r#"{"count":1200,"reason":"duplicate"}"#,
-            ],
-        );
+        write(dir, "rejects.jsonl", &[r#"{"count":3,"reason":"bad_value"}"#, r#"{"count":1200,"reason":"duplicate"}"#]);
     }
 
     fn render(dir: &Path) -> String {
@@ -382,22 +311,13 @@ mod tests {
         sample_tables(dir.path());
         let text = render(dir.path());
         // Top apps: app-0002 (5 devices on its one day) outranks app-0001 (2 and 1: average 1.5).
-        let (p2, p1) = (
-            text.find("app-0002").unwrap(),
-            text.find("app-0001").unwrap(),
-        );
+        let (p2, p1) = (text.find("app-0002").unwrap(), text.find("app-0001").unwrap());
         assert!(p2 < p1, "{text}");
         assert!(text.contains("1.5"), "{text}");
         assert!(text.contains("114"), "events of app-0001: {text}");
-        assert!(
-            text.contains("3,018.00"),
-            "revenue of app-0001 in yuan: {text}"
-        );
+        assert!(text.contains("3,018.00"), "revenue of app-0001 in yuan: {text}");
         // New devices per day.
-        assert!(
-            text.contains("2024-11-18") && text.contains("2024-11-19"),
-            "{text}"
-        );
+        assert!(text.contains("2024-11-18") && text.contains("2024-11-19"), "{text}");
         // Play-time chart: the biggest bucket (3-10s, 12) gets the full 40 cells.
         assert!(text.contains(&"█".repeat(40)), "{text}");
         for label in PLAYTIME_LABELS {
@@ -405,10 +325,7 @@ mod tests {
         }
         assert!(text.contains("41.4%"), "12 of 29 terminate events: {text}");
         // Rejects, biggest first, with the total.
-        let (pd, pb) = (
-            text.find("duplicate").unwrap(),
-            text.find("bad_value").unwrap(),
-        );
+        let (pd, pb) = (text.find("duplicate").unwrap(), text.find("bad_value").unwrap());
         assert!(pd < pb, "{text}");
         assert!(text.contains("1,203"), "{text}");
     }

@@ -30,9 +30,7 @@ fn render(value: &serde_json::Value) -> String {
         serde_json::Value::String(s) => format!("{s:?}"),
         serde_json::Value::Number(n) => n.to_string(),
         serde_json::Value::Bool(b) => b.to_string(),
-        other => panic!(
-            "a setting serialises to {other}, which this test cannot render as TOML; extend render()"
-        ),
+        other => panic!("a setting serialises to {other}, which this test cannot render as TOML; extend render()"),
     }
 }
 
@@ -40,11 +38,7 @@ fn flatten(prefix: &str, value: &serde_json::Value, out: &mut BTreeMap<String, S
     match value {
         serde_json::Value::Object(map) => {
             for (k, v) in map {
-                let key = if prefix.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{prefix}.{k}")
-                };
+                let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
                 flatten(&key, v, out);
             }
         }
@@ -88,13 +82,9 @@ fn unticked(cell: &str) -> Option<&str> {
 
 /// The first ```toml fenced block of the page.
 fn example_toml(doc: &str) -> String {
-    let start = doc
-        .find("```toml\n")
-        .expect("docs/configuration.md has no ```toml example block");
+    let start = doc.find("```toml\n").expect("docs/configuration.md has no ```toml example block");
     let body = &doc[start + "```toml\n".len()..];
-    let end = body
-        .find("\n```")
-        .expect("the ```toml block of docs/configuration.md is not closed");
+    let end = body.find("\n```").expect("the ```toml block of docs/configuration.md is not closed");
     body[..end + 1].to_owned()
 }
 
@@ -105,31 +95,22 @@ fn every_setting_is_documented_with_its_default() {
     let mut problems = Vec::new();
     for (key, default) in defaults() {
         match rows.get(&key) {
-            None => problems.push(format!(
-                "`{key}` has no row `| `{key}` | `{default}` | ... |`"
-            )),
-            Some(d) if *d != default => problems.push(format!(
-                "`{key}`: the page says default `{d}`, the code's default is `{default}`"
-            )),
+            None => problems.push(format!("`{key}` has no row `| `{key}` | `{default}` | ... |`")),
+            Some(d) if *d != default => {
+                problems.push(format!("`{key}`: the page says default `{d}`, the code's default is `{default}`"))
+            }
             Some(_) => {}
         }
     }
     let known = defaults();
     for key in rows.keys().filter(|k| !known.contains_key(*k)) {
-        problems.push(format!(
-            "`{key}` is documented but is not a setting (renamed or removed?)"
-        ));
+        problems.push(format!("`{key}` is documented but is not a setting (renamed or removed?)"));
     }
-    assert!(
-        problems.is_empty(),
-        "update docs/configuration.md:\n  {}",
-        problems.join("\n  ")
-    );
+    assert!(problems.is_empty(), "update docs/configuration.md:\n  {}", problems.join("\n  "));
 }
 
 #[test]
-fn example_file_lists_every_default_and_loads_as_the_defaults()
--> Result<(), Box<dyn std::error::Error>> {
+fn example_file_lists_every_default_and_loads_as_the_defaults() -> Result<(), Box<dyn std::error::Error>> {
     let doc = doc();
     let example = example_toml(&doc);
 
@@ -152,20 +133,16 @@ fn example_file_lists_every_default_and_loads_as_the_defaults()
     for (key, default) in &want {
         match listed.get(key) {
             None => problems.push(format!("the example has no `{key} = {default}`")),
-            Some(v) if v != default => problems.push(format!(
-                "the example sets `{key} = {v}`, the default is {default}"
-            )),
+            Some(v) if v != default => {
+                problems.push(format!("the example sets `{key} = {v}`, the default is {default}"))
+            }
             Some(_) => {}
         }
     }
     for key in listed.keys().filter(|k| !want.contains_key(*k)) {
         problems.push(format!("the example sets `{key}`, which is not a setting"));
     }
-    assert!(
-        problems.is_empty(),
-        "update docs/configuration.md:\n  {}",
-        problems.join("\n  ")
-    );
+    assert!(problems.is_empty(), "update docs/configuration.md:\n  {}", problems.join("\n  "));
 
     // And the real loader reads it back into exactly the defaults.
     let dir = tempfile::tempdir()?;
@@ -173,11 +150,7 @@ fn example_file_lists_every_default_and_loads_as_the_defaults()
     std::fs::write(&path, &example)?;
     let loaded: Settings = sluice_runtime::settings::load_from(Some(&path), [])
         .map_err(|e| format!("the example in docs/configuration.md does not load: {e:#}"))?;
-    assert_eq!(
-        loaded,
-        Settings::default(),
-        "the example in docs/configuration.md is not the defaults; update it"
-    );
+    assert_eq!(loaded, Settings::default(), "the example in docs/configuration.md is not the defaults; update it");
     Ok(())
 }
 
@@ -185,10 +158,7 @@ fn example_file_lists_every_default_and_loads_as_the_defaults()
 fn documented_environment_overrides_work() -> Result<(), Box<dyn std::error::Error>> {
     // The examples the page gives, verbatim.
     let doc = doc();
-    for example in [
-        "SLUICE_PIPELINE__KEY_GROUPS=128",
-        "SLUICE_RUN__COMMIT_INTERVAL=5s",
-    ] {
+    for example in ["SLUICE_PIPELINE__KEY_GROUPS=128", "SLUICE_RUN__COMMIT_INTERVAL=5s"] {
         assert!(
             doc.contains(example),
             "docs/configuration.md no longer shows `{example}`; update this test or the page"
@@ -201,10 +171,6 @@ fn documented_environment_overrides_work() -> Result<(), Box<dyn std::error::Err
     let s: Settings = sluice_runtime::settings::load_from(None, env)?;
     assert_eq!(s.pipeline.key_groups, 128);
     assert_eq!(s.run.commit_interval, std::time::Duration::from_secs(5));
-    assert_eq!(
-        s.source,
-        Settings::default().source,
-        "other sections keep their defaults"
-    );
+    assert_eq!(s.source, Settings::default().source, "other sections keep their defaults");
     Ok(())
 }

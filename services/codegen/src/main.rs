@@ -11,10 +11,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 
 /// A schema and where its generated Rust lives, relative to the workspace root.
-const CAPNP: &[(&str, &str)] = &[(
-    "schemas/batch.capnp",
-    "services/runtime/src/generated/batch_capnp.rs",
-)];
+const CAPNP: &[(&str, &str)] = &[("schemas/batch.capnp", "services/runtime/src/generated/batch_capnp.rs")];
 
 fn main() -> ExitCode {
     let check = std::env::args().skip(1).any(|a| a == "--check");
@@ -47,8 +44,7 @@ fn run(check: bool) -> anyhow::Result<()> {
             .file_stem()
             .map(|s| format!("{}_capnp.rs", s.to_string_lossy()))
             .context("schema without a file name")?;
-        let fresh = std::fs::read(out.path().join(&name))
-            .with_context(|| format!("reading generated {name}"))?;
+        let fresh = std::fs::read(out.path().join(&name)).with_context(|| format!("reading generated {name}"))?;
         let target_path = root.join(target);
         let current = std::fs::read(&target_path).unwrap_or_default();
         if fresh == current {
@@ -58,18 +54,14 @@ fn run(check: bool) -> anyhow::Result<()> {
             stale.push(*target);
         } else {
             if let Some(dir) = target_path.parent() {
-                std::fs::create_dir_all(dir)
-                    .with_context(|| format!("creating {}", dir.display()))?;
+                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             }
             std::fs::write(&target_path, fresh).with_context(|| format!("writing {target}"))?;
             eprintln!("sluice-codegen: regenerated {target}");
         }
     }
     if !stale.is_empty() {
-        bail!(
-            "generated code is out of date: {} (run `just schemas`)",
-            stale.join(", ")
-        );
+        bail!("generated code is out of date: {} (run `just schemas`)", stale.join(", "));
     }
     Ok(())
 }

@@ -12,6 +12,8 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
+use rustc_hash::FxBuildHasher;
+
 use sluice_runtime::batch::Dimensions as EventDimensions;
 
 /// A dimension table that could not be loaded.
@@ -44,25 +46,16 @@ fn csv_rows<'a>(
     text: &'a str,
     columns: &[&str],
 ) -> Result<Vec<(usize, Vec<&'a str>)>, DimensionError> {
-    let mut lines = text
-        .split('\n')
-        .map(|l| l.strip_suffix('\r').unwrap_or(l))
-        .enumerate();
-    let header: Vec<&str> = lines
-        .next()
-        .map(|(_, h)| h.split(',').collect())
-        .unwrap_or_default();
+    let mut lines = text.split('\n').map(|l| l.strip_suffix('\r').unwrap_or(l)).enumerate();
+    let header: Vec<&str> = lines.next().map(|(_, h)| h.split(',').collect()).unwrap_or_default();
     let index: Vec<usize> = columns
         .iter()
         .map(|c| {
-            header
-                .iter()
-                .position(|h| h == c)
-                .ok_or_else(|| DimensionError::Content {
-                    file,
-                    line: 1,
-                    problem: format!("no column `{c}` in header {header:?}"),
-                })
+            header.iter().position(|h| h == c).ok_or_else(|| DimensionError::Content {
+                file,
+                line: 1,
+                problem: format!("no column `{c}` in header {header:?}"),
+            })
         })
         .collect::<Result<_, _>>()?;
     let mut rows = Vec::new();
@@ -71,15 +64,13 @@ fn csv_rows<'a>(
             continue; // csv readers skip blank lines
         }
         let fields: Vec<&str> = line.split(',').collect();
-        let row = index
-            .iter()
-            .map(|&j| fields.get(j).copied())
-            .collect::<Option<Vec<&str>>>()
-            .ok_or_else(|| DimensionError::Content {
+        let row = index.iter().map(|&j| fields.get(j).copied()).collect::<Option<Vec<&str>>>().ok_or_else(|| {
+            DimensionError::Content {
                 file,
                 line: i + 1,
                 problem: format!("expected {} fields, found {}", header.len(), fields.len()),
-            })?;
+            }
+        })?;
         rows.push((i + 1, row));
     }
     Ok(rows)
@@ -87,10 +78,7 @@ fn csv_rows<'a>(
 
 fn read(dir: &Path, name: &str) -> Result<String, DimensionError> {
     let path = dir.join(name);
-    std::fs::read_to_string(&path).map_err(|source| DimensionError::Read {
-        path: path.display().to_string(),
-        source,
-    })
+    std::fs::read_to_string(&path).map_err(|source| DimensionError::Read { path: path.display().to_string(), source })
 }
 
 /// An app of the catalogue.
@@ -129,26 +117,14 @@ pub struct DimensionTables {
 impl DimensionTables {
     /// Load `apps.csv`, `geo.csv` and `channels.csv` from `dir`.
     pub fn load(dir: &Path) -> Result<Self, DimensionError> {
-        Self::from_csv(
-            &read(dir, "apps.csv")?,
-            &read(dir, "geo.csv")?,
-            &read(dir, "channels.csv")?,
-        )
+        Self::from_csv(&read(dir, "apps.csv")?, &read(dir, "geo.csv")?, &read(dir, "channels.csv")?)
     }
 
     /// Build from the three files' contents.
     pub fn from_csv(apps: &str, geo: &str, channels: &str) -> Result<Self, DimensionError> {
         let apps = csv_rows("apps.csv", apps, &["app_key", "name", "kind"])?
             .into_iter()
-            .map(|(_, r)| {
-                (
-                    Arc::from(r[0]),
-                    App {
-                        name: r[1].to_owned(),
-                        kind: r[2].to_owned(),
-                    },
-                )
-            })
+            .map(|(_, r)| (Arc::from(r[0]), App { name: r[1].to_owned(), kind: r[2].to_owned() }))
             .collect();
         let mut ranges = Vec::new();
         for (line, r) in csv_rows("geo.csv", geo, &["start_ip", "end_ip", "country", "region"])? {
@@ -167,12 +143,7 @@ impl DimensionTables {
                     problem: "start_ip is after end_ip".into(),
                 });
             }
-            ranges.push(GeoRange {
-                start,
-                end,
-                country: Arc::from(r[2]),
-                region: Arc::from(r[3]),
-            });
+            ranges.push(GeoRange { start, end, country: Arc::from(r[2]), region: Arc::from(r[3]) });
         }
         ranges.sort_by_key(|r| (r.start, r.end));
         if let Some(w) = ranges.windows(2).find(|w| w[1].start <= w[0].end) {
@@ -216,8 +187,7 @@ impl DimensionTables {
 
     /// The country of a message's ip: `ZZ` when missing, not IPv4, or in no range.
     pub fn country(&self, ip: Option<&str>) -> Arc<str> {
-        ip.and_then(|ip| self.geo(ip))
-            .map_or_else(|| self.no_country.clone(), |r| r.country.clone())
+        ip.and_then(|ip| self.geo(ip)).map_or_else(|| self.no_country.clone(), |r| r.country.clone())
     }
 
     /// The channel group of a raw channel string: `other` when missing or unlisted.
@@ -232,17 +202,8 @@ impl DimensionTables {
     }
 
     /// All three dimensions of a message (uncached; see [`DimensionCache`]).
-    pub fn dimensions(
-        &self,
-        os: Option<&str>,
-        channel: Option<&str>,
-        ip: Option<&str>,
-    ) -> EventDimensions {
-        EventDimensions {
-            os: self.os(os),
-            channel: self.channel_group(channel),
-            country: self.country(ip),
-        }
+    pub fn dimensions(&self, os: Option<&str>, channel: Option<&str>, ip: Option<&str>) -> EventDimensions {
+        EventDimensions { os: self.os(os), channel: self.channel_group(channel), country: self.country(ip) }
     }
 }
 
@@ -283,9 +244,9 @@ fn u32_to_ipv4(n: u32) -> String {
 /// repeat across millions of messages, and each lookup would allocate.
 #[derive(Default)]
 pub struct DimensionCache {
-    os: HashMap<Box<str>, Arc<str>>,
-    channel: HashMap<Box<str>, Arc<str>>,
-    seen_apps: HashSet<Arc<str>>,
+    os: HashMap<Box<str>, Arc<str>, FxBuildHasher>,
+    channel: HashMap<Box<str>, Arc<str>, FxBuildHasher>,
+    seen_apps: HashSet<Arc<str>, FxBuildHasher>,
 }
 
 /// Entries per memo; beyond it lookups are computed, not cached.
@@ -308,11 +269,7 @@ impl DimensionCache {
             None => tables.other_channel.clone(),
             Some(raw) => memo(&mut self.channel, raw, || tables.channel_group(Some(raw))),
         };
-        EventDimensions {
-            os,
-            channel,
-            country: tables.country(ip),
-        }
+        EventDimensions { os, channel, country: tables.country(ip) }
     }
 
     /// A shared copy of an app key, so every record of an app points at one
@@ -329,7 +286,7 @@ impl DimensionCache {
 }
 
 fn memo(
-    map: &mut HashMap<Box<str>, Arc<str>>,
+    map: &mut HashMap<Box<str>, Arc<str>, FxBuildHasher>,
     raw: &str,
     compute: impl FnOnce() -> Arc<str>,
 ) -> Arc<str> {
@@ -363,19 +320,10 @@ mod tests {
         assert_eq!(&*t.country(Some("36.110.4.7")), "CN");
         assert_eq!(&*t.country(Some("1.0.0.255")), "US");
         assert_eq!(&*t.country(Some("1.0.1.0")), "ZZ");
-        assert_eq!(
-            &*t.country(Some("036.110.004.007")),
-            "CN",
-            "leading zeros are digits"
-        );
-        for bad in [
-            None,
-            Some("240e:1::1"),
-            Some("36.110.4"),
-            Some("36.110.4.256"),
-            Some("36.110.4.7 "),
-            Some("0.0.0.0"),
-        ] {
+        assert_eq!(&*t.country(Some("036.110.004.007")), "CN", "leading zeros are digits");
+        for bad in
+            [None, Some("240e:1::1"), Some("36.110.4"), Some("36.110.4.256"), Some("36.110.4.7 "), Some("0.0.0.0")]
+        {
             assert_eq!(&*t.country(bad), "ZZ", "{bad:?}");
         }
         assert_eq!(&*t.channel_group(Some(" App Store")), "apple");
@@ -401,12 +349,8 @@ mod tests {
 
     #[test]
     fn refuses_broken_tables() {
-        let err = DimensionTables::from_csv(
-            "app_key,name\n",
-            "start_ip,end_ip,country,region\n",
-            "raw,group\n",
-        )
-        .expect_err("no kind column");
+        let err = DimensionTables::from_csv("app_key,name\n", "start_ip,end_ip,country,region\n", "raw,group\n")
+            .expect_err("no kind column");
         assert!(err.to_string().contains("kind"), "{err}");
         let err = DimensionTables::from_csv(
             "app_key,name,kind\n",

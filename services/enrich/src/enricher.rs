@@ -15,12 +15,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use rustc_hash::FxBuildHasher;
-use sluice_runtime::batch::{
-    DailyCell, EnrichedBatch, EnrichedEvent, EnrichedUpload, FirstEventMove, RawBatch,
-};
+use sluice_runtime::batch::{DailyCell, EnrichedBatch, EnrichedEvent, EnrichedUpload, FirstEventMove, RawBatch};
 use sluice_runtime::changelog::ChangelogTable;
 use sluice_runtime::event_time::LocalDay;
-use sluice_runtime::key_group::KeyGroup;
+use sluice_runtime::key_group::{KeyGroup, KeyGroupSet};
 use sluice_runtime::reject::RejectReason;
 use sluice_runtime::stage::{Stage, StageError};
 use sluice_runtime::state::{CommitBatch, CommitStore};
@@ -44,6 +42,7 @@ pub struct Enricher {
     devices: HashMap<DeviceKey, Device, FxBuildHasher>,
     dirty: HashSet<DeviceKey, FxBuildHasher>,
     log: ChangelogTable<DeviceKey, StoredDevice>,
+    owned: Option<KeyGroupSet>,
 }
 
 impl Enricher {
@@ -57,7 +56,15 @@ impl Enricher {
             devices: HashMap::default(),
             dirty: HashSet::default(),
             log: ChangelogTable::new("enrich/device"),
+            owned: None,
         }
+    }
+
+    /// Own only these key groups: restore reads only their state. Batches of
+    /// other key groups must not be given to this instance.
+    pub fn owning(mut self, key_groups: KeyGroupSet) -> Self {
+        self.owned = Some(key_groups);
+        self
     }
 
     /// Replace the dimension tables (later uploads see the new ones).
@@ -73,9 +80,7 @@ impl Enricher {
 
     /// The registry's record of a device, if it has sent an accepted message.
     pub fn device(&self, app: &str, dev: &str) -> Option<&DeviceRecord> {
-        self.devices
-            .get(&(Arc::from(app), Arc::from(dev)))
-            .map(|d| &d.record)
+        self.devices.get(&(Arc::from(app), Arc::from(dev))).map(|d| &d.record)
     }
 }
 
@@ -89,15 +94,11 @@ impl Stage for Enricher {
 
     fn start(&mut self, store: &CommitStore) -> Result<(), StageError> {
         let devices = &mut self.devices;
-        self.log.restore(store, |kg, key, stored| match stored {
+        let owned = &self.owned;
+        let owns = |kg| owned.as_ref().is_none_or(|o| o.contains(kg));
+        self.log.restore_owned(store, owns, |kg, key, stored| match stored {
             Some(stored) => {
-                devices.insert(
-                    key,
-                    Device {
-                        key_group: kg,
-                        record: DeviceRecord::from_stored(stored),
-                    },
-                );
+                devices.insert(key, Device { key_group: kg, record: DeviceRecord::from_stored(stored) });
             }
             None => {
                 devices.remove(&key);
@@ -108,10 +109,7 @@ impl Stage for Enricher {
 
     fn batch(&mut self, input: RawBatch, out: &mut Vec<EnrichedBatch>) -> Result<(), StageError> {
         let kg = input.key_group;
-        let mut batch = EnrichedBatch {
-            key_group: kg,
-            ..Default::default()
-        };
+        let mut batch = EnrichedBatch { key_group: kg, ..Default::default() };
         for raw in input.uploads {
             let up = match raw.body {
                 Ok(up) => up,
@@ -126,33 +124,23 @@ impl Stage for Enricher {
             }
             let app = self.cache.app(&up.app);
             let key = (app.clone(), up.dev.clone());
-            let device = self.devices.entry(key.clone()).or_insert_with(|| Device {
-                key_group: kg,
-                record: DeviceRecord::default(),
-            });
+            let device = self
+                .devices
+                .entry(key.clone())
+                .or_insert_with(|| Device { key_group: kg, record: DeviceRecord::default() });
             if device.record.is_duplicate(&up.mid) {
                 batch.rejects.add(RejectReason::Duplicate);
                 continue;
             }
-            device
-                .record
-                .remember(&up.mid, up.sent, self.dedup_window_ms);
-            let dimensions = self.cache.dimensions(
-                &self.tables,
-                up.os.as_deref(),
-                up.channel.as_deref(),
-                up.ip.as_deref(),
-            );
+            device.record.remember(&up.mid, up.sent, self.dedup_window_ms);
+            let dimensions =
+                self.cache.dimensions(&self.tables, up.os.as_deref(), up.channel.as_deref(), up.ip.as_deref());
             let mut events = Vec::with_capacity(up.events.len());
             for (index, ev) in up.events.into_iter().enumerate() {
                 match ev.body {
                     Err(reason) => batch.rejects.add(reason),
                     // An upload of more than 4 billion events cannot be framed.
-                    Ok(body) => events.push(EnrichedEvent {
-                        index: index as u32,
-                        ts: ev.ts,
-                        body,
-                    }),
+                    Ok(body) => events.push(EnrichedEvent { index: index as u32, ts: ev.ts, body }),
                 }
             }
             if let Some(first) = events.iter().min_by_key(|e| (e.ts, e.index)) {
@@ -160,10 +148,7 @@ impl Stage for Enricher {
                     ts: first.ts,
                     mid: up.mid.clone(),
                     index: first.index,
-                    cell: DailyCell {
-                        day: LocalDay::of_ms(first.ts),
-                        dimensions: dimensions.clone(),
-                    },
+                    cell: DailyCell { day: LocalDay::of_ms(first.ts), dimensions: dimensions.clone() },
                 };
                 if let Some(out_of) = device.record.offer_first(candidate.clone()) {
                     batch.first_event_moves.push(FirstEventMove {
@@ -174,13 +159,7 @@ impl Stage for Enricher {
                         into: candidate.cell,
                     });
                 }
-                batch.uploads.push(EnrichedUpload {
-                    lineage: raw.lineage,
-                    app,
-                    dev: up.dev,
-                    dimensions,
-                    events,
-                });
+                batch.uploads.push(EnrichedUpload { lineage: raw.lineage, app, dev: up.dev, dimensions, events });
             }
             self.dirty.insert(key);
         }
@@ -188,29 +167,18 @@ impl Stage for Enricher {
         Ok(())
     }
 
-    fn commit(
-        &mut self,
-        _out: &mut Vec<EnrichedBatch>,
-        tx: &mut CommitBatch,
-    ) -> Result<(), StageError> {
-        let mut changes: BTreeMap<KeyGroup, Vec<(&DeviceKey, Option<StoredDevice>)>> =
-            BTreeMap::new();
+    fn commit(&mut self, _out: &mut Vec<EnrichedBatch>, tx: &mut CommitBatch) -> Result<(), StageError> {
+        let mut changes: BTreeMap<KeyGroup, Vec<(&DeviceKey, Option<StoredDevice>)>> = BTreeMap::new();
         for key in &self.dirty {
             if let Some((key, device)) = self.devices.get_key_value(key) {
-                changes
-                    .entry(device.key_group)
-                    .or_default()
-                    .push((key, Some(device.record.to_stored())));
+                changes.entry(device.key_group).or_default().push((key, Some(device.record.to_stored())));
             }
         }
         let devices = &self.devices;
         self.log.commit(tx, changes, || {
-            let mut all: BTreeMap<KeyGroup, Vec<(&DeviceKey, Option<StoredDevice>)>> =
-                BTreeMap::new();
+            let mut all: BTreeMap<KeyGroup, Vec<(&DeviceKey, Option<StoredDevice>)>> = BTreeMap::new();
             for (key, device) in devices {
-                all.entry(device.key_group)
-                    .or_default()
-                    .push((key, Some(device.record.to_stored())));
+                all.entry(device.key_group).or_default().push((key, Some(device.record.to_stored())));
             }
             all
         })?;
@@ -255,39 +223,23 @@ mod tests {
     }
 
     fn launch(ts: i64) -> RawEvent {
-        RawEvent {
-            ts,
-            body: Ok(EventBody::Launch),
-        }
+        RawEvent { ts, body: Ok(EventBody::Launch) }
     }
 
     fn run(e: &mut Enricher, uploads: Vec<RawUpload>) -> EnrichedBatch {
         let mut out = Vec::new();
-        e.batch(
-            RawBatch {
-                key_group: KeyGroup(3),
-                uploads,
-            },
-            &mut out,
-        )
-        .expect("batch");
+        e.batch(RawBatch { key_group: KeyGroup(3), uploads }, &mut out).expect("batch");
         out.pop().expect("one batch out")
     }
 
     #[test]
     fn rules_3_and_4_come_before_event_rejects() {
         let mut e = Enricher::new(tables(), &EnrichSettings::default());
-        let bad = RawEvent {
-            ts: 0,
-            body: Err(RejectReason::BadValue),
-        };
+        let bad = RawEvent { ts: 0, body: Err(RejectReason::BadValue) };
         let out = run(
             &mut e,
             vec![
-                RawUpload {
-                    lineage: Lineage::line(0),
-                    body: Err(RejectReason::Malformed),
-                },
+                RawUpload { lineage: Lineage::line(0), body: Err(RejectReason::Malformed) },
                 upload(1, "m1", "app-9", vec![bad.clone()]),
                 upload(2, "m1", "app-1", vec![launch(1_000), bad.clone()]),
                 upload(3, "m1", "app-1", vec![launch(1_000), bad]),
@@ -295,21 +247,10 @@ mod tests {
         );
         let rejects: Vec<(RejectReason, u64)> = out.rejects.iter().collect();
         use RejectReason::*;
-        assert_eq!(
-            rejects,
-            [
-                (Malformed, 1),
-                (UnknownApp, 1),
-                (Duplicate, 1),
-                (BadValue, 1)
-            ]
-        );
+        assert_eq!(rejects, [(Malformed, 1), (UnknownApp, 1), (Duplicate, 1), (BadValue, 1)]);
         assert_eq!(out.uploads.len(), 1);
         let dims = &out.uploads[0].dimensions;
-        assert_eq!(
-            (&*dims.os, &*dims.channel, &*dims.country),
-            ("ios", "apple", "US")
-        );
+        assert_eq!((&*dims.os, &*dims.channel, &*dims.country), ("ios", "apple", "US"));
         assert_eq!(out.first_event_moves.len(), 1);
         assert_eq!(out.first_event_moves[0].out_of, None);
     }
@@ -320,10 +261,7 @@ mod tests {
         let store = CommitStore::open(dir.path(), &StateSettings::default())?;
         let mut e = Enricher::new(tables(), &EnrichSettings::default());
         e.start(&store)?;
-        run(
-            &mut e,
-            vec![upload(0, "m2", "app-1", vec![launch(90_000_000)])],
-        );
+        run(&mut e, vec![upload(0, "m2", "app-1", vec![launch(90_000_000)])]);
         let mut tx = CommitBatch::default();
         e.commit(&mut Vec::new(), &mut tx)?;
         store.commit(tx)?;
@@ -332,22 +270,11 @@ mod tests {
         let mut e = Enricher::new(tables(), &EnrichSettings::default());
         e.start(&store)?;
         assert_eq!(e.devices(), 1);
-        let out = run(
-            &mut e,
-            vec![
-                upload(1, "m2", "app-1", vec![launch(1)]),
-                upload(2, "m1", "app-1", vec![launch(1)]),
-            ],
-        );
-        assert_eq!(
-            out.rejects.iter().collect::<Vec<_>>(),
-            [(RejectReason::Duplicate, 1)]
-        );
+        let out =
+            run(&mut e, vec![upload(1, "m2", "app-1", vec![launch(1)]), upload(2, "m1", "app-1", vec![launch(1)])]);
+        assert_eq!(out.rejects.iter().collect::<Vec<_>>(), [(RejectReason::Duplicate, 1)]);
         let mv = &out.first_event_moves[0];
-        assert_eq!(
-            mv.out_of.as_ref().map(|c| c.day),
-            Some(LocalDay::of_ms(90_000_000))
-        );
+        assert_eq!(mv.out_of.as_ref().map(|c| c.day), Some(LocalDay::of_ms(90_000_000)));
         assert_eq!(mv.into.day, LocalDay::of_ms(1));
         Ok(())
     }

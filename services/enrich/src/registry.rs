@@ -102,11 +102,7 @@ impl DeviceRecord {
                 channel: f.cell.dimensions.channel.to_string(),
                 country: f.cell.dimensions.country.to_string(),
             }),
-            recent: self
-                .recent
-                .iter()
-                .map(|(m, s)| (m.to_string(), *s))
-                .collect(),
+            recent: self.recent.iter().map(|(m, s)| (m.to_string(), *s)).collect(),
             newest_sent: self.newest_sent,
         }
     }
@@ -121,25 +117,13 @@ impl DeviceRecord {
             index: f.index,
             cell: DailyCell {
                 day: LocalDay(f.day),
-                dimensions: Dimensions {
-                    os: f.os.into(),
-                    channel: f.channel.into(),
-                    country: f.country.into(),
-                },
+                dimensions: Dimensions { os: f.os.into(), channel: f.channel.into(), country: f.country.into() },
             },
         });
-        let recent: HashMap<Box<str>, i64, FxBuildHasher> = s
-            .recent
-            .into_iter()
-            .map(|(m, sent)| (m.into_boxed_str(), sent))
-            .collect();
+        let recent: HashMap<Box<str>, i64, FxBuildHasher> =
+            s.recent.into_iter().map(|(m, sent)| (m.into_boxed_str(), sent)).collect();
         let sweep_at = (2 * recent.len()).max(FIRST_SWEEP);
-        Self {
-            first,
-            recent,
-            newest_sent: s.newest_sent,
-            sweep_at,
-        }
+        Self { first, recent, newest_sent: s.newest_sent, sweep_at }
     }
 }
 
@@ -171,36 +155,14 @@ mod tests {
     use super::*;
 
     fn ev(ts: i64, mid: &str, index: u32, day: i64) -> FirstEvent {
-        let dimensions = Dimensions {
-            os: "ios".into(),
-            channel: "apple".into(),
-            country: "CN".into(),
-        };
-        FirstEvent {
-            ts,
-            mid: mid.into(),
-            index,
-            cell: DailyCell {
-                day: LocalDay(day),
-                dimensions,
-            },
-        }
+        let dimensions = Dimensions { os: "ios".into(), channel: "apple".into(), country: "CN".into() };
+        FirstEvent { ts, mid: mid.into(), index, cell: DailyCell { day: LocalDay(day), dimensions } }
     }
 
     #[test]
     fn first_event_is_the_smallest_whatever_the_order() {
-        let events = [
-            ev(10, "b", 0, 2),
-            ev(5, "z", 3, 1),
-            ev(5, "a", 9, 1),
-            ev(5, "a", 2, 0),
-            ev(7, "a", 0, 2),
-        ];
-        let mut orders: Vec<Vec<usize>> = vec![
-            vec![0, 1, 2, 3, 4],
-            vec![4, 3, 2, 1, 0],
-            vec![2, 0, 4, 3, 1],
-        ];
+        let events = [ev(10, "b", 0, 2), ev(5, "z", 3, 1), ev(5, "a", 9, 1), ev(5, "a", 2, 0), ev(7, "a", 0, 2)];
+        let mut orders: Vec<Vec<usize>> = vec![vec![0, 1, 2, 3, 4], vec![4, 3, 2, 1, 0], vec![2, 0, 4, 3, 1]];
         orders.push(vec![3, 1, 0, 2, 4]);
         for order in orders {
             let mut r = DeviceRecord::default();
@@ -211,11 +173,7 @@ mod tests {
                 }
             }
             assert_eq!(counted, 1, "counted exactly once as new");
-            assert_eq!(
-                r.first.as_ref().map(|f| (f.ts, &*f.mid, f.index)),
-                Some((5, "a", 2)),
-                "{order:?}"
-            );
+            assert_eq!(r.first.as_ref().map(|f| (f.ts, &*f.mid, f.index)), Some((5, "a", 2)), "{order:?}");
         }
     }
 
@@ -238,11 +196,7 @@ mod tests {
         // The newest 24 h (240 ids) are always remembered; older ones are
         // swept in batches, so memory stays within twice the window's ids.
         assert!((960..1000).all(|i| r.is_duplicate(&format!("m{i}"))));
-        assert!(
-            r.remembered() <= 2 * 241 + FIRST_SWEEP,
-            "{}",
-            r.remembered()
-        );
+        assert!(r.remembered() <= 2 * 241 + FIRST_SWEEP, "{}", r.remembered());
         assert!(!r.is_duplicate("m-new"));
     }
 

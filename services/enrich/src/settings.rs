@@ -19,8 +19,6 @@ pub struct EnrichSettings {
 
 impl Default for EnrichSettings {
     fn default() -> Self {
-        Self {
-            dedup_window: Duration::from_secs(24 * 3600),
-        }
+        Self { dedup_window: Duration::from_secs(24 * 3600) }
     }
 }

@@ -107,9 +107,7 @@ pub struct RawBatch {
 }
 
 /// The dimensions an accepted message gives each of its events.
-#[derive(
-    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct Dimensions {
     /// Lower-cased OS, or `unknown`.
     pub os: Arc<str>,

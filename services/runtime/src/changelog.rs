@@ -76,27 +76,34 @@ where
     }
 
     fn segment_key(&self, kg: KeyGroup, epoch: u64) -> StateKey {
-        StateKey::namespace(self.namespace)
-            .part(&kg.0.to_be_bytes())
-            .part(&epoch.to_be_bytes())
+        StateKey::namespace(self.namespace).part(&kg.0.to_be_bytes()).part(&epoch.to_be_bytes())
     }
 
     /// Replay every segment, in commit order per key group, into `apply`.
     pub fn restore(
         &mut self,
         store: &CommitStore,
+        apply: impl FnMut(KeyGroup, K, Option<V>),
+    ) -> Result<(), StateError> {
+        self.restore_owned(store, |_| true, apply)
+    }
+
+    /// Replay the segments of the key groups `owns` accepts; the others
+    /// belong to another instance and are neither read nor ever deleted here.
+    pub fn restore_owned(
+        &mut self,
+        store: &CommitStore,
+        owns: impl Fn(KeyGroup) -> bool,
         mut apply: impl FnMut(KeyGroup, K, Option<V>),
     ) -> Result<(), StateError> {
         let prefix = StateKey::namespace(self.namespace);
         for entry in store.scan(&prefix) {
             let (key, value) = entry?;
-            let (kg, epoch) =
-                parse_segment_key(&key[prefix.as_bytes().len()..]).ok_or_else(|| {
-                    StateError::Decode {
-                        what: self.namespace,
-                        detail: "malformed segment key".into(),
-                    }
-                })?;
+            let (kg, epoch) = parse_segment_key(&key[prefix.as_bytes().len()..])
+                .ok_or_else(|| StateError::Decode { what: self.namespace, detail: "malformed segment key".into() })?;
+            if !owns(kg) {
+                continue;
+            }
             let entries: Vec<(K, Option<V>)> = state::decode(self.namespace, &value)?;
             for (k, v) in entries {
                 apply(kg, k, v);
@@ -163,11 +170,7 @@ where
         changes: BTreeMap<KeyGroup, Vec<E>>,
         all: impl FnOnce() -> BTreeMap<KeyGroup, Vec<F>>,
     ) -> Result<(), StateError> {
-        if self.wants_snapshot() {
-            self.write_snapshot(tx, all())
-        } else {
-            self.write_changes(tx, changes)
-        }
+        if self.wants_snapshot() { self.write_snapshot(tx, all()) } else { self.write_changes(tx, changes) }
     }
 
     /// Sizes of the persisted form.
@@ -187,10 +190,7 @@ fn parse_segment_key(rest: &[u8]) -> Option<(KeyGroup, u64)> {
     let (len, rest) = rest.split_first_chunk::<4>()?;
     (u32::from_be_bytes(*len) == 8).then_some(())?;
     let epoch = rest.first_chunk::<8>()?;
-    Some((
-        KeyGroup(u16::from_be_bytes(*kg)),
-        u64::from_be_bytes(*epoch),
-    ))
+    Some((KeyGroup(u16::from_be_bytes(*kg)), u64::from_be_bytes(*epoch)))
 }
 
 #[cfg(test)]
@@ -233,10 +233,7 @@ mod tests {
         )?;
         store.commit(tx)?;
         let mut tx = CommitBatch::default();
-        t.write_changes(
-            &mut tx,
-            BTreeMap::from([(KeyGroup(0), vec![(&a, Some(&two)), (&b, None)])]),
-        )?;
+        t.write_changes(&mut tx, BTreeMap::from([(KeyGroup(0), vec![(&a, Some(&two)), (&b, None)])]))?;
         store.commit(tx)?;
 
         let (_, m) = restore(&store)?;
@@ -246,22 +243,12 @@ mod tests {
         let mut tx = CommitBatch::default();
         t.write_snapshot(
             &mut tx,
-            BTreeMap::from([
-                (KeyGroup(0), vec![(&a, Some(&three))]),
-                (KeyGroup(5), vec![(&c, Some(&one))]),
-            ]),
+            BTreeMap::from([(KeyGroup(0), vec![(&a, Some(&three))]), (KeyGroup(5), vec![(&c, Some(&one))])]),
         )?;
         store.commit(tx)?;
         let (t2, m) = restore(&store)?;
-        assert_eq!(
-            m,
-            BTreeMap::from([((KeyGroup(0), a.clone()), 3), ((KeyGroup(5), c.clone()), 1)])
-        );
-        assert_eq!(
-            t2.stats().segments,
-            2,
-            "older segments were deleted with the snapshot"
-        );
+        assert_eq!(m, BTreeMap::from([((KeyGroup(0), a.clone()), 3), ((KeyGroup(5), c.clone()), 1)]));
+        assert_eq!(t2.stats().segments, 2, "older segments were deleted with the snapshot");
         assert_eq!(t2.next_epoch, 4);
         Ok(())
     }

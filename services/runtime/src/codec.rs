@@ -12,8 +12,8 @@ use capnp::message::{Builder, ReaderOptions};
 use capnp::serialize;
 
 use crate::batch::{
-    DailyCell, Dimensions, EnrichedBatch, EnrichedEvent, EnrichedUpload, EventBody, FORMAT_VERSION,
-    FirstEventMove, RawBatch, RawEvent, RawUpload, RowBatch, Upload,
+    DailyCell, Dimensions, EnrichedBatch, EnrichedEvent, EnrichedUpload, EventBody, FORMAT_VERSION, FirstEventMove,
+    RawBatch, RawEvent, RawUpload, RowBatch, Upload,
 };
 use crate::batch_capnp as wire;
 use crate::event_time::{LocalDay, LocalMinute};
@@ -21,8 +21,7 @@ use crate::key_group::KeyGroup;
 use crate::lineage::Lineage;
 use crate::reject::{RejectCounts, RejectReason};
 use crate::table::{
-    AppDay, CustomKey, CustomValue, DailyKey, DailyValue, MinuteKey, MinuteValue, PartialRow,
-    RowKey, RowValue,
+    AppDay, CustomKey, CustomValue, DailyKey, DailyValue, MinuteKey, MinuteValue, PartialRow, RowKey, RowValue,
 };
 
 /// A batch that could not be read.
@@ -59,11 +58,7 @@ fn reader_options() -> ReaderOptions {
 }
 
 fn check_version(found: u16) -> Result<()> {
-    if found == FORMAT_VERSION {
-        Ok(())
-    } else {
-        Err(CodecError::Version { found })
-    }
+    if found == FORMAT_VERSION { Ok(()) } else { Err(CodecError::Version { found }) }
 }
 
 fn reason_to_wire(r: RejectReason) -> wire::RejectReason {
@@ -101,10 +96,7 @@ fn set_lineage(mut b: wire::lineage::Builder<'_>, l: Lineage) {
 
 fn get_lineage(r: capnp::Result<wire::lineage::Reader<'_>>) -> Result<Lineage> {
     let r = r?;
-    Ok(Lineage {
-        partition: r.get_partition(),
-        offset: r.get_offset(),
-    })
+    Ok(Lineage { partition: r.get_partition(), offset: r.get_offset() })
 }
 
 fn to_bytes(message: &Builder<capnp::message::HeapAllocator>) -> Vec<u8> {
@@ -176,11 +168,7 @@ pub fn decode_raw(bytes: &[u8]) -> Result<RawBatch> {
             wire::raw_upload::Rejected(r) => Err(reason_from_wire(r?)),
             wire::raw_upload::Accepted(a) => {
                 let opt = |has: bool, r| -> Result<Option<Box<str>>> {
-                    if has {
-                        Ok(Some(text(r)?.into()))
-                    } else {
-                        Ok(None)
-                    }
+                    if has { Ok(Some(text(r)?.into())) } else { Ok(None) }
                 };
                 let mut events = Vec::new();
                 for e in a.get_events()?.iter() {
@@ -190,18 +178,12 @@ pub fn decode_raw(bytes: &[u8]) -> Result<RawBatch> {
                         Which::Launch(()) => Ok(EventBody::Launch),
                         Which::Page(dur) => Ok(EventBody::Page { dur }),
                         Which::Terminate(dur) => Ok(EventBody::Terminate { dur }),
-                        Which::Custom(id) => Ok(EventBody::Custom {
-                            id: Arc::from(text(id)?),
-                        }),
-                        Which::Pay(p) => Ok(EventBody::Pay {
-                            amount: p.get_amount(),
-                            currency: Arc::from(text(p.get_currency())?),
-                        }),
+                        Which::Custom(id) => Ok(EventBody::Custom { id: Arc::from(text(id)?) }),
+                        Which::Pay(p) => {
+                            Ok(EventBody::Pay { amount: p.get_amount(), currency: Arc::from(text(p.get_currency())?) })
+                        }
                     };
-                    events.push(RawEvent {
-                        ts: e.get_ts(),
-                        body,
-                    });
+                    events.push(RawEvent { ts: e.get_ts(), body });
                 }
                 Ok(Upload {
                     mid: text(a.get_mid())?.into(),
@@ -217,10 +199,7 @@ pub fn decode_raw(bytes: &[u8]) -> Result<RawBatch> {
         };
         uploads.push(RawUpload { lineage, body });
     }
-    Ok(RawBatch {
-        key_group: KeyGroup(b.get_key_group()),
-        uploads,
-    })
+    Ok(RawBatch { key_group: KeyGroup(b.get_key_group()), uploads })
 }
 
 // ------------------------------------------------------------------ enriched
@@ -271,9 +250,7 @@ pub fn encode_enriched(batch: &EnrichedBatch) -> Vec<u8> {
             }
         }
     }
-    let mut moves = b
-        .reborrow()
-        .init_first_event_moves(batch.first_event_moves.len() as u32);
+    let mut moves = b.reborrow().init_first_event_moves(batch.first_event_moves.len() as u32);
     for (i, mv) in batch.first_event_moves.iter().enumerate() {
         let mut m = moves.reborrow().get(i as u32);
         set_lineage(m.reborrow().init_lineage(), mv.lineage);
@@ -311,19 +288,12 @@ pub fn decode_enriched(bytes: &[u8]) -> Result<EnrichedBatch> {
                 Which::Launch(()) => EventBody::Launch,
                 Which::Page(dur) => EventBody::Page { dur },
                 Which::Terminate(dur) => EventBody::Terminate { dur },
-                Which::Custom(id) => EventBody::Custom {
-                    id: Arc::from(text(id)?),
-                },
-                Which::Pay(p) => EventBody::Pay {
-                    amount: p.get_amount(),
-                    currency: Arc::from(text(p.get_currency())?),
-                },
+                Which::Custom(id) => EventBody::Custom { id: Arc::from(text(id)?) },
+                Which::Pay(p) => {
+                    EventBody::Pay { amount: p.get_amount(), currency: Arc::from(text(p.get_currency())?) }
+                }
             };
-            events.push(EnrichedEvent {
-                index: e.get_index(),
-                ts: e.get_ts(),
-                body,
-            });
+            events.push(EnrichedEvent { index: e.get_index(), ts: e.get_ts(), body });
         }
         uploads.push(EnrichedUpload {
             lineage: get_lineage(u.get_lineage())?,
@@ -336,10 +306,7 @@ pub fn decode_enriched(bytes: &[u8]) -> Result<EnrichedBatch> {
     let mut first_event_moves = Vec::new();
     for m in b.get_first_event_moves()?.iter() {
         let out_of = if m.get_has_out_of() {
-            Some(DailyCell {
-                day: LocalDay(m.get_out_of_day()),
-                dimensions: get_dimensions(m.get_out_of())?,
-            })
+            Some(DailyCell { day: LocalDay(m.get_out_of_day()), dimensions: get_dimensions(m.get_out_of())? })
         } else {
             None
         };
@@ -348,22 +315,14 @@ pub fn decode_enriched(bytes: &[u8]) -> Result<EnrichedBatch> {
             app: Arc::from(text(m.get_app())?),
             dev: Arc::from(text(m.get_dev())?),
             out_of,
-            into: DailyCell {
-                day: LocalDay(m.get_into_day()),
-                dimensions: get_dimensions(m.get_into())?,
-            },
+            into: DailyCell { day: LocalDay(m.get_into_day()), dimensions: get_dimensions(m.get_into())? },
         });
     }
     let mut rejects = RejectCounts::default();
     for r in b.get_rejects()?.iter() {
         rejects.0[reason_from_wire(r.get_reason()?).index()] += r.get_count();
     }
-    Ok(EnrichedBatch {
-        key_group: KeyGroup(b.get_key_group()),
-        uploads,
-        first_event_moves,
-        rejects,
-    })
+    Ok(EnrichedBatch { key_group: KeyGroup(b.get_key_group()), uploads, first_event_moves, rejects })
 }
 
 // ------------------------------------------------------------------ rows
@@ -389,11 +348,7 @@ pub fn encode_rows(batch: &RowBatch) -> Vec<u8> {
                 d.set_day(k.day.0);
                 set_dimensions(
                     d.reborrow().init_dimensions(),
-                    &Dimensions {
-                        os: k.os.clone(),
-                        channel: k.channel.clone(),
-                        country: k.country.clone(),
-                    },
+                    &Dimensions { os: k.os.clone(), channel: k.channel.clone(), country: k.country.clone() },
                 );
                 d.set_events(v.events);
                 d.set_launches(v.launches);
@@ -474,10 +429,7 @@ pub fn decode_rows(bytes: &[u8]) -> Result<RowBatch> {
                 }
                 let mut revenue = std::collections::BTreeMap::new();
                 for e in d.get_revenue()?.iter() {
-                    revenue.insert(
-                        Arc::from(text(e.get_currency())?),
-                        wide(e.get_amount(), "revenue.amount")?,
-                    );
+                    revenue.insert(Arc::from(text(e.get_currency())?), wide(e.get_amount(), "revenue.amount")?);
                 }
                 (
                     RowKey::Daily(DailyKey {
@@ -522,37 +474,21 @@ pub fn decode_rows(bytes: &[u8]) -> Result<RowBatch> {
                     day: LocalDay(c.get_day()),
                     event_id: Arc::from(text(c.get_event_id())?),
                 }),
-                RowValue::CustomEvents(CustomValue {
-                    count: c.get_count(),
-                    devices: c.get_devices(),
-                }),
+                RowValue::CustomEvents(CustomValue { count: c.get_count(), devices: c.get_devices() }),
             ),
             Which::Minute(m) => (
-                RowKey::Minute(MinuteKey {
-                    app: Arc::from(text(m.get_app())?),
-                    minute: LocalMinute(m.get_minute()),
-                }),
+                RowKey::Minute(MinuteKey { app: Arc::from(text(m.get_app())?), minute: LocalMinute(m.get_minute()) }),
                 RowValue::Minute(MinuteValue {
                     events: m.get_events(),
                     launches: m.get_launches(),
                     revenue_cny: wide(m.get_revenue_cny(), "minute.revenueCny")?,
                 }),
             ),
-            Which::Rejects(x) => (
-                RowKey::Rejects(reason_from_wire(x.get_reason()?)),
-                RowValue::Rejects(x.get_count()),
-            ),
+            Which::Rejects(x) => (RowKey::Rejects(reason_from_wire(x.get_reason()?)), RowValue::Rejects(x.get_count())),
         };
-        rows.push(PartialRow {
-            version: r.get_version(),
-            key,
-            value,
-        });
+        rows.push(PartialRow { version: r.get_version(), key, value });
     }
-    Ok(RowBatch {
-        key_group: KeyGroup(b.get_key_group()),
-        rows,
-    })
+    Ok(RowBatch { key_group: KeyGroup(b.get_key_group()), rows })
 }
 
 #[cfg(test)]
@@ -560,11 +496,7 @@ mod tests {
     use super::*;
 
     fn dims() -> Dimensions {
-        Dimensions {
-            os: "ios".into(),
-            channel: "apple".into(),
-            country: "CN".into(),
-        }
+        Dimensions { os: "ios".into(), channel: "apple".into(), country: "CN".into() }
     }
 
     #[test]
@@ -572,13 +504,7 @@ mod tests {
         let batch = RawBatch {
             key_group: KeyGroup(7),
             uploads: vec![
-                RawUpload {
-                    lineage: Lineage {
-                        partition: 3,
-                        offset: 99,
-                    },
-                    body: Err(RejectReason::Malformed),
-                },
+                RawUpload { lineage: Lineage { partition: 3, offset: 99 }, body: Err(RejectReason::Malformed) },
                 RawUpload {
                     lineage: Lineage::line(5),
                     body: Ok(Upload {
@@ -590,27 +516,10 @@ mod tests {
                         ip: Some("1.2.3.4".into()),
                         sent: -5,
                         events: vec![
-                            RawEvent {
-                                ts: 1,
-                                body: Ok(EventBody::Launch),
-                            },
-                            RawEvent {
-                                ts: 2,
-                                body: Ok(EventBody::Pay {
-                                    amount: 600,
-                                    currency: "CNY".into(),
-                                }),
-                            },
-                            RawEvent {
-                                ts: 3,
-                                body: Ok(EventBody::Custom {
-                                    id: "单抽".into()
-                                }),
-                            },
-                            RawEvent {
-                                ts: 0,
-                                body: Err(RejectReason::BadValue),
-                            },
+                            RawEvent { ts: 1, body: Ok(EventBody::Launch) },
+                            RawEvent { ts: 2, body: Ok(EventBody::Pay { amount: 600, currency: "CNY".into() }) },
+                            RawEvent { ts: 3, body: Ok(EventBody::Custom { id: "单抽".into() }) },
+                            RawEvent { ts: 0, body: Err(RejectReason::BadValue) },
                         ],
                     }),
                 },
@@ -631,24 +540,14 @@ mod tests {
                 app: "a".into(),
                 dev: "d".into(),
                 dimensions: dims(),
-                events: vec![EnrichedEvent {
-                    index: 2,
-                    ts: 9,
-                    body: EventBody::Terminate { dur: 12 },
-                }],
+                events: vec![EnrichedEvent { index: 2, ts: 9, body: EventBody::Terminate { dur: 12 } }],
             }],
             first_event_moves: vec![FirstEventMove {
                 lineage: Lineage::line(1),
                 app: "a".into(),
                 dev: "d".into(),
-                out_of: Some(DailyCell {
-                    day: LocalDay(20_000),
-                    dimensions: dims(),
-                }),
-                into: DailyCell {
-                    day: LocalDay(19_999),
-                    dimensions: dims(),
-                },
+                out_of: Some(DailyCell { day: LocalDay(20_000), dimensions: dims() }),
+                into: DailyCell { day: LocalDay(19_999), dimensions: dims() },
             }],
             rejects,
         };
@@ -658,11 +557,7 @@ mod tests {
 
     #[test]
     fn row_batches_round_trip_and_versions_are_checked() -> Result<()> {
-        let mut daily = DailyValue {
-            events: 2,
-            playtime_s: i128::from(i64::MAX) * 3,
-            ..Default::default()
-        };
+        let mut daily = DailyValue { events: 2, playtime_s: i128::from(i64::MAX) * 3, ..Default::default() };
         daily.revenue.insert("CNY".into(), 600);
         let batch = RowBatch {
             key_group: KeyGroup(3),
@@ -680,29 +575,16 @@ mod tests {
                 },
                 PartialRow {
                     version: 5,
-                    key: RowKey::Minute(MinuteKey {
-                        app: "a".into(),
-                        minute: LocalMinute(-3),
-                    }),
-                    value: RowValue::Minute(MinuteValue {
-                        events: 1,
-                        launches: 1,
-                        revenue_cny: 0,
-                    }),
+                    key: RowKey::Minute(MinuteKey { app: "a".into(), minute: LocalMinute(-3) }),
+                    value: RowValue::Minute(MinuteValue { events: 1, launches: 1, revenue_cny: 0 }),
                 },
-                PartialRow {
-                    version: 6,
-                    key: RowKey::Rejects(RejectReason::BadValue),
-                    value: RowValue::Rejects(3),
-                },
+                PartialRow { version: 6, key: RowKey::Rejects(RejectReason::BadValue), value: RowValue::Rejects(3) },
             ],
         };
         assert_eq!(decode_rows(&encode_rows(&batch))?, batch);
 
         let mut message = Builder::new_default();
-        message
-            .init_root::<wire::row_batch::Builder<'_>>()
-            .set_format_version(FORMAT_VERSION + 1);
+        message.init_root::<wire::row_batch::Builder<'_>>().set_format_version(FORMAT_VERSION + 1);
         let err = decode_rows(&to_bytes(&message)).expect_err("future version");
         assert!(matches!(err, CodecError::Version { .. }), "{err}");
         assert!(decode_rows(b"garbage").is_err());

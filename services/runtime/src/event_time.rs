@@ -12,15 +12,11 @@ const MS_PER_MINUTE: i64 = 60_000;
 const MINUTES_PER_DAY: i64 = 24 * 60;
 
 /// A local (UTC+08:00) minute: minutes since 1970-01-01T00:00 local.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct LocalMinute(pub i64);
 
 /// A local (UTC+08:00) day: days since 1970-01-01 local.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct LocalDay(pub i64);
 
 impl LocalMinute {
@@ -51,9 +47,7 @@ impl LocalDay {
 
     /// Parse `YYYY-MM-DD` as written by `Display`.
     pub fn parse(s: &str) -> Option<Self> {
-        let (y, rest) = s
-            .rsplit_once('-')
-            .and_then(|(ym, d)| Some((ym.rsplit_once('-')?, d)))?;
+        let (y, rest) = s.rsplit_once('-').and_then(|(ym, d)| Some((ym.rsplit_once('-')?, d)))?;
         let (year, month) = (y.0.parse::<i64>().ok()?, y.1.parse::<u32>().ok()?);
         let day = rest.parse::<u32>().ok()?;
         if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
@@ -111,16 +105,10 @@ mod tests {
         // 2024-11-17T16:00:00Z is local midnight of 2024-11-18.
         let midnight = 1_731_859_200_000;
         assert_eq!(LocalMinute::of_ms(midnight).to_string(), "2024-11-18T00:00");
-        assert_eq!(
-            LocalMinute::of_ms(midnight - 1).to_string(),
-            "2024-11-17T23:59"
-        );
+        assert_eq!(LocalMinute::of_ms(midnight - 1).to_string(), "2024-11-17T23:59");
         assert_eq!(LocalDay::of_ms(midnight - 1).to_string(), "2024-11-17");
         assert_eq!(LocalDay::of_ms(0).to_string(), "1970-01-01");
-        assert_eq!(
-            LocalMinute::of_ms(-8 * 3600 * 1000 - 1).to_string(),
-            "1969-12-31T23:59"
-        );
+        assert_eq!(LocalMinute::of_ms(-8 * 3600 * 1000 - 1).to_string(), "1969-12-31T23:59");
     }
 
     #[test]

@@ -115,9 +115,6 @@ mod tests {
         let mut s = String::new();
         write_str(&mut s, "a\"\\\n\u{1}é单😀\u{7f}");
         // DEL (U+007F) is ASCII: Python leaves it as it is.
-        assert_eq!(
-            s,
-            concat!(r#""a\"\\\n\u0001\u00e9\u5355\ud83d\ude00"#, "\u{7f}\"")
-        );
+        assert_eq!(s, concat!(r#""a\"\\\n\u0001\u00e9\u5355\ud83d\ude00"#, "\u{7f}\""));
     }
 }

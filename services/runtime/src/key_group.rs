@@ -12,19 +12,7 @@
 use std::fmt;
 
 /// One of the P fixed partitions of device-keyed state.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    PartialEq,
-    Eq,
-    Hash,
-    PartialOrd,
-    Ord,
-    Default,
-    serde::Serialize,
-    serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, serde::Serialize, serde::Deserialize)]
 pub struct KeyGroup(pub u16);
 
 impl fmt::Display for KeyGroup {
@@ -83,6 +71,43 @@ impl KeyGroups {
     }
 }
 
+/// The key groups one instance (or one worker) owns. Instances of a stage
+/// divide the P key groups between them as evenly as their number allows
+/// (sizes differ by at most one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyGroupSet {
+    owned: Vec<bool>,
+}
+
+impl KeyGroupSet {
+    /// Every key group.
+    pub fn all(p: KeyGroups) -> Self {
+        Self { owned: vec![true; usize::from(p.count())] }
+    }
+
+    /// The share of instance `index` of `count` (0-based): key groups
+    /// `index`, `index + count`, ... Panics never; an `index >= count` owns none.
+    pub fn share(p: KeyGroups, index: usize, count: usize) -> Self {
+        let count = count.max(1);
+        Self { owned: (0..usize::from(p.count())).map(|kg| kg % count == index).collect() }
+    }
+
+    /// Whether `kg` is owned.
+    pub fn contains(&self, kg: KeyGroup) -> bool {
+        self.owned.get(usize::from(kg.0)).copied().unwrap_or(false)
+    }
+
+    /// How many key groups are owned.
+    pub fn len(&self) -> usize {
+        self.owned.iter().filter(|&&o| o).count()
+    }
+
+    /// Whether none is owned.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,6 +133,21 @@ mod tests {
         assert!(KeyGroups::new(0).is_none());
         assert!(KeyGroups::new(MAX_KEY_GROUPS + 1).is_none());
         assert_eq!(KeyGroups::new(1).map(|p| p.count()), Some(1));
+    }
+
+    #[test]
+    fn shares_are_disjoint_and_balanced() {
+        let p = KeyGroups::new(64).expect("valid");
+        for count in [1, 2, 3, 7, 64, 100] {
+            let shares: Vec<KeyGroupSet> = (0..count).map(|i| KeyGroupSet::share(p, i, count)).collect();
+            for kg in p.all() {
+                assert_eq!(shares.iter().filter(|s| s.contains(kg)).count(), 1, "{kg} owned once");
+            }
+            let sizes: Vec<usize> = shares.iter().map(KeyGroupSet::len).collect();
+            let (min, max) = (sizes.iter().min(), sizes.iter().max());
+            assert!(max.zip(min).is_some_and(|(a, b)| a - b <= 1), "{count}: {sizes:?}");
+        }
+        assert_eq!(KeyGroupSet::all(p).len(), 64);
     }
 
     #[test]

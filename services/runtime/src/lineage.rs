@@ -20,10 +20,7 @@ pub struct Lineage {
 impl Lineage {
     /// A line of a file input.
     pub fn line(number: u64) -> Self {
-        Self {
-            partition: 0,
-            offset: number,
-        }
+        Self { partition: 0, offset: number }
     }
 }
 

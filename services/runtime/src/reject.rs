@@ -7,9 +7,7 @@
 use std::fmt;
 
 /// The reason a message or an event was rejected (SPEC section 2, rules 1-7).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub enum RejectReason {
     /// Rule 1: VALUE is not a JSON object (or not UTF-8, or empty).
     Malformed,
@@ -88,10 +86,7 @@ impl RejectCounts {
 
     /// Non-zero counts, in rule order.
     pub fn iter(&self) -> impl Iterator<Item = (RejectReason, u64)> + '_ {
-        RejectReason::ALL
-            .into_iter()
-            .map(|r| (r, self.0[r.index()]))
-            .filter(|(_, n)| *n > 0)
+        RejectReason::ALL.into_iter().map(|r| (r, self.0[r.index()])).filter(|(_, n)| *n > 0)
     }
 
     /// All rejects together.

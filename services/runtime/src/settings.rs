@@ -41,9 +41,7 @@ impl Default for PipelineSettings {
 
 /// Load `T`: its `Default`, then `file` (TOML) if given, then `SLUICE_*`
 /// environment variables.
-pub fn load<T: Serialize + DeserializeOwned + Default>(
-    file: Option<&Path>,
-) -> Result<T, SettingsError> {
+pub fn load<T: Serialize + DeserializeOwned + Default>(file: Option<&Path>) -> Result<T, SettingsError> {
     load_from(file, std::env::vars())
 }
 
@@ -61,10 +59,8 @@ pub fn load_from<T: Serialize + DeserializeOwned + Default>(
     if let Some(file) = file {
         builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
     }
-    let env: config::Map<String, String> = env
-        .into_iter()
-        .filter(|(k, _)| k.starts_with("SLUICE_") && !NOT_SETTINGS.contains(&k.as_str()))
-        .collect();
+    let env: config::Map<String, String> =
+        env.into_iter().filter(|(k, _)| k.starts_with("SLUICE_") && !NOT_SETTINGS.contains(&k.as_str())).collect();
     builder = builder.add_source(
         config::Environment::with_prefix("SLUICE")
             .prefix_separator("_")
@@ -72,10 +68,7 @@ pub fn load_from<T: Serialize + DeserializeOwned + Default>(
             .try_parsing(true)
             .source(Some(env)),
     );
-    builder
-        .build()
-        .and_then(|c| c.try_deserialize())
-        .map_err(fail)
+    builder.build().and_then(|c| c.try_deserialize()).map_err(fail)
 }
 
 #[cfg(test)]

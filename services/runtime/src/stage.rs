@@ -65,11 +65,7 @@ pub trait Stage {
 
     /// A commit point: emit what is due at commit time (e.g. the window's
     /// changed partial rows) and stage every change since the last commit.
-    fn commit(
-        &mut self,
-        _out: &mut Vec<Self::Output>,
-        _tx: &mut CommitBatch,
-    ) -> Result<(), StageError> {
+    fn commit(&mut self, _out: &mut Vec<Self::Output>, _tx: &mut CommitBatch) -> Result<(), StageError> {
         Ok(())
     }
 }

@@ -67,9 +67,7 @@ pub struct StateSettings {
 
 impl Default for StateSettings {
     fn default() -> Self {
-        Self {
-            cache_capacity_bytes: 64 * 1024 * 1024,
-        }
+        Self { cache_capacity_bytes: 64 * 1024 * 1024 }
     }
 }
 
@@ -88,27 +86,18 @@ impl CommitStore {
             // Durability comes from the explicit flush in `commit`, not a timer.
             .flush_every_ms(None)
             .open()
-            .map_err(|source| StateError::Store {
-                path: path.to_owned(),
-                source,
-            })?;
-        Ok(Self {
-            path: path.to_owned(),
-            db,
-        })
+            .map_err(|source| StateError::Store { path: path.to_owned(), source })?;
+        Ok(Self { path: path.to_owned(), db })
     }
 
     fn err(&self, source: sled::Error) -> StateError {
-        StateError::Store {
-            path: self.path.clone(),
-            source,
-        }
+        StateError::Store { path: self.path.clone(), source }
     }
 
     /// Apply `batch` atomically, then flush it to disk. When this returns
     /// `Ok`, the commit survives a crash of the process.
     pub fn commit(&self, batch: CommitBatch) -> Result<(), StateError> {
-        self.db.apply_batch(batch.inner).map_err(|e| self.err(e))?;
+        self.db.apply_batch(batch.into_sled()).map_err(|e| self.err(e))?;
         self.db.flush().map_err(|e| self.err(e))?;
         Ok(())
     }
@@ -119,13 +108,8 @@ impl CommitStore {
     }
 
     /// Every record whose key starts with `prefix`, in key order.
-    pub fn scan(
-        &self,
-        prefix: &StateKey,
-    ) -> impl Iterator<Item = Result<(sled::IVec, sled::IVec), StateError>> + '_ {
-        self.db
-            .scan_prefix(&prefix.0)
-            .map(|r| r.map_err(|e| self.err(e)))
+    pub fn scan(&self, prefix: &StateKey) -> impl Iterator<Item = Result<(sled::IVec, sled::IVec), StateError>> + '_ {
+        self.db.scan_prefix(&prefix.0).map(|r| r.map_err(|e| self.err(e)))
     }
 
     /// Bytes the store takes on disk.
@@ -134,34 +118,54 @@ impl CommitStore {
     }
 }
 
-/// The writes of one commit; applied all or nothing.
+/// The writes of one commit; applied all or nothing. Several stages (or
+/// several workers of one stage) can stage into their own batch and
+/// [`CommitBatch::append`] them into one, which is then applied atomically.
 #[derive(Default)]
 pub struct CommitBatch {
-    inner: sled::Batch,
-    writes: usize,
+    writes: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 impl CommitBatch {
     /// Store `value` under `key`.
     pub fn put(&mut self, key: &StateKey, value: Vec<u8>) {
-        self.inner.insert(key.0.as_slice(), value);
-        self.writes += 1;
+        self.writes.push((key.0.clone(), Some(value)));
     }
 
     /// Remove `key`.
     pub fn delete(&mut self, key: &StateKey) {
-        self.inner.remove(key.0.as_slice());
-        self.writes += 1;
+        self.writes.push((key.0.clone(), None));
+    }
+
+    /// Move every write of `other` into this batch (after its own writes).
+    pub fn append(&mut self, other: CommitBatch) {
+        self.writes.extend(other.writes);
     }
 
     /// How many writes the commit holds.
     pub fn len(&self) -> usize {
-        self.writes
+        self.writes.len()
     }
 
     /// Whether the commit holds no write.
     pub fn is_empty(&self) -> bool {
-        self.writes == 0
+        self.writes.is_empty()
+    }
+
+    /// Bytes of values the commit writes.
+    pub fn value_bytes(&self) -> usize {
+        self.writes.iter().map(|(_, v)| v.as_ref().map_or(0, Vec::len)).sum()
+    }
+
+    fn into_sled(self) -> sled::Batch {
+        let mut batch = sled::Batch::default();
+        for (k, v) in self.writes {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
+        batch
     }
 }
 
@@ -182,8 +186,7 @@ impl StateKey {
     /// Append a part.
     pub fn part(mut self, bytes: &[u8]) -> Self {
         // Parts longer than 4 GiB cannot occur: records are bounded far below.
-        self.0
-            .extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+        self.0.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
         self.0.extend_from_slice(bytes);
         self
     }
@@ -210,19 +213,12 @@ pub fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, St
 pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StateError> {
     match bytes.split_first() {
         Some((&RECORD_VERSION, body)) => {
-            postcard::from_bytes(body).map_err(|e| StateError::Decode {
-                what,
-                detail: e.to_string(),
-            })
+            postcard::from_bytes(body).map_err(|e| StateError::Decode { what, detail: e.to_string() })
         }
-        Some((v, _)) => Err(StateError::Decode {
-            what,
-            detail: format!("record version {v}, this build reads {RECORD_VERSION}"),
-        }),
-        None => Err(StateError::Decode {
-            what,
-            detail: "empty record".into(),
-        }),
+        Some((v, _)) => {
+            Err(StateError::Decode { what, detail: format!("record version {v}, this build reads {RECORD_VERSION}") })
+        }
+        None => Err(StateError::Decode { what, detail: "empty record".into() }),
     }
 }
 
@@ -232,27 +228,19 @@ mod tests {
 
     #[test]
     fn commit_is_durable_and_scannable() -> Result<(), StateError> {
-        let dir = tempfile::tempdir().map_err(|e| StateError::Decode {
-            what: "tempdir",
-            detail: e.to_string(),
-        })?;
+        let dir = tempfile::tempdir().map_err(|e| StateError::Decode { what: "tempdir", detail: e.to_string() })?;
         let ns = StateKey::namespace("test/things");
         {
             let store = CommitStore::open(dir.path(), &StateSettings::default())?;
             let mut batch = CommitBatch::default();
             batch.put(&ns.clone().part(b"a"), encode("thing", &(1u32, "x"))?);
             batch.put(&ns.clone().part(b"b"), encode("thing", &(2u32, "y"))?);
-            batch.put(
-                &StateKey::namespace("test/other").part(b"a"),
-                encode("thing", &0u8)?,
-            );
+            batch.put(&StateKey::namespace("test/other").part(b"a"), encode("thing", &0u8)?);
             store.commit(batch)?;
         }
         let store = CommitStore::open(dir.path(), &StateSettings::default())?;
-        let got: Vec<(u32, String)> = store
-            .scan(&ns)
-            .map(|r| r.and_then(|(_, v)| decode("thing", &v)))
-            .collect::<Result<_, _>>()?;
+        let got: Vec<(u32, String)> =
+            store.scan(&ns).map(|r| r.and_then(|(_, v)| decode("thing", &v))).collect::<Result<_, _>>()?;
         assert_eq!(got, [(1, "x".to_string()), (2, "y".to_string())]);
         Ok(())
     }
@@ -266,9 +254,6 @@ mod tests {
     #[test]
     fn parts_do_not_alias() {
         let ns = StateKey::namespace("n");
-        assert_ne!(
-            ns.clone().part(b"ab").part(b"c"),
-            ns.clone().part(b"a").part(b"bc")
-        );
+        assert_ne!(ns.clone().part(b"ab").part(b"c"), ns.clone().part(b"a").part(b"bc"));
     }
 }

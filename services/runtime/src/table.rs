@@ -16,9 +16,7 @@ use crate::json::JsonObject;
 use crate::reject::RejectReason;
 
 /// The tables of SPEC section 3.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub enum Table {
     /// Per (app, day, os, channel, country).
     Daily,
@@ -34,13 +32,7 @@ pub enum Table {
 
 impl Table {
     /// Every table, in export order.
-    pub const ALL: [Table; 5] = [
-        Self::Daily,
-        Self::SessionsPerDevice,
-        Self::CustomEvents,
-        Self::Minute,
-        Self::Rejects,
-    ];
+    pub const ALL: [Table; 5] = [Self::Daily, Self::SessionsPerDevice, Self::CustomEvents, Self::Minute, Self::Rejects];
 
     /// The table's name (and export file stem).
     pub fn name(self) -> &'static str {
@@ -87,9 +79,7 @@ pub fn sessions_bucket(launches: u64) -> usize {
 }
 
 /// Key of the `daily` table.
-#[derive(
-    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct DailyKey {
     /// App key.
     pub app: Arc<str>,
@@ -142,9 +132,7 @@ impl DailyValue {
 }
 
 /// Key of `sessions_per_device` (and the app-day part of other keys).
-#[derive(
-    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct AppDay {
     /// App key.
     pub app: Arc<str>,
@@ -153,9 +141,7 @@ pub struct AppDay {
 }
 
 /// Key of `custom_events`.
-#[derive(
-    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct CustomKey {
     /// App key.
     pub app: Arc<str>,
@@ -175,9 +161,7 @@ pub struct CustomValue {
 }
 
 /// Key of `minute`.
-#[derive(
-    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct MinuteKey {
     /// App key.
     pub app: Arc<str>,
@@ -197,9 +181,7 @@ pub struct MinuteValue {
 }
 
 /// A table key: which row of which table.
-#[derive(
-    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub enum RowKey {
     /// A `daily` row.
     Daily(DailyKey),
@@ -366,32 +348,12 @@ mod tests {
 
     #[test]
     fn buckets_match_spec_bounds() {
-        let hist: Vec<usize> = [
-            0,
-            2,
-            3,
-            9,
-            10,
-            29,
-            30,
-            59,
-            60,
-            179,
-            180,
-            599,
-            600,
-            1799,
-            1800,
-            i64::MAX,
-        ]
-        .into_iter()
-        .map(playtime_bucket)
-        .collect();
-        assert_eq!(hist, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7]);
-        let sessions: Vec<usize> = [0, 1, 5, 6, 10, 11, 20, 21, 50, 51, 999]
+        let hist: Vec<usize> = [0, 2, 3, 9, 10, 29, 30, 59, 60, 179, 180, 599, 600, 1799, 1800, i64::MAX]
             .into_iter()
-            .map(sessions_bucket)
+            .map(playtime_bucket)
             .collect();
+        assert_eq!(hist, [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7]);
+        let sessions: Vec<usize> = [0, 1, 5, 6, 10, 11, 20, 21, 50, 51, 999].into_iter().map(sessions_bucket).collect();
         assert_eq!(sessions, [0, 1, 5, 6, 6, 7, 7, 8, 8, 9, 9]);
     }
 
@@ -404,12 +366,7 @@ mod tests {
             channel: "apple".into(),
             country: "CN".into(),
         });
-        let mut v = DailyValue {
-            events: 3,
-            launches: 1,
-            active_devices: 1,
-            ..Default::default()
-        };
+        let mut v = DailyValue { events: 3, launches: 1, active_devices: 1, ..Default::default() };
         v.revenue.insert("USD".into(), 99);
         v.revenue.insert("CNY".into(), 0);
         let mut s = String::new();
@@ -422,24 +379,9 @@ mod tests {
 
     #[test]
     fn partials_add_up() {
-        let mut a = RowValue::Minute(MinuteValue {
-            events: 2,
-            launches: 1,
-            revenue_cny: 600,
-        });
-        a.add(&RowValue::Minute(MinuteValue {
-            events: 1,
-            launches: 0,
-            revenue_cny: 1,
-        }));
-        assert_eq!(
-            a,
-            RowValue::Minute(MinuteValue {
-                events: 3,
-                launches: 1,
-                revenue_cny: 601
-            })
-        );
+        let mut a = RowValue::Minute(MinuteValue { events: 2, launches: 1, revenue_cny: 600 });
+        a.add(&RowValue::Minute(MinuteValue { events: 1, launches: 0, revenue_cny: 1 }));
+        assert_eq!(a, RowValue::Minute(MinuteValue { events: 3, launches: 1, revenue_cny: 601 }));
         assert!(!RowValue::zero(Table::Daily).is_present());
     }
 }

@@ -6,8 +6,7 @@ use sluice_runtime::reject::RejectReason;
 use sluice_runtime::stage::{Stage, StageError};
 use sluice_runtime::state::{CommitBatch, CommitStore};
 use sluice_runtime::table::{
-    AppDay, CustomKey, CustomValue, DailyKey, DailyValue, MinuteKey, MinuteValue, RowKey, RowValue,
-    Table,
+    AppDay, CustomKey, CustomValue, DailyKey, DailyValue, MinuteKey, MinuteValue, RowKey, RowValue, Table,
 };
 
 use crate::table_store::{Applied, Contributions, TableStore};
@@ -71,46 +70,27 @@ impl Sink {
     /// fields), only keys with at least one event (or reject).
     pub fn rows(&self, table: Table) -> Vec<(RowKey, RowValue)> {
         let mut rows: Vec<(RowKey, RowValue)> = match table {
-            Table::Daily => self
-                .daily
-                .iter()
-                .map(|(k, c)| (RowKey::Daily(k.clone()), merged(c, RowValue::Daily, table)))
-                .collect(),
+            Table::Daily => {
+                self.daily.iter().map(|(k, c)| (RowKey::Daily(k.clone()), merged(c, RowValue::Daily, table))).collect()
+            }
             Table::SessionsPerDevice => self
                 .sessions
                 .iter()
-                .map(|(k, c)| {
-                    (
-                        RowKey::SessionsPerDevice(k.clone()),
-                        merged(c, RowValue::SessionsPerDevice, table),
-                    )
-                })
+                .map(|(k, c)| (RowKey::SessionsPerDevice(k.clone()), merged(c, RowValue::SessionsPerDevice, table)))
                 .collect(),
             Table::CustomEvents => self
                 .custom
                 .iter()
-                .map(|(k, c)| {
-                    (
-                        RowKey::CustomEvents(k.clone()),
-                        merged(c, RowValue::CustomEvents, table),
-                    )
-                })
+                .map(|(k, c)| (RowKey::CustomEvents(k.clone()), merged(c, RowValue::CustomEvents, table)))
                 .collect(),
             Table::Minute => self
                 .minute
                 .iter()
-                .map(|(k, c)| {
-                    (
-                        RowKey::Minute(k.clone()),
-                        merged(c, RowValue::Minute, table),
-                    )
-                })
+                .map(|(k, c)| (RowKey::Minute(k.clone()), merged(c, RowValue::Minute, table)))
                 .collect(),
-            Table::Rejects => self
-                .rejects
-                .iter()
-                .map(|(k, c)| (RowKey::Rejects(*k), merged(c, RowValue::Rejects, table)))
-                .collect(),
+            Table::Rejects => {
+                self.rejects.iter().map(|(k, c)| (RowKey::Rejects(*k), merged(c, RowValue::Rejects, table))).collect()
+            }
         };
         rows.retain(|(_, v)| v.is_present());
         rows.sort_by(|a, b| match (&a.0, &b.0) {
@@ -154,15 +134,9 @@ impl Stage for Sink {
                 (RowKey::SessionsPerDevice(k), RowValue::SessionsPerDevice(v)) => {
                     self.sessions.apply(kg, row.version, k, v)
                 }
-                (RowKey::CustomEvents(k), RowValue::CustomEvents(v)) => {
-                    self.custom.apply(kg, row.version, k, v)
-                }
-                (RowKey::Minute(k), RowValue::Minute(v)) => {
-                    self.minute.apply(kg, row.version, k, v)
-                }
-                (RowKey::Rejects(k), RowValue::Rejects(v)) => {
-                    self.rejects.apply(kg, row.version, k, v)
-                }
+                (RowKey::CustomEvents(k), RowValue::CustomEvents(v)) => self.custom.apply(kg, row.version, k, v),
+                (RowKey::Minute(k), RowValue::Minute(v)) => self.minute.apply(kg, row.version, k, v),
+                (RowKey::Rejects(k), RowValue::Rejects(v)) => self.rejects.apply(kg, row.version, k, v),
                 // A key of one table with a value of another cannot come from
                 // a window of this build; it is dropped as stale.
                 _ => Applied::Stale,

@@ -96,32 +96,24 @@ where
         self.dirty_set.clear();
         let dirty = std::mem::take(&mut self.dirty);
         let rows = &self.rows;
-        let changes: Vec<(&K, Option<&Contributions<V>>)> = dirty
-            .iter()
-            .filter_map(|k| rows.get_key_value(k))
-            .map(|(k, c)| (k, Some(c)))
-            .collect();
-        self.log
-            .commit(tx, BTreeMap::from([(SINK_PARTITION, changes)]), || {
-                BTreeMap::from([(
-                    SINK_PARTITION,
-                    rows.iter().map(|(k, c)| (k, Some(c))).collect::<Vec<_>>(),
-                )])
-            })
+        let changes: Vec<(&K, Option<&Contributions<V>>)> =
+            dirty.iter().filter_map(|k| rows.get_key_value(k)).map(|(k, c)| (k, Some(c))).collect();
+        self.log.commit(tx, BTreeMap::from([(SINK_PARTITION, changes)]), || {
+            BTreeMap::from([(SINK_PARTITION, rows.iter().map(|(k, c)| (k, Some(c))).collect::<Vec<_>>())])
+        })
     }
 
     /// Load the table from the store.
     pub fn restore(&mut self, store: &CommitStore) -> Result<(), StateError> {
         let rows = &mut self.rows;
-        self.log
-            .restore(store, |_, key, contributions| match contributions {
-                Some(c) => {
-                    rows.insert(key, c);
-                }
-                None => {
-                    rows.remove(&key);
-                }
-            })
+        self.log.restore(store, |_, key, contributions| match contributions {
+            Some(c) => {
+                rows.insert(key, c);
+            }
+            None => {
+                rows.remove(&key);
+            }
+        })
     }
 }
 
@@ -131,12 +123,7 @@ mod tests {
 
     #[test]
     fn newest_version_per_key_group_wins_in_any_order() {
-        let upserts = [
-            (KeyGroup(0), 1, 10u64),
-            (KeyGroup(0), 3, 30),
-            (KeyGroup(1), 2, 5),
-            (KeyGroup(0), 2, 20),
-        ];
+        let upserts = [(KeyGroup(0), 1, 10u64), (KeyGroup(0), 3, 30), (KeyGroup(1), 2, 5), (KeyGroup(0), 2, 20)];
         for order in [[0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2], [2, 1, 1, 3]] {
             let mut t: TableStore<String, u64> = TableStore::new("t");
             for i in order {

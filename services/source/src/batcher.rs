@@ -21,20 +21,14 @@ pub struct Batcher {
 impl Batcher {
     /// An empty batcher for `key_groups`.
     pub fn new(key_groups: KeyGroups) -> Self {
-        Self {
-            key_groups,
-            batches: vec![Vec::new(); usize::from(key_groups.count())],
-            records: 0,
-        }
+        Self { key_groups, batches: vec![Vec::new(); usize::from(key_groups.count())], records: 0 }
     }
 
     /// Parse one record and add it to its key group's batch.
     pub fn push(&mut self, lineage: Lineage, key: &[u8], value: &[u8]) {
         let body = parse_upload(value);
         let kg = match &body {
-            Ok(up) => self
-                .key_groups
-                .of_device(up.app.as_bytes(), up.dev.as_bytes()),
+            Ok(up) => self.key_groups.of_device(up.app.as_bytes(), up.dev.as_bytes()),
             Err(_) => self.key_groups.of_raw_key(key),
         };
         self.batches[usize::from(kg.0)].push(RawUpload { lineage, body });
@@ -59,10 +53,7 @@ impl Batcher {
             .enumerate()
             .filter(|(_, b)| !b.is_empty())
             // The index is below the key group count, itself a u16.
-            .map(|(i, b)| RawBatch {
-                key_group: KeyGroup(i as u16),
-                uploads: std::mem::take(b),
-            })
+            .map(|(i, b)| RawBatch { key_group: KeyGroup(i as u16), uploads: std::mem::take(b) })
             .collect()
     }
 }
@@ -82,12 +73,8 @@ mod tests {
         let batches = b.take();
         let total: usize = batches.iter().map(|b| b.uploads.len()).sum();
         assert_eq!(total, 2);
-        let kg_of = |line| {
-            batches
-                .iter()
-                .find(|b| b.uploads.iter().any(|u| u.lineage.offset == line))
-                .map(|b| b.key_group)
-        };
+        let kg_of =
+            |line| batches.iter().find(|b| b.uploads.iter().any(|u| u.lineage.offset == line)).map(|b| b.key_group);
         assert_eq!(kg_of(0), Some(p.of_device(b"a", b"d")));
         assert_eq!(kg_of(1), Some(p.of_raw_key(b"d")));
         assert!(b.is_empty() && b.take().is_empty());

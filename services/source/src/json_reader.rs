@@ -74,11 +74,7 @@ pub struct Reader<'a> {
 impl<'a> Reader<'a> {
     /// A reader at the start of `s`.
     pub fn new(s: &'a str) -> Self {
-        Self {
-            s,
-            b: s.as_bytes(),
-            pos: 0,
-        }
+        Self { s, b: s.as_bytes(), pos: 0 }
     }
 
     fn ws(&mut self) {
@@ -107,11 +103,7 @@ impl<'a> Reader<'a> {
 
     /// After the top-level value: only whitespace may follow.
     pub fn end(&mut self) -> Result<()> {
-        if self.peek().is_none() {
-            Ok(())
-        } else {
-            Err(NotJson)
-        }
+        if self.peek().is_none() { Ok(()) } else { Err(NotJson) }
     }
 
     /// Whether the next value is an object (without consuming it).
@@ -159,11 +151,7 @@ impl<'a> Reader<'a> {
 
     /// Read an array, calling `item(reader)` for each element, which must
     /// consume it.
-    pub fn array(
-        &mut self,
-        depth: usize,
-        mut item: impl FnMut(&mut Self) -> Result<()>,
-    ) -> Result<()> {
+    pub fn array(&mut self, depth: usize, mut item: impl FnMut(&mut Self) -> Result<()>) -> Result<()> {
         if depth > MAX_DEPTH {
             return Err(NotJson);
         }
@@ -190,12 +178,8 @@ impl<'a> Reader<'a> {
     pub fn scalar(&mut self, depth: usize) -> Result<Scalar<'a>> {
         match self.peek().ok_or(NotJson)? {
             b'"' => self.string().map(Scalar::Str),
-            b'{' => self
-                .object(depth, |r, _| r.skip(depth + 1))
-                .map(|()| Scalar::Other),
-            b'[' => self
-                .array(depth, |r| r.skip(depth + 1))
-                .map(|()| Scalar::Other),
+            b'{' => self.object(depth, |r, _| r.skip(depth + 1)).map(|()| Scalar::Other),
+            b'[' => self.array(depth, |r| r.skip(depth + 1)).map(|()| Scalar::Other),
             b't' => self.literal(b"true").map(|()| Scalar::Other),
             b'f' => self.literal(b"false").map(|()| Scalar::Other),
             b'n' => self.literal(b"null").map(|()| Scalar::Other),
@@ -264,9 +248,7 @@ impl<'a> Reader<'a> {
         if i != int_end {
             return Ok(Scalar::Other);
         }
-        Ok(self.s[start..int_end]
-            .parse::<i64>()
-            .map_or(Scalar::Other, Scalar::Int))
+        Ok(self.s[start..int_end].parse::<i64>().map_or(Scalar::Other, Scalar::Int))
     }
 
     /// A string literal; borrowed unless it has escapes.
@@ -365,52 +347,21 @@ mod tests {
         assert_eq!(scalar("-0"), Ok(Scalar::Int(0)));
         assert_eq!(scalar("9223372036854775807"), Ok(Scalar::Int(i64::MAX)));
         assert_eq!(scalar("-9223372036854775808"), Ok(Scalar::Int(i64::MIN)));
-        for not_int in [
-            "5.0",
-            "1e3",
-            "1E+2",
-            "9223372036854775808",
-            "1e999",
-            "-1.5e-7",
-            "true",
-            "null",
-        ] {
+        for not_int in ["5.0", "1e3", "1E+2", "9223372036854775808", "1e999", "-1.5e-7", "true", "null"] {
             assert_eq!(scalar(not_int), Ok(Scalar::Other), "{not_int}");
         }
-        for not_json in [
-            "01",
-            "-",
-            "1.",
-            ".5",
-            "1e",
-            "+1",
-            "NaN",
-            "Infinity",
-            "-Infinity",
-            "tru",
-            "0x10",
-        ] {
+        for not_json in ["01", "-", "1.", ".5", "1e", "+1", "NaN", "Infinity", "-Infinity", "tru", "0x10"] {
             assert_eq!(scalar(not_json), Err(NotJson), "{not_json}");
         }
     }
 
     #[test]
     fn strings_borrow_unless_escaped() {
-        assert!(matches!(
-            scalar(r#""plain""#),
-            Ok(Scalar::Str(Cow::Borrowed("plain")))
-        ));
-        assert_eq!(
-            scalar(r#""a\"b\\c\/\n\u0041\u00e9""#),
-            Ok(Scalar::Str("a\"b\\c/\nAé".into()))
-        );
+        assert!(matches!(scalar(r#""plain""#), Ok(Scalar::Str(Cow::Borrowed("plain")))));
+        assert_eq!(scalar(r#""a\"b\\c\/\n\u0041\u00e9""#), Ok(Scalar::Str("a\"b\\c/\nAé".into())));
         assert_eq!(scalar(r#""\ud83d\ude00""#), Ok(Scalar::Str("😀".into())));
         assert_eq!(scalar(r#""\ud800x""#), Ok(Scalar::Str("\u{fffd}x".into())));
-        assert_eq!(
-            scalar("\"tab\there\""),
-            Err(NotJson),
-            "raw control characters are not JSON"
-        );
+        assert_eq!(scalar("\"tab\there\""), Err(NotJson), "raw control characters are not JSON");
         assert_eq!(scalar(r#""\x""#), Err(NotJson));
         assert_eq!(scalar(r#""open"#), Err(NotJson));
         assert_eq!(scalar(r#""\u12""#), Err(NotJson));
@@ -420,16 +371,7 @@ mod tests {
     fn containers_are_validated_while_skipped() {
         assert_eq!(scalar(r#"{"a":[1,{"b":null}],"c":"d"}"#), Ok(Scalar::Other));
         assert_eq!(scalar(" [ ] "), Ok(Scalar::Other));
-        for bad in [
-            "[1,]",
-            "{\"a\":1,}",
-            "{\"a\" 1}",
-            "{1:2}",
-            "[1 2]",
-            "{\"a\":1",
-            "[",
-            "{} {}",
-        ] {
+        for bad in ["[1,]", "{\"a\":1,}", "{\"a\" 1}", "{1:2}", "[1 2]", "{\"a\":1", "[", "{} {}"] {
             assert_eq!(scalar(bad), Err(NotJson), "{bad}");
         }
     }

@@ -20,10 +20,6 @@ pub struct SourceSettings {
 
 impl Default for SourceSettings {
     fn default() -> Self {
-        Self {
-            chunk_bytes: 1 << 20,
-            parse_threads: 0,
-            queue_chunks: 8,
-        }
+        Self { chunk_bytes: 1 << 20, parse_threads: 0, queue_chunks: 8 }
     }
 }

@@ -167,16 +167,8 @@ pub fn parse_upload(value: &[u8]) -> Result<Upload, RejectReason> {
     if f.is_v1 { v1(&f) } else { v2(f) }
 }
 
-fn required<'s>(
-    mid: &'s Scalar<'_>,
-    app: &'s Scalar<'_>,
-    dev: &'s Scalar<'_>,
-) -> Option<(&'s str, &'s str, &'s str)> {
-    Some((
-        mid.non_empty_str()?,
-        app.non_empty_str()?,
-        dev.non_empty_str()?,
-    ))
+fn required<'s>(mid: &'s Scalar<'_>, app: &'s Scalar<'_>, dev: &'s Scalar<'_>) -> Option<(&'s str, &'s str, &'s str)> {
+    Some((mid.non_empty_str()?, app.non_empty_str()?, dev.non_empty_str()?))
 }
 
 fn v2(f: UploadFields<'_>) -> Result<Upload, RejectReason> {
@@ -191,10 +183,7 @@ fn v2(f: UploadFields<'_>) -> Result<Upload, RejectReason> {
     let events = items
         .iter()
         .map(|item| match item {
-            EventItem::NotObject => RawEvent {
-                ts: 0,
-                body: Err(RejectReason::UnknownEvent),
-            },
+            EventItem::NotObject => RawEvent { ts: 0, body: Err(RejectReason::UnknownEvent) },
             EventItem::Object(ev) => v2_event(ev, sent),
         })
         .collect();
@@ -212,10 +201,7 @@ fn v2(f: UploadFields<'_>) -> Result<Upload, RejectReason> {
 
 /// Rules 5-7 for one v2 event.
 fn v2_event(ev: &EventFields<'_>, sent: i64) -> RawEvent {
-    let reject = |reason| RawEvent {
-        ts: 0,
-        body: Err(reason),
-    };
+    let reject = |reason| RawEvent { ts: 0, body: Err(reason) };
     let Some(t) = ev.t.str() else {
         return reject(RejectReason::UnknownEvent);
     };
@@ -227,25 +213,11 @@ fn v2_event(ev: &EventFields<'_>, sent: i64) -> RawEvent {
     };
     let body = match t {
         "launch" => Some(EventBody::Launch),
-        "page" => ev
-            .dur
-            .int()
-            .filter(|d| *d >= 0)
-            .map(|dur| EventBody::Page { dur }),
-        "terminate" => ev
-            .dur
-            .int()
-            .filter(|d| *d >= 0)
-            .map(|dur| EventBody::Terminate { dur }),
-        "custom" => ev
-            .id
-            .str()
-            .map(|id| EventBody::Custom { id: Arc::from(id) }),
+        "page" => ev.dur.int().filter(|d| *d >= 0).map(|dur| EventBody::Page { dur }),
+        "terminate" => ev.dur.int().filter(|d| *d >= 0).map(|dur| EventBody::Terminate { dur }),
+        "custom" => ev.id.str().map(|id| EventBody::Custom { id: Arc::from(id) }),
         _ => match (ev.amount.int().filter(|a| *a >= 0), ev.cur.str()) {
-            (Some(amount), Some(cur)) => Some(EventBody::Pay {
-                amount,
-                currency: Arc::from(cur),
-            }),
+            (Some(amount), Some(cur)) => Some(EventBody::Pay { amount, currency: Arc::from(cur) }),
             _ => None,
         },
     };
@@ -262,11 +234,9 @@ fn in_bounds(ts: i64, sent: i64) -> bool {
 }
 
 fn v1(f: &UploadFields<'_>) -> Result<Upload, RejectReason> {
-    let (Some((mid, app, dev)), Some(time), Some(kind)) = (
-        required(&f.msgid, &f.appkey, &f.deviceid),
-        f.time.int(),
-        f.kind.str(),
-    ) else {
+    let (Some((mid, app, dev)), Some(time), Some(kind)) =
+        (required(&f.msgid, &f.appkey, &f.deviceid), f.time.int(), f.kind.str())
+    else {
         return Err(RejectReason::MissingField);
     };
     // sent = ts = time * 1000. A time whose ms do not fit in 64 bits is still
@@ -275,18 +245,9 @@ fn v1(f: &UploadFields<'_>) -> Result<Upload, RejectReason> {
     let ts = time.checked_mul(1000);
     let sent = ts.unwrap_or(if time < 0 { i64::MIN } else { i64::MAX });
     let event = match (v1_kind(kind), ts) {
-        (None, _) => RawEvent {
-            ts: 0,
-            body: Err(RejectReason::UnknownEvent),
-        },
-        (Some(_), None) => RawEvent {
-            ts: 0,
-            body: Err(RejectReason::BadTimestamp),
-        },
-        (Some(k), Some(ts)) => RawEvent {
-            ts,
-            body: v1_body(k, f).ok_or(RejectReason::BadValue),
-        },
+        (None, _) => RawEvent { ts: 0, body: Err(RejectReason::UnknownEvent) },
+        (Some(_), None) => RawEvent { ts: 0, body: Err(RejectReason::BadTimestamp) },
+        (Some(k), Some(ts)) => RawEvent { ts, body: v1_body(k, f).ok_or(RejectReason::BadValue) },
     };
     Ok(Upload {
         mid: mid.into(),
@@ -327,17 +288,11 @@ fn v1_body(kind: V1Kind, f: &UploadFields<'_>) -> Option<EventBody> {
         V1Kind::Launch => Some(EventBody::Launch),
         V1Kind::Page => dur().map(|dur| EventBody::Page { dur }),
         V1Kind::Exit => dur().map(|dur| EventBody::Terminate { dur }),
-        V1Kind::Event => f
-            .eventid
-            .str()
-            .map(|id| EventBody::Custom { id: Arc::from(id) }),
+        V1Kind::Event => f.eventid.str().map(|id| EventBody::Custom { id: Arc::from(id) }),
         V1Kind::Payment => {
             let amount = f.money.str().and_then(money_to_fen)?;
             let currency = f.currency.str()?;
-            Some(EventBody::Pay {
-                amount,
-                currency: Arc::from(currency),
-            })
+            Some(EventBody::Pay { amount, currency: Arc::from(currency) })
         }
     }
 }
@@ -350,21 +305,14 @@ pub fn money_to_fen(money: &str) -> Option<i64> {
         Some(_) => return None,
         None => (money, ""),
     };
-    if yuan.is_empty()
-        || !yuan.bytes().all(|b| b.is_ascii_digit())
-        || !fen.bytes().all(|b| b.is_ascii_digit())
-    {
+    if yuan.is_empty() || !yuan.bytes().all(|b| b.is_ascii_digit()) || !fen.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     let yuan = yuan.trim_start_matches('0');
     if yuan.len() > 20 {
         return None; // far beyond i64 fen
     }
-    let y: i128 = if yuan.is_empty() {
-        0
-    } else {
-        yuan.parse().ok()?
-    };
+    let y: i128 = if yuan.is_empty() { 0 } else { yuan.parse().ok()? };
     let f: i128 = match fen.len() {
         0 => 0,
         1 => fen.parse::<i128>().ok()? * 10,
@@ -382,38 +330,18 @@ mod tests {
     }
 
     fn events(v: &str) -> Vec<Result<EventBody, RejectReason>> {
-        parse_upload(v.as_bytes())
-            .map(|u| u.events.into_iter().map(|e| e.body).collect())
-            .unwrap_or_default()
+        parse_upload(v.as_bytes()).map(|u| u.events.into_iter().map(|e| e.body).collect()).unwrap_or_default()
     }
 
     const V2: &str = r#"{"sdk":"json/2.4.0","mid":"m1","app":"app-0007","dev":"d-1","os":"iOS","ch":"AppStore","ip":"36.110.4.7","sent":1732000000123,"events":[{"t":"launch","ts":1732000000000,"sid":"s"}]}"#;
 
     #[test]
     fn rule1_malformed() {
-        for v in [
-            "",
-            "   ",
-            "null",
-            "[]",
-            "\"ok\"",
-            "123",
-            "ping",
-            "{",
-            "{\"a\":1} x",
-            &format!("[{V2}]"),
-        ] {
+        for v in ["", "   ", "null", "[]", "\"ok\"", "123", "ping", "{", "{\"a\":1} x", &format!("[{V2}]")] {
             assert_eq!(reject(v), Some(RejectReason::Malformed), "{v:?}");
         }
-        assert_eq!(
-            parse_upload(b"{\"mid\":\"\xff\"}").err(),
-            Some(RejectReason::Malformed)
-        );
-        assert_eq!(
-            reject(&V2[..V2.len() - 1]),
-            Some(RejectReason::Malformed),
-            "truncated"
-        );
+        assert_eq!(parse_upload(b"{\"mid\":\"\xff\"}").err(), Some(RejectReason::Malformed));
+        assert_eq!(reject(&V2[..V2.len() - 1]), Some(RejectReason::Malformed), "truncated");
     }
 
     #[test]
@@ -426,18 +354,9 @@ mod tests {
             (r#""app":"app-0007""#, r#""app":null"#),
             (r#""sent":1732000000123"#, r#""sent":"1732000000123""#),
             (r#""sent":1732000000123"#, r#""sent":1732000000123.5"#),
-            (
-                r#""events":[{"t":"launch","ts":1732000000000,"sid":"s"}]"#,
-                r#""events":[]"#,
-            ),
-            (
-                r#""events":[{"t":"launch","ts":1732000000000,"sid":"s"}]"#,
-                r#""events":{}"#,
-            ),
-            (
-                r#""events":[{"t":"launch","ts":1732000000000,"sid":"s"}]"#,
-                r#""events":"launch""#,
-            ),
+            (r#""events":[{"t":"launch","ts":1732000000000,"sid":"s"}]"#, r#""events":[]"#),
+            (r#""events":[{"t":"launch","ts":1732000000000,"sid":"s"}]"#, r#""events":{}"#),
+            (r#""events":[{"t":"launch","ts":1732000000000,"sid":"s"}]"#, r#""events":"launch""#),
         ] {
             let v = V2.replace(from, to);
             assert_ne!(v, V2);
@@ -447,23 +366,11 @@ mod tests {
 
     #[test]
     fn v2_maps_fields_and_last_duplicate_key_wins() {
-        let u = parse_upload(
-            V2.replace(r#""os":"iOS""#, r#""os":"x","os":"iOS""#)
-                .as_bytes(),
-        );
+        let u = parse_upload(V2.replace(r#""os":"iOS""#, r#""os":"x","os":"iOS""#).as_bytes());
         let u = u.expect("valid upload");
-        assert_eq!(
-            (&*u.mid, &*u.app, &*u.dev, u.sent),
-            ("m1", "app-0007", "d-1", 1_732_000_000_123)
-        );
+        assert_eq!((&*u.mid, &*u.app, &*u.dev, u.sent), ("m1", "app-0007", "d-1", 1_732_000_000_123));
         assert_eq!(u.os.as_deref(), Some("iOS"));
-        assert_eq!(
-            u.events,
-            [RawEvent {
-                ts: 1_732_000_000_000,
-                body: Ok(EventBody::Launch)
-            }]
-        );
+        assert_eq!(u.events, [RawEvent { ts: 1_732_000_000_000, body: Ok(EventBody::Launch) }]);
         let u = parse_upload(V2.replace(r#""os":"iOS""#, r#""os":7"#).as_bytes()).expect("valid");
         assert_eq!(u.os, None);
     }
@@ -500,10 +407,7 @@ mod tests {
                 Err(BadValue),
                 Ok(EventBody::Terminate { dur: 0 }),
                 Err(BadValue),
-                Ok(EventBody::Pay {
-                    amount: 600,
-                    currency: "CNY".into()
-                }),
+                Ok(EventBody::Pay { amount: 600, currency: "CNY".into() }),
                 Err(BadValue),
                 Err(BadValue),
                 Ok(EventBody::Custom { id: "".into() }),
@@ -516,49 +420,17 @@ mod tests {
     #[test]
     fn v1_maps_to_the_unified_model() {
         let u = parse_upload(V1.as_bytes()).expect("valid v1");
-        assert_eq!(
-            (&*u.mid, &*u.app, &*u.dev, u.sent),
-            ("0a1b", "app-0007", "d-1", 1_732_000_004_000)
-        );
-        assert_eq!(
-            (u.os.as_deref(), u.channel.as_deref()),
-            (Some("Android"), Some("huawei"))
-        );
-        assert_eq!(
-            u.events,
-            [RawEvent {
-                ts: 1_732_000_004_000,
-                body: Ok(EventBody::Terminate { dur: 512 })
-            }]
-        );
-        let pay = V1.replace(
-            r#""type":"exit""#,
-            r#""type":"payment","money":"6.5","currency":"CNY""#,
-        );
-        assert_eq!(
-            events(&pay),
-            [Ok(EventBody::Pay {
-                amount: 650,
-                currency: "CNY".into()
-            })]
-        );
+        assert_eq!((&*u.mid, &*u.app, &*u.dev, u.sent), ("0a1b", "app-0007", "d-1", 1_732_000_004_000));
+        assert_eq!((u.os.as_deref(), u.channel.as_deref()), (Some("Android"), Some("huawei")));
+        assert_eq!(u.events, [RawEvent { ts: 1_732_000_004_000, body: Ok(EventBody::Terminate { dur: 512 }) }]);
+        let pay = V1.replace(r#""type":"exit""#, r#""type":"payment","money":"6.5","currency":"CNY""#);
+        assert_eq!(events(&pay), [Ok(EventBody::Pay { amount: 650, currency: "CNY".into() })]);
         let custom = V1.replace(r#""type":"exit""#, r#""type":"event","eventid":"share""#);
-        assert_eq!(
-            events(&custom),
-            [Ok(EventBody::Custom { id: "share".into() })]
-        );
-        assert_eq!(
-            events(&V1.replace("exit", "Exit")),
-            [Err(RejectReason::UnknownEvent)]
-        );
-        assert_eq!(
-            events(&V1.replace("512", "\"512\"")),
-            [Err(RejectReason::BadValue)]
-        );
+        assert_eq!(events(&custom), [Ok(EventBody::Custom { id: "share".into() })]);
+        assert_eq!(events(&V1.replace("exit", "Exit")), [Err(RejectReason::UnknownEvent)]);
+        assert_eq!(events(&V1.replace("512", "\"512\"")), [Err(RejectReason::BadValue)]);
         // A `ver` key makes it v1 wherever it stands; v2 fields are then ignored.
-        let late_ver = V1
-            .replace(r#""ver":"1.9.3","#, "")
-            .replace('}', r#","events":5,"ver":1}"#);
+        let late_ver = V1.replace(r#""ver":"1.9.3","#, "").replace('}', r#","events":5,"ver":1}"#);
         assert!(parse_upload(late_ver.as_bytes()).is_ok());
     }
 
@@ -569,10 +441,7 @@ mod tests {
             (r#""type":"exit""#, r#""type":3"#),
             (r#""msgid":"0a1b""#, r#""msgid":5"#),
         ] {
-            assert_eq!(
-                reject(&V1.replace(from, to)),
-                Some(RejectReason::MissingField)
-            );
+            assert_eq!(reject(&V1.replace(from, to)), Some(RejectReason::MissingField));
         }
         let huge = V1.replace("1732000004", "9223372036854776"); // * 1000 > i64::MAX
         assert_eq!(events(&huge), [Err(RejectReason::BadTimestamp)]);
@@ -590,19 +459,7 @@ mod tests {
         ] {
             assert_eq!(money_to_fen(s), fen, "{s}");
         }
-        for s in [
-            "",
-            "6.",
-            ".5",
-            "6.123",
-            "-6.00",
-            "6,00",
-            "six",
-            "6元",
-            "92233720368547758.08",
-            "1e3",
-            " 6",
-        ] {
+        for s in ["", "6.", ".5", "6.123", "-6.00", "6,00", "six", "6元", "92233720368547758.08", "1e3", " 6"] {
             assert_eq!(money_to_fen(s), None, "{s}");
         }
     }

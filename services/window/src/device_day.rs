@@ -44,13 +44,7 @@ pub struct DeviceDayChange {
 impl DeviceDay {
     /// An empty day of a device in `key_group`.
     pub fn new(key_group: KeyGroup) -> Self {
-        Self {
-            key_group,
-            launches: 0,
-            cells: Vec::new(),
-            custom_ids: Vec::new(),
-            dirty: false,
-        }
+        Self { key_group, launches: 0, cells: Vec::new(), custom_ids: Vec::new(), dirty: false }
     }
 
     /// Whether the day has seen any event (a new one has not).
@@ -104,14 +98,7 @@ impl DeviceDay {
             cells: self
                 .cells
                 .iter()
-                .map(|(d, p)| {
-                    (
-                        d.os.to_string(),
-                        d.channel.to_string(),
-                        d.country.to_string(),
-                        *p,
-                    )
-                })
+                .map(|(d, p)| (d.os.to_string(), d.channel.to_string(), d.country.to_string(), *p))
                 .collect(),
             custom_ids: self.custom_ids.iter().map(|c| c.to_string()).collect(),
         }
@@ -126,14 +113,7 @@ impl DeviceDay {
                 .cells
                 .into_iter()
                 .map(|(os, channel, country, p)| {
-                    (
-                        Dimensions {
-                            os: os.into(),
-                            channel: channel.into(),
-                            country: country.into(),
-                        },
-                        p,
-                    )
+                    (Dimensions { os: os.into(), channel: channel.into(), country: country.into() }, p)
                 })
                 .collect(),
             custom_ids: s.custom_ids.into_iter().map(Arc::from).collect(),
@@ -155,49 +135,20 @@ mod tests {
     use super::*;
 
     fn dims(country: &str) -> Dimensions {
-        Dimensions {
-            os: "ios".into(),
-            channel: "apple".into(),
-            country: country.into(),
-        }
+        Dimensions { os: "ios".into(), channel: "apple".into(), country: country.into() }
     }
 
     #[test]
     fn counts_each_device_once_per_cell_and_bucket() {
         let mut d = DeviceDay::new(KeyGroup(0));
         let c = d.observe(&dims("CN"), 0, false);
-        assert_eq!(
-            c,
-            DeviceDayChange {
-                new_in_cell: true,
-                new_payer: false,
-                bucket_move: Some((None, 0))
-            }
-        );
+        assert_eq!(c, DeviceDayChange { new_in_cell: true, new_payer: false, bucket_move: Some((None, 0)) });
         let c = d.observe(&dims("CN"), 1, true);
-        assert_eq!(
-            c,
-            DeviceDayChange {
-                new_in_cell: false,
-                new_payer: true,
-                bucket_move: Some((Some(0), 1))
-            }
-        );
+        assert_eq!(c, DeviceDayChange { new_in_cell: false, new_payer: true, bucket_move: Some((Some(0), 1)) });
         let c = d.observe(&dims("US"), 5, true);
-        assert_eq!(
-            c,
-            DeviceDayChange {
-                new_in_cell: true,
-                new_payer: true,
-                bucket_move: Some((Some(1), 6))
-            }
-        );
+        assert_eq!(c, DeviceDayChange { new_in_cell: true, new_payer: true, bucket_move: Some((Some(1), 6)) });
         let c = d.observe(&dims("US"), 1, true);
-        assert_eq!(
-            c,
-            DeviceDayChange::default(),
-            "7 launches stay in bucket 6-10"
-        );
+        assert_eq!(c, DeviceDayChange::default(), "7 launches stay in bucket 6-10");
         let id: Arc<str> = "level_up".into();
         assert!(d.observe_custom(&id) && !d.observe_custom(&id));
         let back = DeviceDay::from_stored(KeyGroup(0), d.to_stored());

@@ -45,11 +45,7 @@ where
 {
     /// An empty table whose state lives under `namespace`.
     pub fn new(namespace: &'static str) -> Self {
-        Self {
-            rows: HashMap::default(),
-            dirty: Vec::new(),
-            log: ChangelogTable::new(namespace),
-        }
+        Self { rows: HashMap::default(), dirty: Vec::new(), log: ChangelogTable::new(namespace) }
     }
 
     /// Change the partial of `key` in `kg` (created as `V::default()`).
@@ -65,13 +61,7 @@ where
             }
             Entry::Vacant(v) => {
                 self.dirty.push(v.key().clone());
-                let p = v.insert(Partial {
-                    versioned: Versioned {
-                        version: 0,
-                        value: V::default(),
-                    },
-                    dirty: true,
-                });
+                let p = v.insert(Partial { versioned: Versioned { version: 0, value: V::default() }, dirty: true });
                 change(&mut p.versioned.value);
             }
         }
@@ -106,10 +96,7 @@ where
         let mut changes: Changes<'_, K, Versioned<V>> = BTreeMap::new();
         for key in &dirty {
             if let Some(p) = rows.get(key) {
-                changes
-                    .entry(key.0)
-                    .or_default()
-                    .push((&key.1, Some(&p.versioned)));
+                changes.entry(key.0).or_default().push((&key.1, Some(&p.versioned)));
             }
         }
         self.log.commit(tx, changes, || {
@@ -121,18 +108,12 @@ where
         })
     }
 
-    /// Load every stored partial.
-    pub fn restore(&mut self, store: &CommitStore) -> Result<(), StateError> {
+    /// Load every stored partial of the key groups `owns` accepts.
+    pub fn restore(&mut self, store: &CommitStore, owns: impl Fn(KeyGroup) -> bool) -> Result<(), StateError> {
         let rows = &mut self.rows;
-        self.log.restore(store, |kg, key, value| match value {
+        self.log.restore_owned(store, owns, |kg, key, value| match value {
             Some(versioned) => {
-                rows.insert(
-                    (kg, key),
-                    Partial {
-                        versioned,
-                        dirty: false,
-                    },
-                );
+                rows.insert((kg, key), Partial { versioned, dirty: false });
             }
             None => {
                 rows.remove(&(kg, key));

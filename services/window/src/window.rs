@@ -17,13 +17,13 @@ use rustc_hash::FxBuildHasher;
 use sluice_runtime::batch::{Dimensions, EnrichedBatch, EventBody, RowBatch};
 use sluice_runtime::changelog::ChangelogTable;
 use sluice_runtime::event_time::{LocalDay, LocalMinute};
-use sluice_runtime::key_group::KeyGroup;
+use sluice_runtime::key_group::{KeyGroup, KeyGroupSet};
 use sluice_runtime::reject::RejectReason;
 use sluice_runtime::stage::{Stage, StageError};
 use sluice_runtime::state::{CommitBatch, CommitStore};
 use sluice_runtime::table::{
-    AppDay, CustomKey, CustomValue, DailyKey, DailyValue, MinuteKey, MinuteValue, PartialRow,
-    RowKey, RowValue, playtime_bucket,
+    AppDay, CustomKey, CustomValue, DailyKey, DailyValue, MinuteKey, MinuteValue, PartialRow, RowKey, RowValue,
+    playtime_bucket,
 };
 
 use crate::device_day::{DeviceDay, StoredDeviceDay};
@@ -68,6 +68,7 @@ pub struct Window {
     custom: Partials<CustomKey, CustomValue>,
     minute: Partials<MinuteKey, MinuteValue>,
     rejects: Partials<RejectReason, u64>,
+    owned: Option<KeyGroupSet>,
 }
 
 impl Default for Window {
@@ -88,27 +89,26 @@ impl Window {
             custom: Partials::new("window/custom"),
             minute: Partials::new("window/minute"),
             rejects: Partials::new("window/rejects"),
+            owned: None,
         }
+    }
+
+    /// Own only these key groups: restore reads only their state. Batches of
+    /// other key groups must not be given to this instance.
+    pub fn owning(mut self, key_groups: KeyGroupSet) -> Self {
+        self.owned = Some(key_groups);
+        self
     }
 
     /// Sizes of the state: (device-days, partial rows).
     pub fn sizes(&self) -> (usize, usize) {
-        let partials = self.daily.len()
-            + self.sessions.len()
-            + self.custom.len()
-            + self.minute.len()
-            + self.rejects.len();
+        let partials =
+            self.daily.len() + self.sessions.len() + self.custom.len() + self.minute.len() + self.rejects.len();
         (self.device_days.len(), partials)
     }
 
     fn daily_key(app: &Arc<str>, day: LocalDay, d: &Dimensions) -> DailyKey {
-        DailyKey {
-            app: app.clone(),
-            day,
-            os: d.os.clone(),
-            channel: d.channel.clone(),
-            country: d.country.clone(),
-        }
+        DailyKey { app: app.clone(), day, os: d.os.clone(), channel: d.channel.clone(), country: d.country.clone() }
     }
 
     fn upload(
@@ -177,72 +177,45 @@ impl Window {
             };
             let was_dirty = device_day.dirty;
             let change = device_day.observe(dims, slot.launches, slot.paid);
-            let new_custom: Vec<bool> = slot
-                .custom
-                .iter()
-                .map(|(id, _)| device_day.observe_custom(id))
-                .collect();
+            let new_custom: Vec<bool> = slot.custom.iter().map(|(id, _)| device_day.observe_custom(id)).collect();
             if !was_dirty {
                 self.dirty_days.push((app.clone(), dev.clone(), slot.day));
             }
-            self.daily
-                .update(kg, Self::daily_key(app, slot.day, dims), |v| {
-                    v.events += slot.events;
-                    v.launches += slot.launches;
-                    v.active_devices += u64::from(change.new_in_cell);
-                    v.payers += u64::from(change.new_payer);
-                    v.playtime_s += slot.playtime_s;
-                    for (h, n) in v.playtime_hist.iter_mut().zip(slot.playtime_hist) {
-                        *h += n;
-                    }
-                    for (cur, amount) in &slot.revenue {
-                        *v.revenue.entry(cur.clone()).or_default() += amount;
-                    }
-                });
+            self.daily.update(kg, Self::daily_key(app, slot.day, dims), |v| {
+                v.events += slot.events;
+                v.launches += slot.launches;
+                v.active_devices += u64::from(change.new_in_cell);
+                v.payers += u64::from(change.new_payer);
+                v.playtime_s += slot.playtime_s;
+                for (h, n) in v.playtime_hist.iter_mut().zip(slot.playtime_hist) {
+                    *h += n;
+                }
+                for (cur, amount) in &slot.revenue {
+                    *v.revenue.entry(cur.clone()).or_default() += amount;
+                }
+            });
             if let Some((from, to)) = change.bucket_move {
-                self.sessions.update(
-                    kg,
-                    AppDay {
-                        app: app.clone(),
-                        day: slot.day,
-                    },
-                    |b| {
-                        if let Some(from) = from {
-                            // The device was counted in `from` by this same partial.
-                            b[from] = b[from].saturating_sub(1);
-                        }
-                        b[to] += 1;
-                    },
-                );
+                self.sessions.update(kg, AppDay { app: app.clone(), day: slot.day }, |b| {
+                    if let Some(from) = from {
+                        // The device was counted in `from` by this same partial.
+                        b[from] = b[from].saturating_sub(1);
+                    }
+                    b[to] += 1;
+                });
             }
             for ((id, count), new_device) in slot.custom.into_iter().zip(new_custom) {
-                self.custom.update(
-                    kg,
-                    CustomKey {
-                        app: app.clone(),
-                        day: slot.day,
-                        event_id: id,
-                    },
-                    |v| {
-                        v.count += count;
-                        v.devices += u64::from(new_device);
-                    },
-                );
+                self.custom.update(kg, CustomKey { app: app.clone(), day: slot.day, event_id: id }, |v| {
+                    v.count += count;
+                    v.devices += u64::from(new_device);
+                });
             }
         }
         for (minute, delta) in minutes {
-            self.minute.update(
-                kg,
-                MinuteKey {
-                    app: app.clone(),
-                    minute,
-                },
-                |v| {
-                    v.events += delta.events;
-                    v.launches += delta.launches;
-                    v.revenue_cny += delta.revenue_cny;
-                },
-            );
+            self.minute.update(kg, MinuteKey { app: app.clone(), minute }, |v| {
+                v.events += delta.events;
+                v.launches += delta.launches;
+                v.revenue_cny += delta.revenue_cny;
+            });
         }
     }
 }
@@ -256,21 +229,22 @@ impl Stage for Window {
     }
 
     fn start(&mut self, store: &CommitStore) -> Result<(), StageError> {
-        self.daily.restore(store)?;
-        self.sessions.restore(store)?;
-        self.custom.restore(store)?;
-        self.minute.restore(store)?;
-        self.rejects.restore(store)?;
+        let owned = self.owned.clone();
+        let owns = |kg| owned.as_ref().is_none_or(|o| o.contains(kg));
+        self.daily.restore(store, owns)?;
+        self.sessions.restore(store, owns)?;
+        self.custom.restore(store, owns)?;
+        self.minute.restore(store, owns)?;
+        self.rejects.restore(store, owns)?;
         let days = &mut self.device_days;
-        self.device_day_log
-            .restore(store, |kg, key, stored| match stored {
-                Some(stored) => {
-                    days.insert(key, DeviceDay::from_stored(kg, stored));
-                }
-                None => {
-                    days.remove(&key);
-                }
-            })?;
+        self.device_day_log.restore_owned(store, owns, |kg, key, stored| match stored {
+            Some(stored) => {
+                days.insert(key, DeviceDay::from_stored(kg, stored));
+            }
+            None => {
+                days.remove(&key);
+            }
+        })?;
         Ok(())
     }
 
@@ -281,17 +255,9 @@ impl Stage for Window {
         }
         for mv in &input.first_event_moves {
             if let Some(out_of) = &mv.out_of {
-                self.daily.update(
-                    kg,
-                    Self::daily_key(&mv.app, out_of.day, &out_of.dimensions),
-                    |v| v.new_devices -= 1,
-                );
+                self.daily.update(kg, Self::daily_key(&mv.app, out_of.day, &out_of.dimensions), |v| v.new_devices -= 1);
             }
-            self.daily.update(
-                kg,
-                Self::daily_key(&mv.app, mv.into.day, &mv.into.dimensions),
-                |v| v.new_devices += 1,
-            );
+            self.daily.update(kg, Self::daily_key(&mv.app, mv.into.day, &mv.into.dimensions), |v| v.new_devices += 1);
         }
         for (reason, count) in input.rejects.iter() {
             self.rejects.update(kg, reason, |n| *n += count);
@@ -302,63 +268,31 @@ impl Stage for Window {
     fn commit(&mut self, out: &mut Vec<RowBatch>, tx: &mut CommitBatch) -> Result<(), StageError> {
         let mut by_kg: BTreeMap<KeyGroup, Vec<PartialRow>> = BTreeMap::new();
         let mut emit = |kg: KeyGroup, version: u64, key: RowKey, value: RowValue| {
-            by_kg.entry(kg).or_default().push(PartialRow {
-                version,
-                key,
-                value,
-            });
+            by_kg.entry(kg).or_default().push(PartialRow { version, key, value });
         };
-        self.daily.commit(tx, |kg, v, k, x| {
-            emit(kg, v, RowKey::Daily(k.clone()), RowValue::Daily(x.clone()))
-        })?;
+        self.daily.commit(tx, |kg, v, k, x| emit(kg, v, RowKey::Daily(k.clone()), RowValue::Daily(x.clone())))?;
         self.sessions.commit(tx, |kg, v, k, x| {
-            emit(
-                kg,
-                v,
-                RowKey::SessionsPerDevice(k.clone()),
-                RowValue::SessionsPerDevice(*x),
-            )
+            emit(kg, v, RowKey::SessionsPerDevice(k.clone()), RowValue::SessionsPerDevice(*x))
         })?;
-        self.custom.commit(tx, |kg, v, k, x| {
-            emit(
-                kg,
-                v,
-                RowKey::CustomEvents(k.clone()),
-                RowValue::CustomEvents(*x),
-            )
-        })?;
-        self.minute.commit(tx, |kg, v, k, x| {
-            emit(kg, v, RowKey::Minute(k.clone()), RowValue::Minute(*x))
-        })?;
-        self.rejects.commit(tx, |kg, v, k, x| {
-            emit(kg, v, RowKey::Rejects(*k), RowValue::Rejects(*x))
-        })?;
-        out.extend(
-            by_kg
-                .into_iter()
-                .map(|(key_group, rows)| RowBatch { key_group, rows }),
-        );
+        self.custom
+            .commit(tx, |kg, v, k, x| emit(kg, v, RowKey::CustomEvents(k.clone()), RowValue::CustomEvents(*x)))?;
+        self.minute.commit(tx, |kg, v, k, x| emit(kg, v, RowKey::Minute(k.clone()), RowValue::Minute(*x)))?;
+        self.rejects.commit(tx, |kg, v, k, x| emit(kg, v, RowKey::Rejects(*k), RowValue::Rejects(*x)))?;
+        out.extend(by_kg.into_iter().map(|(key_group, rows)| RowBatch { key_group, rows }));
 
         let dirty = std::mem::take(&mut self.dirty_days);
-        let mut changes: BTreeMap<KeyGroup, Vec<(&DeviceDayKey, Option<StoredDeviceDay>)>> =
-            BTreeMap::new();
+        let mut changes: BTreeMap<KeyGroup, Vec<(&DeviceDayKey, Option<StoredDeviceDay>)>> = BTreeMap::new();
         for key in &dirty {
             if let Some(day) = self.device_days.get_mut(key) {
                 day.dirty = false;
-                changes
-                    .entry(day.key_group)
-                    .or_default()
-                    .push((key, Some(day.to_stored())));
+                changes.entry(day.key_group).or_default().push((key, Some(day.to_stored())));
             }
         }
         let days = &self.device_days;
         self.device_day_log.commit(tx, changes, || {
-            let mut all: BTreeMap<KeyGroup, Vec<(&DeviceDayKey, Option<StoredDeviceDay>)>> =
-                BTreeMap::new();
+            let mut all: BTreeMap<KeyGroup, Vec<(&DeviceDayKey, Option<StoredDeviceDay>)>> = BTreeMap::new();
             for (key, day) in days {
-                all.entry(day.key_group)
-                    .or_default()
-                    .push((key, Some(day.to_stored())));
+                all.entry(day.key_group).or_default().push((key, Some(day.to_stored())));
             }
             all
         })?;
@@ -375,11 +309,7 @@ mod tests {
     use super::*;
 
     fn dims() -> Dimensions {
-        Dimensions {
-            os: "ios".into(),
-            channel: "apple".into(),
-            country: "CN".into(),
-        }
+        Dimensions { os: "ios".into(), channel: "apple".into(), country: "CN".into() }
     }
 
     const DAY_MS: i64 = 86_400_000;
@@ -394,29 +324,21 @@ mod tests {
             events: events
                 .into_iter()
                 .enumerate()
-                .map(|(i, (ts, body))| EnrichedEvent {
-                    index: i as u32,
-                    ts,
-                    body,
-                })
+                .map(|(i, (ts, body))| EnrichedEvent { index: i as u32, ts, body })
                 .collect(),
         }
     }
 
     fn rows(w: &mut Window) -> Vec<PartialRow> {
         let mut out = Vec::new();
-        w.commit(&mut out, &mut CommitBatch::default())
-            .expect("commit");
+        w.commit(&mut out, &mut CommitBatch::default()).expect("commit");
         out.into_iter().flat_map(|b| b.rows).collect()
     }
 
     #[test]
     fn aggregates_one_key_group_exactly() {
         let mut w = Window::new();
-        let pay = |amount, cur: &str| EventBody::Pay {
-            amount,
-            currency: cur.into(),
-        };
+        let pay = |amount, cur: &str| EventBody::Pay { amount, currency: cur.into() };
         let batch = EnrichedBatch {
             key_group: KeyGroup(1),
             uploads: vec![
@@ -428,19 +350,10 @@ mod tests {
                         (T0 + 2, EventBody::Terminate { dur: 45 }),
                     ],
                 ),
-                upload(
-                    "d1",
-                    vec![
-                        (T0 + 61_000, EventBody::Launch),
-                        (T0 + 62_000, pay(99, "USD")),
-                    ],
-                ),
+                upload("d1", vec![(T0 + 61_000, EventBody::Launch), (T0 + 62_000, pay(99, "USD"))]),
                 upload(
                     "d2",
-                    vec![
-                        (T0 + DAY_MS - 1, EventBody::Custom { id: "share".into() }),
-                        (T0 + DAY_MS, EventBody::Launch),
-                    ],
+                    vec![(T0 + DAY_MS - 1, EventBody::Custom { id: "share".into() }), (T0 + DAY_MS, EventBody::Launch)],
                 ),
             ],
             first_event_moves: vec![FirstEventMove {
@@ -448,10 +361,7 @@ mod tests {
                 app: "app-1".into(),
                 dev: "d1".into(),
                 out_of: None,
-                into: DailyCell {
-                    day: LocalDay::of_ms(T0),
-                    dimensions: dims(),
-                },
+                into: DailyCell { day: LocalDay::of_ms(T0), dimensions: dims() },
             }],
             ..Default::default()
         };
@@ -464,41 +374,20 @@ mod tests {
         });
         let daily = daily.expect("daily row of day 0");
         // d1: 5 events; d2: its custom event one ms before midnight falls on day 0 too.
-        let counts = (
-            daily.events,
-            daily.launches,
-            daily.active_devices,
-            daily.new_devices,
-        );
+        let counts = (daily.events, daily.launches, daily.active_devices, daily.new_devices);
         assert_eq!(counts, (6, 2, 2, 1));
+        assert_eq!((daily.payers, daily.playtime_s, daily.playtime_hist[3]), (1, 45, 1));
         assert_eq!(
-            (daily.payers, daily.playtime_s, daily.playtime_hist[3]),
-            (1, 45, 1)
-        );
-        assert_eq!(
-            daily
-                .revenue
-                .into_iter()
-                .map(|(c, a)| (c.to_string(), a))
-                .collect::<Vec<_>>(),
+            daily.revenue.into_iter().map(|(c, a)| (c.to_string(), a)).collect::<Vec<_>>(),
             [("CNY".into(), 600), ("USD".into(), 99)]
         );
         let sessions = rows.iter().find_map(|r| match (&r.key, &r.value) {
-            (RowKey::SessionsPerDevice(k), RowValue::SessionsPerDevice(b)) if k.day == day0 => {
-                Some(*b)
-            }
+            (RowKey::SessionsPerDevice(k), RowValue::SessionsPerDevice(b)) if k.day == day0 => Some(*b),
             _ => None,
         });
-        assert_eq!(
-            sessions,
-            Some([1, 0, 1, 0, 0, 0, 0, 0, 0, 0]),
-            "d1: 2 launches; d2 (day 0): 0 launches"
-        );
+        assert_eq!(sessions, Some([1, 0, 1, 0, 0, 0, 0, 0, 0, 0]), "d1: 2 launches; d2 (day 0): 0 launches");
         assert!(rows.iter().all(|r| r.version == 1));
-        assert!(
-            self::rows(&mut w).is_empty(),
-            "nothing changed since the last commit"
-        );
+        assert!(self::rows(&mut w).is_empty(), "nothing changed since the last commit");
     }
 
     #[test]
@@ -524,11 +413,7 @@ mod tests {
             RowValue::Daily(v) => Some((r.version, v.events, v.active_devices)),
             _ => None,
         });
-        assert_eq!(
-            daily,
-            Some((2, 2, 1)),
-            "version grows, the device is not counted twice"
-        );
+        assert_eq!(daily, Some((2, 2, 1)), "version grows, the device is not counted twice");
         Ok(())
     }
 }
