@@ -177,18 +177,24 @@ struct PartialRow {
       count @18 :UInt64;
       devices @19 :UInt64;
     }
-    minute :group {
+    minuteBlock :group {     # the minute rows of one app in one local hour
       app @20 :Text;
-      minute @21 :Int64;     # local minute number
-      events @22 :UInt64;
-      launches @23 :UInt64;
-      revenueCny @24 :Text;  # decimal integer
+      hour @21 :Int64;       # local hour number (hours since 1970-01-01T00:00, UTC+08:00)
+      cells @22 :List(MinuteCell);
     }
     rejects :group {
-      reason @25 :RejectReason;
-      count @26 :UInt64;
+      reason @23 :RejectReason;
+      count @24 :UInt64;
     }
   }
+}
+
+# One minute of a minute block (sorted by minute, at most one per minute).
+struct MinuteCell {
+  minute @0 :Int64;          # local minute number
+  events @1 :UInt64;
+  launches @2 :UInt64;
+  revenueCny @3 :Text;       # decimal integer
 }
 
 struct Revenue {

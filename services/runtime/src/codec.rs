@@ -21,7 +21,8 @@ use crate::key_group::KeyGroup;
 use crate::lineage::Lineage;
 use crate::reject::{RejectCounts, RejectReason};
 use crate::table::{
-    AppDay, CustomKey, CustomValue, DailyKey, DailyValue, MinuteKey, MinuteValue, PartialRow, RowKey, RowValue,
+    AppDay, CustomKey, CustomValue, DailyKey, DailyValue, MinuteBlockKey, MinuteCell, MinuteValue, PartialRow, RowKey,
+    RowValue,
 };
 
 /// A batch that could not be read.
@@ -384,21 +385,27 @@ pub fn encode_rows(batch: &RowBatch) -> Vec<u8> {
                 c.set_count(v.count);
                 c.set_devices(v.devices);
             }
-            (RowKey::Minute(k), RowValue::Minute(v)) => {
-                let mut m = r.init_minute();
+            (RowKey::MinuteBlock(k), RowValue::MinuteBlock(cells)) => {
+                let mut m = r.init_minute_block();
                 m.set_app(&*k.app);
-                m.set_minute(k.minute.0);
-                m.set_events(v.events);
-                m.set_launches(v.launches);
-                m.set_revenue_cny(&*v.revenue_cny.to_string());
+                m.set_hour(k.hour);
+                let mut list = m.init_cells(cells.len() as u32);
+                for (j, cell) in cells.iter().enumerate() {
+                    let mut c = list.reborrow().get(j as u32);
+                    c.set_minute(cell.minute.0);
+                    c.set_events(cell.value.events);
+                    c.set_launches(cell.value.launches);
+                    c.set_revenue_cny(&*cell.value.revenue_cny.to_string());
+                }
             }
             (RowKey::Rejects(reason), RowValue::Rejects(n)) => {
                 let mut x = r.init_rejects();
                 x.set_reason(reason_to_wire(*reason));
                 x.set_count(*n);
             }
-            // A key and value of different tables cannot be built by the
-            // window; encode it as an empty rejects row rather than panic.
+            // A key and value of different tables, or a final (merged)
+            // minute row, is never emitted by a window: encode it as an
+            // empty rejects row, which a sink ignores, rather than panic.
             _ => {
                 let mut x = r.init_rejects();
                 x.set_count(0);
@@ -476,14 +483,24 @@ pub fn decode_rows(bytes: &[u8]) -> Result<RowBatch> {
                 }),
                 RowValue::CustomEvents(CustomValue { count: c.get_count(), devices: c.get_devices() }),
             ),
-            Which::Minute(m) => (
-                RowKey::Minute(MinuteKey { app: Arc::from(text(m.get_app())?), minute: LocalMinute(m.get_minute()) }),
-                RowValue::Minute(MinuteValue {
-                    events: m.get_events(),
-                    launches: m.get_launches(),
-                    revenue_cny: wide(m.get_revenue_cny(), "minute.revenueCny")?,
-                }),
-            ),
+            Which::MinuteBlock(m) => {
+                let mut cells = Vec::new();
+                for c in m.get_cells()?.iter() {
+                    let value = MinuteValue {
+                        events: c.get_events(),
+                        launches: c.get_launches(),
+                        revenue_cny: wide(c.get_revenue_cny(), "minuteCell.revenueCny")?,
+                    };
+                    cells.push(MinuteCell { minute: LocalMinute(c.get_minute()), value });
+                }
+                if cells.windows(2).any(|w| w[0].minute >= w[1].minute) {
+                    return Err(CodecError::Invalid("minuteBlock.cells (not sorted by minute)"));
+                }
+                (
+                    RowKey::MinuteBlock(MinuteBlockKey { app: Arc::from(text(m.get_app())?), hour: m.get_hour() }),
+                    RowValue::MinuteBlock(cells),
+                )
+            }
             Which::Rejects(x) => (RowKey::Rejects(reason_from_wire(x.get_reason()?)), RowValue::Rejects(x.get_count())),
         };
         rows.push(PartialRow { version: r.get_version(), key, value });
@@ -575,8 +592,17 @@ mod tests {
                 },
                 PartialRow {
                     version: 5,
-                    key: RowKey::Minute(MinuteKey { app: "a".into(), minute: LocalMinute(-3) }),
-                    value: RowValue::Minute(MinuteValue { events: 1, launches: 1, revenue_cny: 0 }),
+                    key: RowKey::MinuteBlock(MinuteBlockKey { app: "a".into(), hour: -1 }),
+                    value: RowValue::MinuteBlock(vec![
+                        MinuteCell {
+                            minute: LocalMinute(-3),
+                            value: MinuteValue { events: 1, launches: 1, revenue_cny: 0 },
+                        },
+                        MinuteCell {
+                            minute: LocalMinute(-2),
+                            value: MinuteValue { events: 2, launches: 0, revenue_cny: -7 },
+                        },
+                    ]),
                 },
                 PartialRow { version: 6, key: RowKey::Rejects(RejectReason::BadValue), value: RowValue::Rejects(3) },
             ],

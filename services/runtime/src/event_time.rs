@@ -32,6 +32,11 @@ impl LocalMinute {
     pub fn day(self) -> LocalDay {
         LocalDay(self.0.div_euclid(MINUTES_PER_DAY))
     }
+
+    /// The local hour this minute falls in: hours since 1970-01-01T00:00 local.
+    pub fn hour(self) -> i64 {
+        self.0.div_euclid(60)
+    }
 }
 
 impl LocalDay {

@@ -180,6 +180,52 @@ pub struct MinuteValue {
     pub revenue_cny: i128,
 }
 
+/// Key of a minute block: the `minute` rows of one app in one local hour.
+/// The window keeps and emits the minute table as blocks, because a row per
+/// (app, minute, key group) would be millions of tiny partials; a block is
+/// still an absolute, versioned partial of one key group.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct MinuteBlockKey {
+    /// App key.
+    pub app: Arc<str>,
+    /// Local hour number (hours since 1970-01-01T00:00, UTC+08:00).
+    pub hour: i64,
+}
+
+impl MinuteBlockKey {
+    /// The block a minute of an app belongs to.
+    pub fn of(app: Arc<str>, minute: LocalMinute) -> Self {
+        Self { app, hour: minute.hour() }
+    }
+
+    /// The local day of the block's hour.
+    pub fn day(&self) -> LocalDay {
+        LocalDay(self.hour.div_euclid(24))
+    }
+}
+
+/// One minute of a minute block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MinuteCell {
+    /// The minute.
+    pub minute: LocalMinute,
+    /// Its values.
+    pub value: MinuteValue,
+}
+
+/// Add `value` to the cell of `minute` in `cells` (sorted by minute).
+pub fn add_minute(cells: &mut Vec<MinuteCell>, minute: LocalMinute, value: &MinuteValue) {
+    match cells.binary_search_by_key(&minute, |c| c.minute) {
+        Ok(i) => {
+            let v = &mut cells[i].value;
+            v.events += value.events;
+            v.launches += value.launches;
+            v.revenue_cny += value.revenue_cny;
+        }
+        Err(i) => cells.insert(i, MinuteCell { minute, value: *value }),
+    }
+}
+
 /// A table key: which row of which table.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub enum RowKey {
@@ -191,6 +237,8 @@ pub enum RowKey {
     CustomEvents(CustomKey),
     /// A `minute` row.
     Minute(MinuteKey),
+    /// A block of `minute` rows (partial rows only).
+    MinuteBlock(MinuteBlockKey),
     /// A `rejects` row.
     Rejects(RejectReason),
 }
@@ -202,7 +250,7 @@ impl RowKey {
             Self::Daily(_) => Table::Daily,
             Self::SessionsPerDevice(_) => Table::SessionsPerDevice,
             Self::CustomEvents(_) => Table::CustomEvents,
-            Self::Minute(_) => Table::Minute,
+            Self::Minute(_) | Self::MinuteBlock(_) => Table::Minute,
             Self::Rejects(_) => Table::Rejects,
         }
     }
@@ -214,6 +262,7 @@ impl RowKey {
             Self::SessionsPerDevice(k) => (&k.app, k.day),
             Self::CustomEvents(k) => (&k.app, k.day),
             Self::Minute(k) => (&k.app, k.minute.day()),
+            Self::MinuteBlock(k) => (&k.app, k.day()),
             Self::Rejects(_) => return false,
         };
         &**a == app && day.is_none_or(|day| day == d)
@@ -231,6 +280,8 @@ pub enum RowValue {
     CustomEvents(CustomValue),
     /// `minute` values.
     Minute(MinuteValue),
+    /// The cells of a minute block, sorted by minute (partial rows only).
+    MinuteBlock(Vec<MinuteCell>),
     /// `rejects` count.
     Rejects(u64),
 }
@@ -266,6 +317,11 @@ impl RowValue {
                 a.launches += b.launches;
                 a.revenue_cny += b.revenue_cny;
             }
+            (Self::MinuteBlock(a), Self::MinuteBlock(b)) => {
+                for cell in b {
+                    add_minute(a, cell.minute, &cell.value);
+                }
+            }
             (Self::Rejects(a), Self::Rejects(b)) => *a += b,
             _ => {}
         }
@@ -279,6 +335,7 @@ impl RowValue {
             Self::SessionsPerDevice(b) => b.iter().any(|&n| n > 0),
             Self::CustomEvents(v) => v.count > 0,
             Self::Minute(v) => v.events > 0,
+            Self::MinuteBlock(cells) => cells.iter().any(|c| c.value.events > 0),
             Self::Rejects(n) => *n > 0,
         }
     }

@@ -6,7 +6,8 @@ use sluice_runtime::reject::RejectReason;
 use sluice_runtime::stage::{Stage, StageError};
 use sluice_runtime::state::{CommitBatch, CommitStore};
 use sluice_runtime::table::{
-    AppDay, CustomKey, CustomValue, DailyKey, DailyValue, MinuteKey, MinuteValue, RowKey, RowValue, Table,
+    AppDay, CustomKey, CustomValue, DailyKey, DailyValue, MinuteBlockKey, MinuteCell, MinuteKey, RowKey, RowValue,
+    Table, add_minute,
 };
 
 use crate::table_store::{Applied, Contributions, TableStore};
@@ -16,7 +17,7 @@ pub struct Sink {
     daily: TableStore<DailyKey, DailyValue>,
     sessions: TableStore<AppDay, [u64; 10]>,
     custom: TableStore<CustomKey, CustomValue>,
-    minute: TableStore<MinuteKey, MinuteValue>,
+    minute: TableStore<MinuteBlockKey, Vec<MinuteCell>>,
     rejects: TableStore<RejectReason, u64>,
     applied: u64,
     stale: u64,
@@ -86,7 +87,20 @@ impl Sink {
             Table::Minute => self
                 .minute
                 .iter()
-                .map(|(k, c)| (RowKey::Minute(k.clone()), merged(c, RowValue::Minute, table)))
+                .flat_map(|(k, c)| {
+                    let mut cells = Vec::new();
+                    for (_, _, block) in c {
+                        for cell in block {
+                            add_minute(&mut cells, cell.minute, &cell.value);
+                        }
+                    }
+                    cells.into_iter().map(|cell| {
+                        (
+                            RowKey::Minute(MinuteKey { app: k.app.clone(), minute: cell.minute }),
+                            RowValue::Minute(cell.value),
+                        )
+                    })
+                })
                 .collect(),
             Table::Rejects => {
                 self.rejects.iter().map(|(k, c)| (RowKey::Rejects(*k), merged(c, RowValue::Rejects, table))).collect()
@@ -135,7 +149,7 @@ impl Stage for Sink {
                     self.sessions.apply(kg, row.version, k, v)
                 }
                 (RowKey::CustomEvents(k), RowValue::CustomEvents(v)) => self.custom.apply(kg, row.version, k, v),
-                (RowKey::Minute(k), RowValue::Minute(v)) => self.minute.apply(kg, row.version, k, v),
+                (RowKey::MinuteBlock(k), RowValue::MinuteBlock(v)) => self.minute.apply(kg, row.version, k, v),
                 (RowKey::Rejects(k), RowValue::Rejects(v)) => self.rejects.apply(kg, row.version, k, v),
                 // A key of one table with a value of another cannot come from
                 // a window of this build; it is dropped as stale.

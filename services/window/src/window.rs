@@ -22,8 +22,8 @@ use sluice_runtime::reject::RejectReason;
 use sluice_runtime::stage::{Stage, StageError};
 use sluice_runtime::state::{CommitBatch, CommitStore};
 use sluice_runtime::table::{
-    AppDay, CustomKey, CustomValue, DailyKey, DailyValue, MinuteKey, MinuteValue, PartialRow, RowKey, RowValue,
-    playtime_bucket,
+    AppDay, CustomKey, CustomValue, DailyKey, DailyValue, MinuteBlockKey, MinuteCell, MinuteValue, PartialRow, RowKey,
+    RowValue, add_minute, playtime_bucket,
 };
 
 use crate::device_day::{DeviceDay, StoredDeviceDay};
@@ -66,7 +66,7 @@ pub struct Window {
     daily: Partials<DailyKey, DailyValue>,
     sessions: Partials<AppDay, [u64; 10]>,
     custom: Partials<CustomKey, CustomValue>,
-    minute: Partials<MinuteKey, MinuteValue>,
+    minute: Partials<MinuteBlockKey, Vec<MinuteCell>>,
     rejects: Partials<RejectReason, u64>,
     owned: Option<KeyGroupSet>,
 }
@@ -211,11 +211,7 @@ impl Window {
             }
         }
         for (minute, delta) in minutes {
-            self.minute.update(kg, MinuteKey { app: app.clone(), minute }, |v| {
-                v.events += delta.events;
-                v.launches += delta.launches;
-                v.revenue_cny += delta.revenue_cny;
-            });
+            self.minute.update(kg, MinuteBlockKey::of(app.clone(), minute), |cells| add_minute(cells, minute, &delta));
         }
     }
 }
@@ -276,7 +272,8 @@ impl Stage for Window {
         })?;
         self.custom
             .commit(tx, |kg, v, k, x| emit(kg, v, RowKey::CustomEvents(k.clone()), RowValue::CustomEvents(*x)))?;
-        self.minute.commit(tx, |kg, v, k, x| emit(kg, v, RowKey::Minute(k.clone()), RowValue::Minute(*x)))?;
+        self.minute
+            .commit(tx, |kg, v, k, x| emit(kg, v, RowKey::MinuteBlock(k.clone()), RowValue::MinuteBlock(x.clone())))?;
         self.rejects.commit(tx, |kg, v, k, x| emit(kg, v, RowKey::Rejects(*k), RowValue::Rejects(*x)))?;
         out.extend(by_kg.into_iter().map(|(key_group, rows)| RowBatch { key_group, rows }));
 

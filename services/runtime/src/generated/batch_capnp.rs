@@ -4452,7 +4452,7 @@ pub mod enriched_batch {
 }
 
 pub mod partial_row {
-  pub use self::Which::{Daily,SessionsPerDevice,CustomEvents,Minute,Rejects};
+  pub use self::Which::{Daily,SessionsPerDevice,CustomEvents,MinuteBlock,Rejects};
 
   #[derive(Copy, Clone)]
   pub struct Owned(());
@@ -4537,7 +4537,7 @@ pub mod partial_row {
           ))
         }
         3 => {
-          ::core::result::Result::Ok(Minute(
+          ::core::result::Result::Ok(MinuteBlock(
             self.reader.into()
           ))
         }
@@ -4646,12 +4646,10 @@ pub mod partial_row {
       self.builder.into()
     }
     #[inline]
-    pub fn init_minute(mut self, ) -> crate::batch_capnp::partial_row::minute::Builder<'a> {
+    pub fn init_minute_block(mut self, ) -> crate::batch_capnp::partial_row::minute_block::Builder<'a> {
       self.builder.set_data_field::<u16>(28, 3);
       self.builder.reborrow().get_pointer_field(0).clear();
       self.builder.set_data_field::<i64>(1, 0i64);
-      self.builder.set_data_field::<u64>(2, 0u64);
-      self.builder.set_data_field::<u64>(3, 0u64);
       self.builder.reborrow().get_pointer_field(1).clear();
       self.builder.into()
     }
@@ -4681,7 +4679,7 @@ pub mod partial_row {
           ))
         }
         3 => {
-          ::core::result::Result::Ok(Minute(
+          ::core::result::Result::Ok(MinuteBlock(
             self.builder.into()
           ))
         }
@@ -4704,7 +4702,7 @@ pub mod partial_row {
   impl Pipeline  {
   }
   mod _private {
-    pub static ENCODED_NODE: [::capnp::Word; 75] = [
+    pub static ENCODED_NODE: [::capnp::Word; 76] = [
       ::capnp::word(0, 0, 0, 0, 5, 0, 6, 0),
       ::capnp::word(241, 235, 199, 125, 32, 238, 100, 225),
       ::capnp::word(12, 0, 0, 0, 1, 0, 8, 0),
@@ -4753,14 +4751,14 @@ pub mod partial_row {
       ::capnp::word(4, 0, 252, 255, 0, 0, 0, 0),
       ::capnp::word(1, 0, 0, 0, 0, 0, 0, 0),
       ::capnp::word(168, 150, 236, 200, 25, 225, 195, 156),
-      ::capnp::word(97, 0, 0, 0, 58, 0, 0, 0),
+      ::capnp::word(97, 0, 0, 0, 98, 0, 0, 0),
       ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
       ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
       ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
       ::capnp::word(5, 0, 251, 255, 0, 0, 0, 0),
       ::capnp::word(1, 0, 0, 0, 0, 0, 0, 0),
       ::capnp::word(24, 56, 224, 234, 0, 222, 185, 170),
-      ::capnp::word(73, 0, 0, 0, 66, 0, 0, 0),
+      ::capnp::word(77, 0, 0, 0, 66, 0, 0, 0),
       ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
       ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
       ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
@@ -4778,7 +4776,8 @@ pub mod partial_row {
       ::capnp::word(101, 0, 0, 0, 0, 0, 0, 0),
       ::capnp::word(99, 117, 115, 116, 111, 109, 69, 118),
       ::capnp::word(101, 110, 116, 115, 0, 0, 0, 0),
-      ::capnp::word(109, 105, 110, 117, 116, 101, 0, 0),
+      ::capnp::word(109, 105, 110, 117, 116, 101, 66, 108),
+      ::capnp::word(111, 99, 107, 0, 0, 0, 0, 0),
       ::capnp::word(114, 101, 106, 101, 99, 116, 115, 0),
     ];
     pub fn get_field_types(index: u16) -> ::capnp::introspect::Type {
@@ -4787,7 +4786,7 @@ pub mod partial_row {
         1 => <crate::batch_capnp::partial_row::daily::Owned as ::capnp::introspect::Introspect>::introspect(),
         2 => <crate::batch_capnp::partial_row::sessions_per_device::Owned as ::capnp::introspect::Introspect>::introspect(),
         3 => <crate::batch_capnp::partial_row::custom_events::Owned as ::capnp::introspect::Introspect>::introspect(),
-        4 => <crate::batch_capnp::partial_row::minute::Owned as ::capnp::introspect::Introspect>::introspect(),
+        4 => <crate::batch_capnp::partial_row::minute_block::Owned as ::capnp::introspect::Introspect>::introspect(),
         5 => <crate::batch_capnp::partial_row::rejects::Owned as ::capnp::introspect::Introspect>::introspect(),
         _ => ::capnp::introspect::panic_invalid_field_index(index),
       }
@@ -4810,11 +4809,11 @@ pub mod partial_row {
     Daily(A0),
     SessionsPerDevice(A1),
     CustomEvents(A2),
-    Minute(A3),
+    MinuteBlock(A3),
     Rejects(A4),
   }
-  pub type WhichReader<'a,> = Which<crate::batch_capnp::partial_row::daily::Reader<'a>,crate::batch_capnp::partial_row::sessions_per_device::Reader<'a>,crate::batch_capnp::partial_row::custom_events::Reader<'a>,crate::batch_capnp::partial_row::minute::Reader<'a>,crate::batch_capnp::partial_row::rejects::Reader<'a>>;
-  pub type WhichBuilder<'a,> = Which<crate::batch_capnp::partial_row::daily::Builder<'a>,crate::batch_capnp::partial_row::sessions_per_device::Builder<'a>,crate::batch_capnp::partial_row::custom_events::Builder<'a>,crate::batch_capnp::partial_row::minute::Builder<'a>,crate::batch_capnp::partial_row::rejects::Builder<'a>>;
+  pub type WhichReader<'a,> = Which<crate::batch_capnp::partial_row::daily::Reader<'a>,crate::batch_capnp::partial_row::sessions_per_device::Reader<'a>,crate::batch_capnp::partial_row::custom_events::Reader<'a>,crate::batch_capnp::partial_row::minute_block::Reader<'a>,crate::batch_capnp::partial_row::rejects::Reader<'a>>;
+  pub type WhichBuilder<'a,> = Which<crate::batch_capnp::partial_row::daily::Builder<'a>,crate::batch_capnp::partial_row::sessions_per_device::Builder<'a>,crate::batch_capnp::partial_row::custom_events::Builder<'a>,crate::batch_capnp::partial_row::minute_block::Builder<'a>,crate::batch_capnp::partial_row::rejects::Builder<'a>>;
 
   pub mod daily {
     #[derive(Copy, Clone)]
@@ -5978,7 +5977,7 @@ pub mod partial_row {
     }
   }
 
-  pub mod minute {
+  pub mod minute_block {
     #[derive(Copy, Clone)]
     pub struct Owned(());
     impl ::capnp::introspect::Introspect for Owned { fn introspect() -> ::capnp::introspect::Type { ::capnp::introspect::TypeVariant::Struct(::capnp::introspect::RawBrandedStructSchema { generic: &_private::RAW_SCHEMA, field_types: _private::get_field_types, annotation_types: _private::get_annotation_types }).into() } }
@@ -6048,23 +6047,15 @@ pub mod partial_row {
         !self.reader.get_pointer_field(0).is_null()
       }
       #[inline]
-      pub fn get_minute(self) -> i64 {
+      pub fn get_hour(self) -> i64 {
         self.reader.get_data_field::<i64>(1)
       }
       #[inline]
-      pub fn get_events(self) -> u64 {
-        self.reader.get_data_field::<u64>(2)
-      }
-      #[inline]
-      pub fn get_launches(self) -> u64 {
-        self.reader.get_data_field::<u64>(3)
-      }
-      #[inline]
-      pub fn get_revenue_cny(self) -> ::capnp::Result<::capnp::text::Reader<'a>> {
+      pub fn get_cells(self) -> ::capnp::Result<::capnp::struct_list::Reader<'a,crate::batch_capnp::minute_cell::Owned>> {
         ::capnp::traits::FromPointerReader::get_from_pointer(&self.reader.get_pointer_field(1), ::core::option::Option::None)
       }
       #[inline]
-      pub fn has_revenue_cny(&self) -> bool {
+      pub fn has_cells(&self) -> bool {
         !self.reader.get_pointer_field(1).is_null()
       }
     }
@@ -6138,43 +6129,27 @@ pub mod partial_row {
         !self.builder.is_pointer_field_null(0)
       }
       #[inline]
-      pub fn get_minute(self) -> i64 {
+      pub fn get_hour(self) -> i64 {
         self.builder.get_data_field::<i64>(1)
       }
       #[inline]
-      pub fn set_minute(&mut self, value: i64)  {
+      pub fn set_hour(&mut self, value: i64)  {
         self.builder.set_data_field::<i64>(1, value);
       }
       #[inline]
-      pub fn get_events(self) -> u64 {
-        self.builder.get_data_field::<u64>(2)
-      }
-      #[inline]
-      pub fn set_events(&mut self, value: u64)  {
-        self.builder.set_data_field::<u64>(2, value);
-      }
-      #[inline]
-      pub fn get_launches(self) -> u64 {
-        self.builder.get_data_field::<u64>(3)
-      }
-      #[inline]
-      pub fn set_launches(&mut self, value: u64)  {
-        self.builder.set_data_field::<u64>(3, value);
-      }
-      #[inline]
-      pub fn get_revenue_cny(self) -> ::capnp::Result<::capnp::text::Builder<'a>> {
+      pub fn get_cells(self) -> ::capnp::Result<::capnp::struct_list::Builder<'a,crate::batch_capnp::minute_cell::Owned>> {
         ::capnp::traits::FromPointerBuilder::get_from_pointer(self.builder.get_pointer_field(1), ::core::option::Option::None)
       }
       #[inline]
-      pub fn set_revenue_cny(&mut self, value: impl ::capnp::traits::SetterInput<::capnp::text::Owned>)  {
-        ::capnp::traits::SetterInput::set_pointer_builder(self.builder.reborrow().get_pointer_field(1), value, false).unwrap()
+      pub fn set_cells(&mut self, value: ::capnp::struct_list::Reader<'_,crate::batch_capnp::minute_cell::Owned>) -> ::capnp::Result<()> {
+        ::capnp::traits::SetterInput::set_pointer_builder(self.builder.reborrow().get_pointer_field(1), value, false)
       }
       #[inline]
-      pub fn init_revenue_cny(self, size: u32) -> ::capnp::text::Builder<'a> {
-        self.builder.get_pointer_field(1).init_text(size)
+      pub fn init_cells(self, size: u32) -> ::capnp::struct_list::Builder<'a,crate::batch_capnp::minute_cell::Owned> {
+        ::capnp::traits::FromPointerBuilder::init_pointer(self.builder.get_pointer_field(1), size)
       }
       #[inline]
-      pub fn has_revenue_cny(&self) -> bool {
+      pub fn has_cells(&self) -> bool {
         !self.builder.is_pointer_field_null(1)
       }
     }
@@ -6188,59 +6163,46 @@ pub mod partial_row {
     impl Pipeline  {
     }
     mod _private {
-      pub static ENCODED_NODE: [::capnp::Word; 94] = [
+      pub static ENCODED_NODE: [::capnp::Word; 67] = [
         ::capnp::word(0, 0, 0, 0, 5, 0, 6, 0),
         ::capnp::word(168, 150, 236, 200, 25, 225, 195, 156),
         ::capnp::word(23, 0, 0, 0, 1, 0, 8, 0),
         ::capnp::word(241, 235, 199, 125, 32, 238, 100, 225),
         ::capnp::word(5, 0, 7, 0, 1, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(21, 0, 0, 0, 242, 0, 0, 0),
+        ::capnp::word(21, 0, 0, 0, 26, 1, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(25, 0, 0, 0, 31, 1, 0, 0),
+        ::capnp::word(29, 0, 0, 0, 175, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
         ::capnp::word(98, 97, 116, 99, 104, 46, 99, 97),
         ::capnp::word(112, 110, 112, 58, 80, 97, 114, 116),
         ::capnp::word(105, 97, 108, 82, 111, 119, 46, 109),
-        ::capnp::word(105, 110, 117, 116, 101, 0, 0, 0),
-        ::capnp::word(20, 0, 0, 0, 3, 0, 4, 0),
+        ::capnp::word(105, 110, 117, 116, 101, 66, 108, 111),
+        ::capnp::word(99, 107, 0, 0, 0, 0, 0, 0),
+        ::capnp::word(12, 0, 0, 0, 3, 0, 4, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
         ::capnp::word(0, 0, 1, 0, 20, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(125, 0, 0, 0, 34, 0, 0, 0),
+        ::capnp::word(69, 0, 0, 0, 34, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(120, 0, 0, 0, 3, 0, 1, 0),
-        ::capnp::word(132, 0, 0, 0, 2, 0, 1, 0),
+        ::capnp::word(64, 0, 0, 0, 3, 0, 1, 0),
+        ::capnp::word(76, 0, 0, 0, 2, 0, 1, 0),
         ::capnp::word(1, 0, 0, 0, 1, 0, 0, 0),
         ::capnp::word(0, 0, 1, 0, 21, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(129, 0, 0, 0, 58, 0, 0, 0),
+        ::capnp::word(73, 0, 0, 0, 42, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(124, 0, 0, 0, 3, 0, 1, 0),
-        ::capnp::word(136, 0, 0, 0, 2, 0, 1, 0),
-        ::capnp::word(2, 0, 0, 0, 2, 0, 0, 0),
+        ::capnp::word(68, 0, 0, 0, 3, 0, 1, 0),
+        ::capnp::word(80, 0, 0, 0, 2, 0, 1, 0),
+        ::capnp::word(2, 0, 0, 0, 1, 0, 0, 0),
         ::capnp::word(0, 0, 1, 0, 22, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(133, 0, 0, 0, 58, 0, 0, 0),
+        ::capnp::word(77, 0, 0, 0, 50, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(128, 0, 0, 0, 3, 0, 1, 0),
-        ::capnp::word(140, 0, 0, 0, 2, 0, 1, 0),
-        ::capnp::word(3, 0, 0, 0, 3, 0, 0, 0),
-        ::capnp::word(0, 0, 1, 0, 23, 0, 0, 0),
-        ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(137, 0, 0, 0, 74, 0, 0, 0),
-        ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(136, 0, 0, 0, 3, 0, 1, 0),
-        ::capnp::word(148, 0, 0, 0, 2, 0, 1, 0),
-        ::capnp::word(4, 0, 0, 0, 1, 0, 0, 0),
-        ::capnp::word(0, 0, 1, 0, 24, 0, 0, 0),
-        ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(145, 0, 0, 0, 90, 0, 0, 0),
-        ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(144, 0, 0, 0, 3, 0, 1, 0),
-        ::capnp::word(156, 0, 0, 0, 2, 0, 1, 0),
+        ::capnp::word(72, 0, 0, 0, 3, 0, 1, 0),
+        ::capnp::word(100, 0, 0, 0, 2, 0, 1, 0),
         ::capnp::word(97, 112, 112, 0, 0, 0, 0, 0),
         ::capnp::word(12, 0, 0, 0, 0, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
@@ -6249,7 +6211,7 @@ pub mod partial_row {
         ::capnp::word(12, 0, 0, 0, 0, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(109, 105, 110, 117, 116, 101, 0, 0),
+        ::capnp::word(104, 111, 117, 114, 0, 0, 0, 0),
         ::capnp::word(5, 0, 0, 0, 0, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
@@ -6257,30 +6219,16 @@ pub mod partial_row {
         ::capnp::word(5, 0, 0, 0, 0, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(101, 118, 101, 110, 116, 115, 0, 0),
-        ::capnp::word(9, 0, 0, 0, 0, 0, 0, 0),
+        ::capnp::word(99, 101, 108, 108, 115, 0, 0, 0),
+        ::capnp::word(14, 0, 0, 0, 0, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(9, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(108, 97, 117, 110, 99, 104, 101, 115),
-        ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(9, 0, 0, 0, 0, 0, 0, 0),
+        ::capnp::word(0, 0, 0, 0, 3, 0, 1, 0),
+        ::capnp::word(16, 0, 0, 0, 0, 0, 0, 0),
+        ::capnp::word(120, 28, 239, 202, 210, 20, 141, 141),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(9, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(114, 101, 118, 101, 110, 117, 101, 67),
-        ::capnp::word(110, 121, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(12, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
-        ::capnp::word(12, 0, 0, 0, 0, 0, 0, 0),
+        ::capnp::word(14, 0, 0, 0, 0, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
       ];
@@ -6288,9 +6236,7 @@ pub mod partial_row {
         match index {
           0 => <::capnp::text::Owned as ::capnp::introspect::Introspect>::introspect(),
           1 => <i64 as ::capnp::introspect::Introspect>::introspect(),
-          2 => <u64 as ::capnp::introspect::Introspect>::introspect(),
-          3 => <u64 as ::capnp::introspect::Introspect>::introspect(),
-          4 => <::capnp::text::Owned as ::capnp::introspect::Introspect>::introspect(),
+          2 => <::capnp::struct_list::Owned<crate::batch_capnp::minute_cell::Owned> as ::capnp::introspect::Introspect>::introspect(),
           _ => ::capnp::introspect::panic_invalid_field_index(index),
         }
       }
@@ -6303,9 +6249,9 @@ pub mod partial_row {
         members_by_discriminant: MEMBERS_BY_DISCRIMINANT,
         members_by_name: MEMBERS_BY_NAME,
       };
-      pub static NONUNION_MEMBERS : &[u16] = &[0,1,2,3,4];
+      pub static NONUNION_MEMBERS : &[u16] = &[0,1,2];
       pub static MEMBERS_BY_DISCRIMINANT : &[u16] = &[];
-      pub static MEMBERS_BY_NAME : &[u16] = &[0,2,3,1,4];
+      pub static MEMBERS_BY_NAME : &[u16] = &[0,2,1];
       pub const TYPE_ID: u64 = 0x9cc3_e119_c8ec_96a8;
     }
   }
@@ -6479,14 +6425,14 @@ pub mod partial_row {
         ::capnp::word(101, 106, 101, 99, 116, 115, 0, 0),
         ::capnp::word(8, 0, 0, 0, 3, 0, 4, 0),
         ::capnp::word(0, 0, 0, 0, 4, 0, 0, 0),
-        ::capnp::word(0, 0, 1, 0, 25, 0, 0, 0),
+        ::capnp::word(0, 0, 1, 0, 23, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
         ::capnp::word(41, 0, 0, 0, 58, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
         ::capnp::word(36, 0, 0, 0, 3, 0, 1, 0),
         ::capnp::word(48, 0, 0, 0, 2, 0, 1, 0),
         ::capnp::word(1, 0, 0, 0, 2, 0, 0, 0),
-        ::capnp::word(0, 0, 1, 0, 26, 0, 0, 0),
+        ::capnp::word(0, 0, 1, 0, 24, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
         ::capnp::word(45, 0, 0, 0, 50, 0, 0, 0),
         ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
@@ -6530,6 +6476,298 @@ pub mod partial_row {
       pub static MEMBERS_BY_NAME : &[u16] = &[1,0];
       pub const TYPE_ID: u64 = 0xaab9_de00_eae0_3818;
     }
+  }
+}
+
+pub mod minute_cell {
+  #[derive(Copy, Clone)]
+  pub struct Owned(());
+  impl ::capnp::introspect::Introspect for Owned { fn introspect() -> ::capnp::introspect::Type { ::capnp::introspect::TypeVariant::Struct(::capnp::introspect::RawBrandedStructSchema { generic: &_private::RAW_SCHEMA, field_types: _private::get_field_types, annotation_types: _private::get_annotation_types }).into() } }
+  impl ::capnp::traits::Owned for Owned { type Reader<'a> = Reader<'a>; type Builder<'a> = Builder<'a>; }
+  impl ::capnp::traits::OwnedStruct for Owned { type Reader<'a> = Reader<'a>; type Builder<'a> = Builder<'a>; }
+  impl ::capnp::traits::Pipelined for Owned { type Pipeline = Pipeline; }
+
+  pub struct Reader<'a> { reader: ::capnp::private::layout::StructReader<'a> }
+  impl <> ::core::marker::Copy for Reader<'_,>  {}
+  impl <> ::core::clone::Clone for Reader<'_,>  {
+    fn clone(&self) -> Self { *self }
+  }
+
+  impl <> ::capnp::traits::HasTypeId for Reader<'_,>  {
+    const TYPE_ID: u64 = _private::TYPE_ID;
+  }
+  impl <'a,> ::core::convert::From<::capnp::private::layout::StructReader<'a>> for Reader<'a,>  {
+    fn from(reader: ::capnp::private::layout::StructReader<'a>) -> Self {
+      Self { reader,  }
+    }
+  }
+
+  impl <'a,> ::core::convert::From<Reader<'a,>> for ::capnp::dynamic_value::Reader<'a>  {
+    fn from(reader: Reader<'a,>) -> Self {
+      Self::Struct(::capnp::dynamic_struct::Reader::new(reader.reader, ::capnp::schema::StructSchema::new(::capnp::introspect::RawBrandedStructSchema { generic: &_private::RAW_SCHEMA, field_types: _private::get_field_types::<>, annotation_types: _private::get_annotation_types::<>})))
+    }
+  }
+
+  impl <> ::core::fmt::Debug for Reader<'_,>  {
+    fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::result::Result<(), ::core::fmt::Error> {
+      core::fmt::Debug::fmt(&::core::convert::Into::<::capnp::dynamic_value::Reader<'_>>::into(*self), f)
+    }
+  }
+
+  impl <'a,> ::capnp::traits::FromPointerReader<'a> for Reader<'a,>  {
+    fn get_from_pointer(reader: &::capnp::private::layout::PointerReader<'a>, default: ::core::option::Option<&'a [::capnp::Word]>) -> ::capnp::Result<Self> {
+      ::core::result::Result::Ok(reader.get_struct(default)?.into())
+    }
+  }
+
+  impl <'a,> ::capnp::traits::IntoInternalStructReader<'a> for Reader<'a,>  {
+    fn into_internal_struct_reader(self) -> ::capnp::private::layout::StructReader<'a> {
+      self.reader
+    }
+  }
+
+  impl <'a,> ::capnp::traits::Imbue<'a> for Reader<'a,>  {
+    fn imbue(&mut self, cap_table: &'a ::capnp::private::layout::CapTable) {
+      self.reader.imbue(::capnp::private::layout::CapTableReader::Plain(cap_table))
+    }
+  }
+
+  impl <'a,> Reader<'a,>  {
+    pub fn reborrow(&self) -> Reader<'_,> {
+      Self { .. *self }
+    }
+
+    pub fn total_size(&self) -> ::capnp::Result<::capnp::MessageSize> {
+      self.reader.total_size()
+    }
+    #[inline]
+    pub fn get_minute(self) -> i64 {
+      self.reader.get_data_field::<i64>(0)
+    }
+    #[inline]
+    pub fn get_events(self) -> u64 {
+      self.reader.get_data_field::<u64>(1)
+    }
+    #[inline]
+    pub fn get_launches(self) -> u64 {
+      self.reader.get_data_field::<u64>(2)
+    }
+    #[inline]
+    pub fn get_revenue_cny(self) -> ::capnp::Result<::capnp::text::Reader<'a>> {
+      ::capnp::traits::FromPointerReader::get_from_pointer(&self.reader.get_pointer_field(0), ::core::option::Option::None)
+    }
+    #[inline]
+    pub fn has_revenue_cny(&self) -> bool {
+      !self.reader.get_pointer_field(0).is_null()
+    }
+  }
+
+  pub struct Builder<'a> { builder: ::capnp::private::layout::StructBuilder<'a> }
+  impl <> ::capnp::traits::HasStructSize for Builder<'_,>  {
+    const STRUCT_SIZE: ::capnp::private::layout::StructSize = ::capnp::private::layout::StructSize { data: 3, pointers: 1 };
+  }
+  impl <> ::capnp::traits::HasTypeId for Builder<'_,>  {
+    const TYPE_ID: u64 = _private::TYPE_ID;
+  }
+  impl <'a,> ::core::convert::From<::capnp::private::layout::StructBuilder<'a>> for Builder<'a,>  {
+    fn from(builder: ::capnp::private::layout::StructBuilder<'a>) -> Self {
+      Self { builder,  }
+    }
+  }
+
+  impl <'a,> ::core::convert::From<Builder<'a,>> for ::capnp::dynamic_value::Builder<'a>  {
+    fn from(builder: Builder<'a,>) -> Self {
+      Self::Struct(::capnp::dynamic_struct::Builder::new(builder.builder, ::capnp::schema::StructSchema::new(::capnp::introspect::RawBrandedStructSchema { generic: &_private::RAW_SCHEMA, field_types: _private::get_field_types::<>, annotation_types: _private::get_annotation_types::<>})))
+    }
+  }
+
+  impl <'a,> ::capnp::traits::ImbueMut<'a> for Builder<'a,>  {
+    fn imbue_mut(&mut self, cap_table: &'a mut ::capnp::private::layout::CapTable) {
+      self.builder.imbue(::capnp::private::layout::CapTableBuilder::Plain(cap_table))
+    }
+  }
+
+  impl <'a,> ::capnp::traits::FromPointerBuilder<'a> for Builder<'a,>  {
+    fn init_pointer(builder: ::capnp::private::layout::PointerBuilder<'a>, _size: u32) -> Self {
+      builder.init_struct(<Self as ::capnp::traits::HasStructSize>::STRUCT_SIZE).into()
+    }
+    fn get_from_pointer(builder: ::capnp::private::layout::PointerBuilder<'a>, default: ::core::option::Option<&'a [::capnp::Word]>) -> ::capnp::Result<Self> {
+      ::core::result::Result::Ok(builder.get_struct(<Self as ::capnp::traits::HasStructSize>::STRUCT_SIZE, default)?.into())
+    }
+  }
+
+  impl <> ::capnp::traits::SetterInput<Owned<>> for Reader<'_,>  {
+    fn set_pointer_builder(mut pointer: ::capnp::private::layout::PointerBuilder<'_>, value: Self, canonicalize: bool) -> ::capnp::Result<()> { pointer.set_struct(&value.reader, canonicalize) }
+  }
+
+  impl <'a,> Builder<'a,>  {
+    pub fn into_reader(self) -> Reader<'a,> {
+      self.builder.into_reader().into()
+    }
+    pub fn reborrow(&mut self) -> Builder<'_,> {
+      Builder { builder: self.builder.reborrow() }
+    }
+    pub fn reborrow_as_reader(&self) -> Reader<'_,> {
+      self.builder.as_reader().into()
+    }
+
+    pub fn total_size(&self) -> ::capnp::Result<::capnp::MessageSize> {
+      self.builder.as_reader().total_size()
+    }
+    #[inline]
+    pub fn get_minute(self) -> i64 {
+      self.builder.get_data_field::<i64>(0)
+    }
+    #[inline]
+    pub fn set_minute(&mut self, value: i64)  {
+      self.builder.set_data_field::<i64>(0, value);
+    }
+    #[inline]
+    pub fn get_events(self) -> u64 {
+      self.builder.get_data_field::<u64>(1)
+    }
+    #[inline]
+    pub fn set_events(&mut self, value: u64)  {
+      self.builder.set_data_field::<u64>(1, value);
+    }
+    #[inline]
+    pub fn get_launches(self) -> u64 {
+      self.builder.get_data_field::<u64>(2)
+    }
+    #[inline]
+    pub fn set_launches(&mut self, value: u64)  {
+      self.builder.set_data_field::<u64>(2, value);
+    }
+    #[inline]
+    pub fn get_revenue_cny(self) -> ::capnp::Result<::capnp::text::Builder<'a>> {
+      ::capnp::traits::FromPointerBuilder::get_from_pointer(self.builder.get_pointer_field(0), ::core::option::Option::None)
+    }
+    #[inline]
+    pub fn set_revenue_cny(&mut self, value: impl ::capnp::traits::SetterInput<::capnp::text::Owned>)  {
+      ::capnp::traits::SetterInput::set_pointer_builder(self.builder.reborrow().get_pointer_field(0), value, false).unwrap()
+    }
+    #[inline]
+    pub fn init_revenue_cny(self, size: u32) -> ::capnp::text::Builder<'a> {
+      self.builder.get_pointer_field(0).init_text(size)
+    }
+    #[inline]
+    pub fn has_revenue_cny(&self) -> bool {
+      !self.builder.is_pointer_field_null(0)
+    }
+  }
+
+  pub struct Pipeline { _typeless: ::capnp::any_pointer::Pipeline }
+  impl ::capnp::capability::FromTypelessPipeline for Pipeline {
+    fn new(typeless: ::capnp::any_pointer::Pipeline) -> Self {
+      Self { _typeless: typeless,  }
+    }
+  }
+  impl Pipeline  {
+  }
+  mod _private {
+    pub static ENCODED_NODE: [::capnp::Word; 79] = [
+      ::capnp::word(0, 0, 0, 0, 5, 0, 6, 0),
+      ::capnp::word(120, 28, 239, 202, 210, 20, 141, 141),
+      ::capnp::word(12, 0, 0, 0, 1, 0, 3, 0),
+      ::capnp::word(1, 111, 78, 217, 162, 183, 241, 195),
+      ::capnp::word(1, 0, 7, 0, 0, 0, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(21, 0, 0, 0, 186, 0, 0, 0),
+      ::capnp::word(29, 0, 0, 0, 7, 0, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(25, 0, 0, 0, 231, 0, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(98, 97, 116, 99, 104, 46, 99, 97),
+      ::capnp::word(112, 110, 112, 58, 77, 105, 110, 117),
+      ::capnp::word(116, 101, 67, 101, 108, 108, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 1, 0, 1, 0),
+      ::capnp::word(16, 0, 0, 0, 3, 0, 4, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(0, 0, 1, 0, 0, 0, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(97, 0, 0, 0, 58, 0, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(92, 0, 0, 0, 3, 0, 1, 0),
+      ::capnp::word(104, 0, 0, 0, 2, 0, 1, 0),
+      ::capnp::word(1, 0, 0, 0, 1, 0, 0, 0),
+      ::capnp::word(0, 0, 1, 0, 1, 0, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(101, 0, 0, 0, 58, 0, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(96, 0, 0, 0, 3, 0, 1, 0),
+      ::capnp::word(108, 0, 0, 0, 2, 0, 1, 0),
+      ::capnp::word(2, 0, 0, 0, 2, 0, 0, 0),
+      ::capnp::word(0, 0, 1, 0, 2, 0, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(105, 0, 0, 0, 74, 0, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(104, 0, 0, 0, 3, 0, 1, 0),
+      ::capnp::word(116, 0, 0, 0, 2, 0, 1, 0),
+      ::capnp::word(3, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(0, 0, 1, 0, 3, 0, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(113, 0, 0, 0, 90, 0, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(112, 0, 0, 0, 3, 0, 1, 0),
+      ::capnp::word(124, 0, 0, 0, 2, 0, 1, 0),
+      ::capnp::word(109, 105, 110, 117, 116, 101, 0, 0),
+      ::capnp::word(5, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(5, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(101, 118, 101, 110, 116, 115, 0, 0),
+      ::capnp::word(9, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(9, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(108, 97, 117, 110, 99, 104, 101, 115),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(9, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(9, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(114, 101, 118, 101, 110, 117, 101, 67),
+      ::capnp::word(110, 121, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(12, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(12, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+      ::capnp::word(0, 0, 0, 0, 0, 0, 0, 0),
+    ];
+    pub fn get_field_types(index: u16) -> ::capnp::introspect::Type {
+      match index {
+        0 => <i64 as ::capnp::introspect::Introspect>::introspect(),
+        1 => <u64 as ::capnp::introspect::Introspect>::introspect(),
+        2 => <u64 as ::capnp::introspect::Introspect>::introspect(),
+        3 => <::capnp::text::Owned as ::capnp::introspect::Introspect>::introspect(),
+        _ => ::capnp::introspect::panic_invalid_field_index(index),
+      }
+    }
+    pub fn get_annotation_types(child_index: Option<u16>, index: u32) -> ::capnp::introspect::Type {
+      ::capnp::introspect::panic_invalid_annotation_indices(child_index, index)
+    }
+    pub static RAW_SCHEMA: ::capnp::introspect::RawStructSchema = ::capnp::introspect::RawStructSchema {
+      encoded_node: &ENCODED_NODE,
+      nonunion_members: NONUNION_MEMBERS,
+      members_by_discriminant: MEMBERS_BY_DISCRIMINANT,
+      members_by_name: MEMBERS_BY_NAME,
+    };
+    pub static NONUNION_MEMBERS : &[u16] = &[0,1,2,3];
+    pub static MEMBERS_BY_DISCRIMINANT : &[u16] = &[];
+    pub static MEMBERS_BY_NAME : &[u16] = &[1,2,0,3];
+    pub const TYPE_ID: u64 = 0x8d8d_14d2_caef_1c78;
   }
 }
 
