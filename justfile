@@ -47,7 +47,7 @@ ci: test
 unit:
     cargo nextest run --workspace --lib
 
-# Embedded benchmark on the bench set: median events/s of RUNS runs, peak RSS, checked against oracle.py.
+# Embedded benchmark on the bench set: median events/s of RUNS runs, peak RSS, checked against and timed beside oracle.py.
 [group('bench')]
 bench-embedded DIR="/tmp/sluice-bench" RUNS="3":
-    bash scripts/bench-embedded.sh {{DIR}} {{RUNS}}
+    BASELINE=1 bash scripts/bench-embedded.sh {{DIR}} {{RUNS}}
