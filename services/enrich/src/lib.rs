@@ -12,6 +12,7 @@
 
 pub mod dimensions;
 pub mod enricher;
+pub mod pipe;
 pub mod registry;
 pub mod settings;
 

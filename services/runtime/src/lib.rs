@@ -11,13 +11,15 @@
 //! - the [`table`] rows the job produces and their JSON form ([`json`]);
 //! - the [`state`] commit store and [`changelog`] tables on it (sled) that makes a stage's state, its input
 //!   position and its outputs durable together;
-//! - the [`stage`] lifecycle trait and layered [`settings`].
+//! - the [`stage`] lifecycle trait, layered [`settings`], and the stdio
+//!   [`frame`] transport of the stage binaries.
 #![warn(missing_docs)]
 
 pub mod batch;
 pub mod changelog;
 pub mod codec;
 pub mod event_time;
+pub mod frame;
 pub mod json;
 pub mod key_group;
 pub mod lineage;

@@ -14,6 +14,7 @@
 pub mod batcher;
 pub mod framing;
 pub mod json_reader;
+pub mod pipe;
 pub mod position;
 pub mod settings;
 pub mod upload;

@@ -16,6 +16,7 @@
 
 pub mod device_day;
 pub mod partials;
+pub mod pipe;
 pub mod window;
 
 pub use window::Window;
