@@ -387,6 +387,119 @@ mod tests {
         assert!(self::rows(&mut w).is_empty(), "nothing changed since the last commit");
     }
 
+    fn find<T>(rows: &[PartialRow], pick: impl Fn(&RowKey, &RowValue) -> Option<T>) -> Vec<T> {
+        rows.iter().filter_map(|r| pick(&r.key, &r.value)).collect()
+    }
+
+    #[test]
+    fn custom_events_count_events_and_distinct_devices() {
+        let mut w = Window::new();
+        let custom = |id: &str| EventBody::Custom { id: id.into() };
+        let batch = EnrichedBatch {
+            key_group: KeyGroup(4),
+            uploads: vec![
+                upload("d1", vec![(T0, custom("share")), (T0 + 1, custom("share")), (T0 + 2, custom("level_up"))]),
+                upload("d1", vec![(T0 + 3, custom("share"))]),
+                upload("d2", vec![(T0 + 4, custom("share")), (T0 + DAY_MS, custom("share"))]),
+            ],
+            ..Default::default()
+        };
+        w.batch(batch, &mut Vec::new()).expect("batch");
+        let day0 = LocalDay::of_ms(T0);
+        let got = find(&rows(&mut w), |k, v| match (k, v) {
+            (RowKey::CustomEvents(k), RowValue::CustomEvents(v)) => {
+                Some((k.day == day0, k.event_id.to_string(), v.count, v.devices))
+            }
+            _ => None,
+        });
+        let mut got = got;
+        got.sort();
+        assert_eq!(
+            got,
+            [(false, "share".into(), 1, 1), (true, "level_up".into(), 1, 1), (true, "share".into(), 4, 2)],
+            "d1 sends share three times on day 0 but counts once among its devices"
+        );
+    }
+
+    #[test]
+    fn minute_blocks_hold_one_cell_per_minute() {
+        let mut w = Window::new();
+        let pay = |amount, cur: &str| EventBody::Pay { amount, currency: cur.into() };
+        let batch = EnrichedBatch {
+            key_group: KeyGroup(0),
+            uploads: vec![
+                upload(
+                    "d1",
+                    vec![(T0, EventBody::Launch), (T0 + 59_999, pay(600, "CNY")), (T0 + 60_000, pay(99, "USD"))],
+                ),
+                upload("d2", vec![(T0 + 3_600_000, EventBody::Launch)]),
+            ],
+            ..Default::default()
+        };
+        w.batch(batch, &mut Vec::new()).expect("batch");
+        let blocks = find(&rows(&mut w), |k, v| match (k, v) {
+            (RowKey::MinuteBlock(k), RowValue::MinuteBlock(cells)) => Some((k.hour, cells.clone())),
+            _ => None,
+        });
+        let hour0 = LocalMinute::of_ms(T0).hour();
+        let cells = |h| blocks.iter().find(|(hour, _)| *hour == h).map(|(_, c)| c.clone()).unwrap_or_default();
+        let first: Vec<(i64, u64, u64, i128)> = cells(hour0)
+            .iter()
+            .map(|c| (c.minute.0 % 60, c.value.events, c.value.launches, c.value.revenue_cny))
+            .collect();
+        assert_eq!(first, [(0, 2, 1, 600), (1, 1, 0, 0)], "USD is not revenue_cny");
+        assert_eq!(cells(hour0 + 1).len(), 1);
+    }
+
+    #[test]
+    fn rejects_and_first_event_moves_become_partials() {
+        let mut w = Window::new();
+        let mut rejects = sluice_runtime::reject::RejectCounts::default();
+        rejects.add(RejectReason::Duplicate);
+        rejects.add(RejectReason::Duplicate);
+        rejects.add(RejectReason::BadValue);
+        let cell = |day_ms: i64| DailyCell { day: LocalDay::of_ms(day_ms), dimensions: dims() };
+        let batch = EnrichedBatch {
+            key_group: KeyGroup(9),
+            uploads: vec![upload("d1", vec![(T0, EventBody::Launch), (T0 + DAY_MS, EventBody::Launch)])],
+            first_event_moves: vec![
+                FirstEventMove {
+                    lineage: Lineage::line(0),
+                    app: "app-1".into(),
+                    dev: "d1".into(),
+                    out_of: None,
+                    into: cell(T0 + DAY_MS),
+                },
+                FirstEventMove {
+                    lineage: Lineage::line(1),
+                    app: "app-1".into(),
+                    dev: "d1".into(),
+                    out_of: Some(cell(T0 + DAY_MS)),
+                    into: cell(T0),
+                },
+            ],
+            rejects,
+        };
+        w.batch(batch, &mut Vec::new()).expect("batch");
+        let rows = rows(&mut w);
+        let mut rejects = find(&rows, |k, v| match (k, v) {
+            (RowKey::Rejects(r), RowValue::Rejects(n)) => Some((r.as_str(), *n)),
+            _ => None,
+        });
+        rejects.sort();
+        assert_eq!(rejects, [("bad_value", 1), ("duplicate", 2)]);
+        let mut new_devices = find(&rows, |k, v| match (k, v) {
+            (RowKey::Daily(k), RowValue::Daily(v)) => Some((k.day, v.new_devices)),
+            _ => None,
+        });
+        new_devices.sort();
+        assert_eq!(
+            new_devices,
+            [(LocalDay::of_ms(T0), 1), (LocalDay::of_ms(T0 + DAY_MS), 0)],
+            "retracted from the later day"
+        );
+    }
+
     #[test]
     fn state_survives_a_restart() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
