@@ -434,7 +434,7 @@ pub fn decode_rows(bytes: &[u8]) -> Result<RowBatch> {
                 for (j, n) in hist_list.iter().enumerate() {
                     playtime_hist[j] = n;
                 }
-                let mut revenue = std::collections::BTreeMap::new();
+                let mut revenue = crate::table::Revenue::default();
                 for e in d.get_revenue()?.iter() {
                     revenue.insert(Arc::from(text(e.get_currency())?), wide(e.get_amount(), "revenue.amount")?);
                 }

@@ -7,7 +7,6 @@
 //! answers or exports. A partial is an absolute value, so applying one twice,
 //! or an older one after a newer, changes nothing.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -111,7 +110,7 @@ pub struct DailyValue {
     /// Distinct devices with a payment in the key.
     pub payers: u64,
     /// Sum of payments per currency; a currency is present iff it had a payment.
-    pub revenue: BTreeMap<Arc<str>, i128>,
+    pub revenue: Revenue,
 }
 
 impl DailyValue {
@@ -125,9 +124,54 @@ impl DailyValue {
             *a += b;
         }
         self.payers += o.payers;
-        for (cur, amount) in &o.revenue {
-            *self.revenue.entry(cur.clone()).or_default() += amount;
+        for (cur, amount) in o.revenue.iter() {
+            self.revenue.add(cur, *amount);
         }
+    }
+}
+
+/// Payments summed per currency, sorted by currency. A currency is present
+/// iff it had a payment (even of 0). A sorted vector, not a map: a row has one
+/// or two currencies, and a map node would cost hundreds of bytes per row.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Revenue(Vec<(Arc<str>, i128)>);
+
+impl Revenue {
+    /// Add `amount` to `currency`'s sum.
+    pub fn add(&mut self, currency: &Arc<str>, amount: i128) {
+        match self.0.binary_search_by(|(c, _)| (**c).cmp(&**currency)) {
+            Ok(i) => self.0[i].1 += amount,
+            Err(i) => self.0.insert(i, (currency.clone(), amount)),
+        }
+    }
+
+    /// Same as [`Self::add`] (for building values).
+    pub fn insert(&mut self, currency: Arc<str>, amount: i128) {
+        self.add(&currency, amount);
+    }
+
+    /// (currency, sum), sorted by currency.
+    pub fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &i128)> {
+        self.0.iter().map(|(c, a)| (c, a))
+    }
+
+    /// Currencies with payments.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there was no payment.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl IntoIterator for Revenue {
+    type Item = (Arc<str>, i128);
+    type IntoIter = std::vec::IntoIter<(Arc<str>, i128)>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
     }
 }
 

@@ -191,7 +191,7 @@ impl Window {
                     *h += n;
                 }
                 for (cur, amount) in &slot.revenue {
-                    *v.revenue.entry(cur.clone()).or_default() += amount;
+                    v.revenue.add(cur, *amount);
                 }
             });
             if let Some((from, to)) = change.bucket_move {
