@@ -288,7 +288,7 @@ pub fn run_only(settings: &Settings, data: &Path, state: &Path) -> anyhow::Resul
     let (data, state) = (data.to_path_buf(), state.to_path_buf());
     let what = format!("running the pipeline over {} (state {})", data.display(), state.display());
     with_deadline(what, move || {
-        let (report, pipeline) = sluice_cli::embedded::run(&v, &data, &state, &mut |_p| {})?;
+        let (report, pipeline) = sluice_cli::embedded::run(&v, &data, &state, &Default::default(), &mut |_p| {})?;
         drop(pipeline);
         Ok(report)
     })
@@ -301,7 +301,7 @@ pub fn run_and_export(settings: &Settings, data: &Path, state: &Path, out: &Path
     let (data, state, out) = (data.to_path_buf(), state.to_path_buf(), out.to_path_buf());
     let what = format!("running the pipeline over {} (state {}) and exporting", data.display(), state.display());
     with_deadline(what, move || {
-        let (report, pipeline) = sluice_cli::embedded::run(&v, &data, &state, &mut |_p| {})?;
+        let (report, pipeline) = sluice_cli::embedded::run(&v, &data, &state, &Default::default(), &mut |_p| {})?;
         sluice_sink::export::export(pipeline.sink(), &out)
             .with_context(|| format!("exporting to {}", out.display()))?;
         Ok(report)

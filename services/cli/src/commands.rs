@@ -2,6 +2,8 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -72,15 +74,33 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// A flag set by SIGTERM or SIGINT: the run stops reading, finishes and
+/// commits what it has read, and exits 0 (Kubernetes' graceful stop).
+fn stop_on_signals() -> anyhow::Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, stop.clone()).context("installing the signal handler")?;
+    }
+    Ok(stop)
+}
+
 fn run(config: Option<&Path>, data: &Path, state: &Path) -> anyhow::Result<()> {
     let v = load_settings(config)?;
+    let stop = stop_on_signals()?;
     let mut line = ProgressLine::default();
-    let (report, _) = embedded::run(&v, data, state, &mut |p| line.update(p))?;
+    let (report, _) = embedded::run(&v, data, state, &stop, &mut |p| line.update(p))?;
     line.finish(&report.progress);
     let p = &report.progress;
     let mut out = std::io::stdout().lock();
     if report.resumed_at_line > 0 {
         writeln!(out, "resumed after line {} (already committed)", report.resumed_at_line)?;
+    }
+    if report.stopped {
+        writeln!(
+            out,
+            "stopped by a signal after line {}: everything read is committed; run again to go on",
+            report.resumed_at_line + p.records
+        )?;
     }
     writeln!(
         out,
@@ -147,7 +167,8 @@ fn demo(config: Option<&Path>, messages: u64, seed: u64, keep: Option<PathBuf>) 
     )?;
     drop(out);
     let mut line = ProgressLine::default();
-    let (report, pipeline) = embedded::run(&v, &data, &state, &mut |p| line.update(p))?;
+    let stop = stop_on_signals()?;
+    let (report, pipeline) = embedded::run(&v, &data, &state, &stop, &mut |p| line.update(p))?;
     line.finish(&report.progress);
     sluice_sink::export::export(pipeline.sink(), &tables)?;
     let mut out = std::io::stdout().lock();

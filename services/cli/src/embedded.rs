@@ -27,7 +27,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -84,6 +84,9 @@ pub struct RunReport {
     pub state_bytes: u64,
     /// Peak resident memory of this process so far, bytes (Linux; 0 elsewhere).
     pub peak_rss_bytes: u64,
+    /// The run was asked to stop before the end of its input (and committed
+    /// everything it had read).
+    pub stopped: bool,
 }
 
 /// Peak resident set size of this process (`VmHWM`), in bytes; 0 when unknown.
@@ -403,6 +406,7 @@ pub fn run(
     v: &Validated,
     data_dir: &Path,
     state_dir: &Path,
+    stop: &Arc<AtomicBool>,
     on_progress: &mut dyn FnMut(&Progress),
 ) -> anyhow::Result<(RunReport, Pipeline)> {
     let started = Instant::now();
@@ -470,9 +474,10 @@ pub fn run(
     let reader = {
         let input = input.clone();
         let start = position;
+        let stop = stop.clone();
         std::thread::Builder::new()
             .name("sluice-reader".into())
-            .spawn(move || read_chunks(file, &input, start, chunk_bytes, &slot_rx, &chunk_tx))
+            .spawn(move || read_chunks(file, &input, start, chunk_bytes, &stop, &slot_rx, &chunk_tx))
             .context("starting the reader thread")?
     };
     let mut parsers = Vec::new();
@@ -572,7 +577,9 @@ pub fn run(
     on_progress(&progress);
     tracing::info!(devices, device_days, partials, sink_keys = ?sink.sizes(), "state at the last commit");
     let state_bytes = store.size_on_disk().unwrap_or(0);
-    let report = RunReport { progress, resumed_at_line, commit_time, state_bytes, peak_rss_bytes: peak_rss_bytes() };
+    let stopped = stop.load(Ordering::Relaxed) && progress.bytes_done < progress.bytes_total;
+    let report =
+        RunReport { progress, resumed_at_line, commit_time, state_bytes, peak_rss_bytes: peak_rss_bytes(), stopped };
     Ok((report, Pipeline { sink }))
 }
 
@@ -582,6 +589,7 @@ fn read_chunks(
     input: &Path,
     start: FilePosition,
     chunk_bytes: usize,
+    stop: &AtomicBool,
     slots: &Receiver<()>,
     tx: &Sender<Chunk>,
 ) -> anyhow::Result<()> {
@@ -591,6 +599,9 @@ fn read_chunks(
     while !eof {
         if slots.recv().is_err() {
             break; // the pipeline stopped (it reports why)
+        }
+        if stop.load(Ordering::Relaxed) {
+            break; // asked to stop: what was read is processed and committed
         }
         let mut buf = std::mem::take(&mut carry);
         buf.reserve(chunk_bytes);
