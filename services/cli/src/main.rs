@@ -16,11 +16,5 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = sluice_cli::commands::Cli::parse();
-    match sluice_cli::commands::dispatch(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("sluice: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    sluice_runtime::exit::report("sluice", sluice_cli::commands::dispatch(cli))
 }

@@ -344,21 +344,10 @@ impl Json {
     }
 }
 
-/// Escapes quotes, backslashes and control characters, so a VALUE never holds a TAB or a newline.
+/// A JSON string literal: control characters (so TAB and newline) are escaped,
+/// so a VALUE never holds a record or field separator.
 fn write_json_str(out: &mut String, s: &str) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
+    sluice_runtime::json::write_str(out, s);
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -30,11 +30,5 @@ fn main() -> ExitCode {
         meter.finish();
         Ok(())
     };
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("sluice-enrich: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    sluice_runtime::exit::report("sluice-enrich", run())
 }

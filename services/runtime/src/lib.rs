@@ -19,6 +19,7 @@ pub mod batch;
 pub mod changelog;
 pub mod codec;
 pub mod event_time;
+pub mod exit;
 pub mod frame;
 pub mod json;
 pub mod key_group;

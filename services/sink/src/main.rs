@@ -36,11 +36,5 @@ fn main() -> ExitCode {
         }
         Ok(())
     };
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("sluice-sink: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    sluice_runtime::exit::report("sluice-sink", run())
 }

@@ -34,11 +34,5 @@ fn main() -> ExitCode {
         meter.finish();
         Ok(())
     };
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("sluice-source: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    sluice_runtime::exit::report("sluice-source", run())
 }

@@ -17,14 +17,6 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    match sluice_window::pipe::run(args.emit_every, std::io::stdin().lock(), std::io::stdout().lock()) {
-        Ok(meter) => {
-            meter.finish();
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("sluice-window: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    let result = sluice_window::pipe::run(args.emit_every, std::io::stdin().lock(), std::io::stdout().lock());
+    sluice_runtime::exit::report("sluice-window", result.map(|meter| meter.finish()))
 }
