@@ -106,7 +106,7 @@ pub struct GeoRange {
 /// All three dimension tables, read-only once loaded (replaced whole on reload).
 #[derive(Debug, Clone)]
 pub struct DimensionTables {
-    apps: HashMap<Arc<str>, App>,
+    apps: HashMap<Arc<str>, App, FxBuildHasher>,
     geo: Vec<GeoRange>,
     channels: HashMap<String, Arc<str>>,
     unknown_os: Arc<str>,

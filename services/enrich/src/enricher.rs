@@ -11,7 +11,7 @@
 //! the devices that changed since the last commit, under the key group they
 //! belong to (so a key group's state is one contiguous key range).
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use rustc_hash::FxBuildHasher;
@@ -30,8 +30,13 @@ use crate::settings::EnrichSettings;
 type DeviceKey = (Arc<str>, Arc<str>);
 
 struct Device {
+    /// The registry's copies of app and device, shared by every record of
+    /// the device it emits.
+    key: DeviceKey,
     key_group: KeyGroup,
     record: DeviceRecord,
+    /// Changed since the last commit (and listed in `Enricher::dirty`).
+    dirty: bool,
 }
 
 /// The enrich stage.
@@ -40,7 +45,7 @@ pub struct Enricher {
     cache: DimensionCache,
     dedup_window_ms: i64,
     devices: HashMap<DeviceKey, Device, FxBuildHasher>,
-    dirty: HashSet<DeviceKey, FxBuildHasher>,
+    dirty: Vec<DeviceKey>,
     log: ChangelogTable<DeviceKey, StoredDevice>,
     owned: Option<KeyGroupSet>,
 }
@@ -54,7 +59,7 @@ impl Enricher {
             cache: DimensionCache::default(),
             dedup_window_ms,
             devices: HashMap::default(),
-            dirty: HashSet::default(),
+            dirty: Vec::new(),
             log: ChangelogTable::new("enrich/device"),
             owned: None,
         }
@@ -98,7 +103,10 @@ impl Stage for Enricher {
         let owns = |kg| owned.as_ref().is_none_or(|o| o.contains(kg));
         self.log.restore_owned(store, owns, |kg, key, stored| match stored {
             Some(stored) => {
-                devices.insert(key, Device { key_group: kg, record: DeviceRecord::from_stored(stored) });
+                devices.insert(
+                    key.clone(),
+                    Device { key, key_group: kg, record: DeviceRecord::from_stored(stored), dirty: false },
+                );
             }
             None => {
                 devices.remove(&key);
@@ -123,16 +131,26 @@ impl Stage for Enricher {
                 continue;
             }
             let app = self.cache.app(&up.app);
-            let key = (app.clone(), up.dev.clone());
-            let device = self
-                .devices
-                .entry(key.clone())
-                .or_insert_with(|| Device { key_group: kg, record: DeviceRecord::default() });
+            let key = (app, up.dev);
+            let device = self.devices.entry(key.clone()).or_insert_with(|| Device {
+                key,
+                key_group: kg,
+                record: DeviceRecord::default(),
+                dirty: false,
+            });
             if device.record.is_duplicate(&up.mid) {
                 batch.rejects.add(RejectReason::Duplicate);
                 continue;
             }
             device.record.remember(&up.mid, up.sent, self.dedup_window_ms);
+            if !device.dirty {
+                device.dirty = true;
+                self.dirty.push(device.key.clone());
+            }
+            // The registry's own copies of app and device: every record of a
+            // device downstream shares one allocation, so the window's lookups
+            // compare pointers instead of bytes.
+            let (app, dev) = device.key.clone();
             let dimensions =
                 self.cache.dimensions(&self.tables, up.os.as_deref(), up.channel.as_deref(), up.ip.as_deref());
             let mut events = Vec::with_capacity(up.events.len());
@@ -144,24 +162,17 @@ impl Stage for Enricher {
                 }
             }
             if let Some(first) = events.iter().min_by_key(|e| (e.ts, e.index)) {
-                let candidate = FirstEvent {
-                    ts: first.ts,
-                    mid: up.mid.clone(),
-                    index: first.index,
-                    cell: DailyCell { day: LocalDay::of_ms(first.ts), dimensions: dimensions.clone() },
-                };
-                if let Some(out_of) = device.record.offer_first(candidate.clone()) {
-                    batch.first_event_moves.push(FirstEventMove {
-                        lineage: raw.lineage,
-                        app: app.clone(),
-                        dev: up.dev.clone(),
-                        out_of,
-                        into: candidate.cell,
-                    });
+                if device.record.would_be_first(first.ts, &up.mid, first.index) {
+                    let into = DailyCell { day: LocalDay::of_ms(first.ts), dimensions: dimensions.clone() };
+                    let candidate =
+                        FirstEvent { ts: first.ts, mid: up.mid.clone(), index: first.index, cell: into.clone() };
+                    if let Some(out_of) = device.record.offer_first(candidate) {
+                        let (app, dev) = (app.clone(), dev.clone());
+                        batch.first_event_moves.push(FirstEventMove { lineage: raw.lineage, app, dev, out_of, into });
+                    }
                 }
-                batch.uploads.push(EnrichedUpload { lineage: raw.lineage, app, dev: up.dev, dimensions, events });
+                batch.uploads.push(EnrichedUpload { lineage: raw.lineage, app, dev, dimensions, events });
             }
-            self.dirty.insert(key);
         }
         out.push(batch);
         Ok(())
@@ -169,7 +180,13 @@ impl Stage for Enricher {
 
     fn commit(&mut self, _out: &mut Vec<EnrichedBatch>, tx: &mut CommitBatch) -> Result<(), StageError> {
         let mut changes: BTreeMap<KeyGroup, Vec<(&DeviceKey, Option<StoredDevice>)>> = BTreeMap::new();
-        for key in &self.dirty {
+        let dirty = std::mem::take(&mut self.dirty);
+        for key in &dirty {
+            if let Some(device) = self.devices.get_mut(key) {
+                device.dirty = false;
+            }
+        }
+        for key in &dirty {
             if let Some((key, device)) = self.devices.get_key_value(key) {
                 changes.entry(device.key_group).or_default().push((key, Some(device.record.to_stored())));
             }
@@ -182,7 +199,6 @@ impl Stage for Enricher {
             }
             all
         })?;
-        self.dirty.clear();
         Ok(())
     }
 }

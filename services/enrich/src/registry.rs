@@ -75,6 +75,12 @@ impl DeviceRecord {
         }
     }
 
+    /// Whether an event with this order key would become the device's first
+    /// (cheap: lets callers build a [`FirstEvent`] only when it wins).
+    pub fn would_be_first(&self, ts: i64, mid: &str, index: u32) -> bool {
+        self.first.as_ref().is_none_or(|current| (ts, mid, index) < current.order())
+    }
+
     /// Offer an accepted event as the device's first. Returns `Some(previous
     /// cell)` when it becomes the first (`Some(None)`: the device is new), and
     /// `None` when the current first event stays.
