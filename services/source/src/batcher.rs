@@ -9,24 +9,30 @@ use sluice_runtime::batch::{RawBatch, RawUpload};
 use sluice_runtime::key_group::{KeyGroup, KeyGroups};
 use sluice_runtime::lineage::Lineage;
 
-use crate::upload::parse_upload;
+use crate::upload::{Labels, parse_upload_with};
 
 /// Collects records into per-key-group batches.
 pub struct Batcher {
     key_groups: KeyGroups,
     batches: Vec<Vec<RawUpload>>,
     records: usize,
+    labels: Labels,
 }
 
 impl Batcher {
     /// An empty batcher for `key_groups`.
     pub fn new(key_groups: KeyGroups) -> Self {
-        Self { key_groups, batches: vec![Vec::new(); usize::from(key_groups.count())], records: 0 }
+        Self {
+            key_groups,
+            batches: vec![Vec::new(); usize::from(key_groups.count())],
+            records: 0,
+            labels: Labels::default(),
+        }
     }
 
     /// Parse one record and add it to its key group's batch.
     pub fn push(&mut self, lineage: Lineage, key: &[u8], value: &[u8]) {
-        let body = parse_upload(value);
+        let body = parse_upload_with(value, &mut self.labels);
         let kg = match &body {
             Ok(up) => self.key_groups.of_device(up.app.as_bytes(), up.dev.as_bytes()),
             Err(_) => self.key_groups.of_raw_key(key),

@@ -161,17 +161,47 @@ fn owned(s: &Scalar<'_>) -> Option<Box<str>> {
 /// Rules 1-2 and the SPEC §1 mapping, then rules 5-7 per event: the upload in
 /// the unified model, or why the whole message is rejected.
 pub fn parse_upload(value: &[u8]) -> Result<Upload, RejectReason> {
+    parse_upload_with(value, &mut Labels::default())
+}
+
+/// Shared copies of the short strings events repeat (currencies, custom
+/// event ids): a handful of values occur millions of times, and each event
+/// would otherwise allocate its own. Bounded: past [`Labels::LIMIT`] distinct
+/// values, new ones are allocated as they come.
+#[derive(Default)]
+pub struct Labels {
+    seen: std::collections::HashMap<Box<str>, Arc<str>, rustc_hash::FxBuildHasher>,
+}
+
+impl Labels {
+    /// Distinct strings remembered at most.
+    pub const LIMIT: usize = 4096;
+
+    fn get(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.seen.get(s) {
+            return a.clone();
+        }
+        let a: Arc<str> = Arc::from(s);
+        if self.seen.len() < Self::LIMIT {
+            self.seen.insert(s.into(), a.clone());
+        }
+        a
+    }
+}
+
+/// [`parse_upload`], sharing repeated labels through `labels`.
+pub fn parse_upload_with(value: &[u8], labels: &mut Labels) -> Result<Upload, RejectReason> {
     // Rule 1 covers bytes that are not UTF-8 and an empty VALUE too.
     let text = std::str::from_utf8(value).map_err(|_| RejectReason::Malformed)?;
     let f = read_upload(text).map_err(|NotJson| RejectReason::Malformed)?;
-    if f.is_v1 { v1(&f) } else { v2(f) }
+    if f.is_v1 { v1(&f, labels) } else { v2(f, labels) }
 }
 
 fn required<'s>(mid: &'s Scalar<'_>, app: &'s Scalar<'_>, dev: &'s Scalar<'_>) -> Option<(&'s str, &'s str, &'s str)> {
     Some((mid.non_empty_str()?, app.non_empty_str()?, dev.non_empty_str()?))
 }
 
-fn v2(f: UploadFields<'_>) -> Result<Upload, RejectReason> {
+fn v2(f: UploadFields<'_>, labels: &mut Labels) -> Result<Upload, RejectReason> {
     let (Some((mid, app, dev)), Some(sent), Events::Array(items)) =
         (required(&f.mid, &f.app, &f.dev), f.sent.int(), &f.events)
     else {
@@ -184,7 +214,7 @@ fn v2(f: UploadFields<'_>) -> Result<Upload, RejectReason> {
         .iter()
         .map(|item| match item {
             EventItem::NotObject => RawEvent { ts: 0, body: Err(RejectReason::UnknownEvent) },
-            EventItem::Object(ev) => v2_event(ev, sent),
+            EventItem::Object(ev) => v2_event(ev, sent, labels),
         })
         .collect();
     Ok(Upload {
@@ -200,7 +230,7 @@ fn v2(f: UploadFields<'_>) -> Result<Upload, RejectReason> {
 }
 
 /// Rules 5-7 for one v2 event.
-fn v2_event(ev: &EventFields<'_>, sent: i64) -> RawEvent {
+fn v2_event(ev: &EventFields<'_>, sent: i64, labels: &mut Labels) -> RawEvent {
     let reject = |reason| RawEvent { ts: 0, body: Err(reason) };
     let Some(t) = ev.t.str() else {
         return reject(RejectReason::UnknownEvent);
@@ -215,9 +245,9 @@ fn v2_event(ev: &EventFields<'_>, sent: i64) -> RawEvent {
         "launch" => Some(EventBody::Launch),
         "page" => ev.dur.int().filter(|d| *d >= 0).map(|dur| EventBody::Page { dur }),
         "terminate" => ev.dur.int().filter(|d| *d >= 0).map(|dur| EventBody::Terminate { dur }),
-        "custom" => ev.id.str().map(|id| EventBody::Custom { id: Arc::from(id) }),
+        "custom" => ev.id.str().map(|id| EventBody::Custom { id: labels.get(id) }),
         _ => match (ev.amount.int().filter(|a| *a >= 0), ev.cur.str()) {
-            (Some(amount), Some(cur)) => Some(EventBody::Pay { amount, currency: Arc::from(cur) }),
+            (Some(amount), Some(cur)) => Some(EventBody::Pay { amount, currency: labels.get(cur) }),
             _ => None,
         },
     };
@@ -233,7 +263,7 @@ fn in_bounds(ts: i64, sent: i64) -> bool {
     sent - SEVEN_DAYS_MS <= ts && ts <= sent + TEN_MINUTES_MS
 }
 
-fn v1(f: &UploadFields<'_>) -> Result<Upload, RejectReason> {
+fn v1(f: &UploadFields<'_>, labels: &mut Labels) -> Result<Upload, RejectReason> {
     let (Some((mid, app, dev)), Some(time), Some(kind)) =
         (required(&f.msgid, &f.appkey, &f.deviceid), f.time.int(), f.kind.str())
     else {
@@ -247,7 +277,7 @@ fn v1(f: &UploadFields<'_>) -> Result<Upload, RejectReason> {
     let event = match (v1_kind(kind), ts) {
         (None, _) => RawEvent { ts: 0, body: Err(RejectReason::UnknownEvent) },
         (Some(_), None) => RawEvent { ts: 0, body: Err(RejectReason::BadTimestamp) },
-        (Some(k), Some(ts)) => RawEvent { ts, body: v1_body(k, f).ok_or(RejectReason::BadValue) },
+        (Some(k), Some(ts)) => RawEvent { ts, body: v1_body(k, f, labels).ok_or(RejectReason::BadValue) },
     };
     Ok(Upload {
         mid: mid.into(),
@@ -282,17 +312,17 @@ fn v1_kind(kind: &str) -> Option<V1Kind> {
 }
 
 /// Rule 7 for the one event of a v1 upload.
-fn v1_body(kind: V1Kind, f: &UploadFields<'_>) -> Option<EventBody> {
+fn v1_body(kind: V1Kind, f: &UploadFields<'_>, labels: &mut Labels) -> Option<EventBody> {
     let dur = || f.duration.int().filter(|d| *d >= 0);
     match kind {
         V1Kind::Launch => Some(EventBody::Launch),
         V1Kind::Page => dur().map(|dur| EventBody::Page { dur }),
         V1Kind::Exit => dur().map(|dur| EventBody::Terminate { dur }),
-        V1Kind::Event => f.eventid.str().map(|id| EventBody::Custom { id: Arc::from(id) }),
+        V1Kind::Event => f.eventid.str().map(|id| EventBody::Custom { id: labels.get(id) }),
         V1Kind::Payment => {
             let amount = f.money.str().and_then(money_to_fen)?;
             let currency = f.currency.str()?;
-            Some(EventBody::Pay { amount, currency: Arc::from(currency) })
+            Some(EventBody::Pay { amount, currency: labels.get(currency) })
         }
     }
 }
