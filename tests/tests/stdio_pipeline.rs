@@ -31,10 +31,22 @@ fn four_stages_over_framed_capnp_equal_oracle() -> anyhow::Result<()> {
     sluice_sink::export::export(&sink, &work.path().join("out"))?;
     assert_tables_equal(&set.expected(), &work.path().join("out"))?;
 
-    // Replaying the whole row stream into the same state changes nothing.
-    let (sink, _) = sluice_sink::pipe::run(&Default::default(), &work.path().join("state"), &rows[..])?;
+    // Replaying the whole row stream into the same sink changes nothing.
+    let mut sink = sink;
+    let mut stream = &rows[..];
+    while let Some(frame) = sluice_runtime::frame::read_frame(&mut stream)? {
+        use sluice_runtime::stage::Stage;
+        sink.batch(sluice_runtime::codec::decode_rows(&frame)?, &mut Vec::new())?;
+    }
     sluice_sink::export::export(&sink, &work.path().join("again"))?;
-    assert_tables_equal(&set.expected(), &work.path().join("again"))
+    assert_tables_equal(&set.expected(), &work.path().join("again"))?;
+
+    // A second pipe into the same state is refused: its versions start over.
+    match sluice_sink::pipe::run(&Default::default(), &work.path().join("state"), &rows[..]) {
+        Ok(_) => anyhow::bail!("an earlier pipe's state must be refused"),
+        Err(err) => assert!(format!("{err:#}").contains("fresh --state"), "{err:#}"),
+    }
+    Ok(())
 }
 
 #[test]

@@ -267,10 +267,13 @@ impl Workers {
     }
 
     fn failed(&self) -> anyhow::Error {
-        // A worker that stopped has sent its error as its last reply.
+        // A worker that stopped sent its error as its last reply, possibly
+        // behind answers to earlier barriers: look through all of them.
         for r in &self.replies {
-            if let Ok(Err(e)) = r.try_recv() {
-                return e;
+            while let Ok(answer) = r.try_recv() {
+                if let Err(e) = answer {
+                    return e;
+                }
             }
         }
         anyhow::anyhow!("a worker stopped")
@@ -485,6 +488,8 @@ pub fn run(
         let (rx, tx, key_groups) = (chunk_rx.clone(), parsed_tx.clone(), v.key_groups);
         let handle = std::thread::Builder::new()
             .name(format!("sluice-parse-{i}"))
+            // Parsing recurses once per JSON nesting level (up to 993).
+            .stack_size(8 << 20)
             .spawn(move || parse_chunks(&rx, &tx, key_groups))
             .context("starting a parser thread")?;
         parsers.push(handle);
@@ -637,7 +642,9 @@ fn read_chunks(
     Ok(())
 }
 
-/// Parse chunks into raw batches (the source stage's work).
+/// Parse chunks into raw batches (the source stage's work). A panic while
+/// parsing is sent on as an error: the coordinator would otherwise wait for
+/// the chunk forever.
 fn parse_chunks(
     rx: &Receiver<Chunk>,
     tx: &Sender<anyhow::Result<Parsed>>,
@@ -645,14 +652,23 @@ fn parse_chunks(
 ) {
     let mut batcher = Batcher::new(key_groups);
     for chunk in rx.iter() {
-        let mut n = 0u64;
-        for (i, line) in lines(&chunk.bytes).enumerate() {
-            let (key, value) = split_record(line);
-            batcher.push(Lineage::line(chunk.first_line + i as u64), key, value);
-            n += 1;
-        }
-        let parsed = Parsed { seq: chunk.seq, end_offset: chunk.end_offset, lines: n, batches: batcher.take() };
-        if tx.send(Ok(parsed)).is_err() {
+        let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut n = 0u64;
+            for (i, line) in lines(&chunk.bytes).enumerate() {
+                let (key, value) = split_record(line);
+                batcher.push(Lineage::line(chunk.first_line + i as u64), key, value);
+                n += 1;
+            }
+            Parsed { seq: chunk.seq, end_offset: chunk.end_offset, lines: n, batches: batcher.take() }
+        }));
+        let failed = parsed.is_err();
+        let message = parsed.map_err(|_| {
+            anyhow::anyhow!(
+                "the parser failed on the chunk starting at line {} (a bug: please report it)",
+                chunk.first_line
+            )
+        });
+        if tx.send(message).is_err() || failed {
             return;
         }
     }

@@ -43,7 +43,7 @@ impl FirstEvent {
 }
 
 /// What the registry knows about one device of one app.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct DeviceRecord {
     /// The device's first accepted event so far.
     pub first: Option<FirstEvent>,
@@ -56,6 +56,13 @@ pub struct DeviceRecord {
 }
 
 const FIRST_SWEEP: usize = 32;
+
+impl Default for DeviceRecord {
+    fn default() -> Self {
+        // The dedup clock starts before any `sent` (which may be negative).
+        Self { first: None, recent: HashMap::default(), newest_sent: i64::MIN, sweep_at: FIRST_SWEEP }
+    }
+}
 
 impl DeviceRecord {
     /// Rule 4: was a message with this id accepted before?
@@ -204,6 +211,16 @@ mod tests {
         assert!((960..1000).all(|i| r.is_duplicate(&format!("m{i}"))));
         assert!(r.remembered() <= 2 * 241 + FIRST_SWEEP, "{}", r.remembered());
         assert!(!r.is_duplicate("m-new"));
+    }
+
+    #[test]
+    fn negative_sent_clocks_remember_too() {
+        let mut r = DeviceRecord::default();
+        let day = 86_400_000;
+        for i in 0..100 {
+            r.remember(&format!("m{i}"), -10 * day + i, day);
+        }
+        assert!((0..100).all(|i| r.is_duplicate(&format!("m{i}"))), "all within a day of the newest sent");
     }
 
     #[test]

@@ -18,7 +18,7 @@ pub fn write_str(out: &mut String, s: &str) {
             '\t' => out.push_str("\\t"),
             '\u{8}' => out.push_str("\\b"),
             '\u{c}' => out.push_str("\\f"),
-            ' '..='\u{7f}' => out.push(c),
+            ' '..='~' => out.push(c),
             _ => {
                 let mut units = [0u16; 2];
                 for unit in c.encode_utf16(&mut units) {
@@ -114,7 +114,7 @@ mod tests {
     fn escapes_like_python_ensure_ascii() {
         let mut s = String::new();
         write_str(&mut s, "a\"\\\n\u{1}é单😀\u{7f}");
-        // DEL (U+007F) is ASCII: Python leaves it as it is.
-        assert_eq!(s, concat!(r#""a\"\\\n\u0001\u00e9\u5355\ud83d\ude00"#, "\u{7f}\""));
+        // Python escapes everything outside ' '..='~', DEL included.
+        assert_eq!(s, r#""a\"\\\n\u0001\u00e9\u5355\ud83d\ude00\u007f""#);
     }
 }

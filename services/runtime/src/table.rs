@@ -131,17 +131,66 @@ impl DailyValue {
 }
 
 /// Payments summed per currency, sorted by currency. A currency is present
-/// iff it had a payment (even of 0). A sorted vector, not a map: a row has one
-/// or two currencies, and a map node would cost hundreds of bytes per row.
-#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-pub struct Revenue(Vec<(Arc<str>, i128)>);
+/// iff it had a payment (even of 0). A sorted vector for the usual one or two
+/// currencies (a map node would cost hundreds of bytes per row), a B-tree
+/// beyond a few, so input with thousands of currency strings stays O(log n).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(from = "Vec<(Arc<str>, i128)>", into = "Vec<(Arc<str>, i128)>")]
+pub struct Revenue(Currencies);
+
+#[derive(Debug, Clone)]
+enum Currencies {
+    Few(Vec<(Arc<str>, i128)>),
+    Many(std::collections::BTreeMap<Arc<str>, i128>),
+}
+
+/// Currencies kept in a vector at most.
+const FEW_CURRENCIES: usize = 16;
+
+impl Default for Revenue {
+    fn default() -> Self {
+        Self(Currencies::Few(Vec::new()))
+    }
+}
+
+impl PartialEq for Revenue {
+    fn eq(&self, other: &Self) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for Revenue {}
+
+impl From<Vec<(Arc<str>, i128)>> for Revenue {
+    fn from(pairs: Vec<(Arc<str>, i128)>) -> Self {
+        let mut r = Self::default();
+        for (c, a) in pairs {
+            r.add(&c, a);
+        }
+        r
+    }
+}
+
+impl From<Revenue> for Vec<(Arc<str>, i128)> {
+    fn from(r: Revenue) -> Self {
+        r.into_iter().collect()
+    }
+}
 
 impl Revenue {
     /// Add `amount` to `currency`'s sum.
     pub fn add(&mut self, currency: &Arc<str>, amount: i128) {
-        match self.0.binary_search_by(|(c, _)| (**c).cmp(&**currency)) {
-            Ok(i) => self.0[i].1 += amount,
-            Err(i) => self.0.insert(i, (currency.clone(), amount)),
+        match &mut self.0 {
+            Currencies::Few(v) => match v.binary_search_by(|(c, _)| (**c).cmp(&**currency)) {
+                Ok(i) => v[i].1 += amount,
+                Err(i) if v.len() < FEW_CURRENCIES => v.insert(i, (currency.clone(), amount)),
+                Err(_) => {
+                    let mut m: std::collections::BTreeMap<Arc<str>, i128> = std::mem::take(v).into_iter().collect();
+                    *m.entry(currency.clone()).or_default() += amount;
+                    self.0 = Currencies::Many(m);
+                }
+            },
+            Currencies::Many(m) => *m.entry(currency.clone()).or_default() += amount,
         }
     }
 
@@ -151,27 +200,36 @@ impl Revenue {
     }
 
     /// (currency, sum), sorted by currency.
-    pub fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &i128)> {
-        self.0.iter().map(|(c, a)| (c, a))
+    pub fn iter(&self) -> Box<dyn Iterator<Item = (&Arc<str>, &i128)> + '_> {
+        match &self.0 {
+            Currencies::Few(v) => Box::new(v.iter().map(|(c, a)| (c, a))),
+            Currencies::Many(m) => Box::new(m.iter()),
+        }
     }
 
     /// Currencies with payments.
     pub fn len(&self) -> usize {
-        self.0.len()
+        match &self.0 {
+            Currencies::Few(v) => v.len(),
+            Currencies::Many(m) => m.len(),
+        }
     }
 
     /// Whether there was no payment.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.len() == 0
     }
 }
 
 impl IntoIterator for Revenue {
     type Item = (Arc<str>, i128);
-    type IntoIter = std::vec::IntoIter<(Arc<str>, i128)>;
+    type IntoIter = Box<dyn Iterator<Item = (Arc<str>, i128)>>;
 
     fn into_iter(self) -> Self::IntoIter {
-        self.0.into_iter()
+        match self.0 {
+            Currencies::Few(v) => Box::new(v.into_iter()),
+            Currencies::Many(m) => Box::new(m.into_iter()),
+        }
     }
 }
 
@@ -476,6 +534,21 @@ mod tests {
             s,
             r#"{"active_devices":1,"app":"app-0001","channel":"apple","country":"CN","day":"2024-11-18","events":3,"launches":1,"new_devices":0,"os":"ios","payers":0,"playtime_hist":[0,0,0,0,0,0,0,0],"playtime_s":0,"revenue":{"CNY":0,"USD":99}}"#
         );
+    }
+
+    #[test]
+    fn revenue_stays_sorted_and_exact_past_the_small_form() {
+        let mut r = Revenue::default();
+        for i in (0..100).rev() {
+            r.add(&Arc::from(format!("C{i:03}")), 1);
+            r.add(&Arc::from(format!("C{i:03}")), i);
+        }
+        assert_eq!(r.len(), 100);
+        let got: Vec<(String, i128)> = r.iter().map(|(c, a)| (c.to_string(), *a)).collect();
+        let want: Vec<(String, i128)> = (0..100).map(|i| (format!("C{i:03}"), 1 + i)).collect();
+        assert_eq!(got, want);
+        let back: Revenue = Vec::from(r.clone()).into();
+        assert_eq!(back, r);
     }
 
     #[test]

@@ -22,10 +22,20 @@ pub struct PipeSettings {
 
 /// Apply every row batch of `input` to the tables in `state_dir`, commit, and
 /// return the sink (for export).
+///
+/// The stages of a pipe keep their state in memory, so a new pipe starts its
+/// partial rows' versions over: applied to tables of an earlier pipe, they
+/// would be taken for stale. An existing state directory with tables is
+/// therefore refused rather than silently left unchanged.
 pub fn run(settings: &PipeSettings, state_dir: &Path, mut input: impl Read) -> anyhow::Result<(Sink, Meter)> {
     let store = CommitStore::open(state_dir, &settings.state)?;
     let mut sink = Sink::new();
     sink.start(&store)?;
+    anyhow::ensure!(
+        sink.sizes().iter().all(|(_, n)| *n == 0),
+        "the state at {} already holds tables of an earlier pipe; a pipe starts over, so give it a fresh --state",
+        state_dir.display()
+    );
     let mut meter = Meter::new("sluice-sink");
     while let Some(frame) = read_frame(&mut input)? {
         let batch = decode_rows(&frame)?;

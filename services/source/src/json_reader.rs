@@ -13,13 +13,22 @@
 //!
 //! Strings borrow from the input unless they contain escapes. A lone UTF-16
 //! surrogate escape (`"\ud800"`), which Python keeps in its `str`, becomes
-//! U+FFFD here: Rust strings cannot hold it. Nesting deeper than
-//! [`MAX_DEPTH`] is refused (Python's recursion limit stops near 990 levels).
+//! U+FFFD here: Rust strings cannot hold it (a known divergence from the
+//! oracle, for input no SDK sends). Two limits of the oracle's CPython 3.11
+//! are reproduced, measured with `oracle.py` itself: containers nested more
+//! than [`MAX_DEPTH`] deep (its recursion limit) and integer literals of more
+//! than [`MAX_INT_DIGITS`] digits (its int conversion limit) make the
+//! document malformed.
 
 use std::borrow::Cow;
 
-/// Containers nested deeper than this make the document malformed.
-pub const MAX_DEPTH: usize = 900;
+/// Containers nested deeper than this make the document malformed: the
+/// upload object is depth 1, and `oracle.py` accepts 992 arrays nested in it.
+pub const MAX_DEPTH: usize = 993;
+
+/// Integer literals with more digits than this make the document malformed
+/// (CPython's default `sys.get_int_max_str_digits()`).
+pub const MAX_INT_DIGITS: usize = 4300;
 
 /// The document is not JSON (or nests too deep); the upload is `malformed`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,6 +230,7 @@ impl<'a> Reader<'a> {
             _ => return Err(NotJson),
         }
         let int_end = i;
+        let digits = int_end - start - usize::from(b[start] == b'-');
         if b.get(i) == Some(&b'.') {
             i += 1;
             let digits = i;
@@ -247,6 +257,9 @@ impl<'a> Reader<'a> {
         self.pos = i;
         if i != int_end {
             return Ok(Scalar::Other);
+        }
+        if digits > MAX_INT_DIGITS {
+            return Err(NotJson);
         }
         Ok(self.s[start..int_end].parse::<i64>().map_or(Scalar::Other, Scalar::Int))
     }
@@ -353,6 +366,11 @@ mod tests {
         for not_json in ["01", "-", "1.", ".5", "1e", "+1", "NaN", "Infinity", "-Infinity", "tru", "0x10"] {
             assert_eq!(scalar(not_json), Err(NotJson), "{not_json}");
         }
+        let (ok, too_long) = ("9".repeat(MAX_INT_DIGITS), "9".repeat(MAX_INT_DIGITS + 1));
+        assert_eq!(scalar(&ok), Ok(Scalar::Other));
+        assert_eq!(scalar(&format!("-{ok}")), Ok(Scalar::Other));
+        assert_eq!(scalar(&too_long), Err(NotJson), "as CPython's int conversion limit");
+        assert_eq!(scalar(&format!("1.{too_long}")), Ok(Scalar::Other), "floats have no digit limit");
     }
 
     #[test]

@@ -58,6 +58,22 @@ impl DaySlot {
     }
 }
 
+/// Sort `pairs` by key and add up the values of equal keys.
+fn fold_runs<V: Copy + std::ops::AddAssign>(pairs: &mut Vec<(Arc<str>, V)>) {
+    if pairs.len() < 2 {
+        return;
+    }
+    pairs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let mut out: Vec<(Arc<str>, V)> = Vec::with_capacity(pairs.len());
+    for (k, v) in pairs.drain(..) {
+        match out.last_mut() {
+            Some((last, sum)) if *last == k => *sum += v,
+            _ => out.push((k, v)),
+        }
+    }
+    *pairs = out;
+}
+
 /// The window stage.
 pub struct Window {
     device_days: HashMap<DeviceDayKey, DeviceDay, FxBuildHasher>,
@@ -119,28 +135,25 @@ impl Window {
         dims: &Dimensions,
         events: &[sluice_runtime::batch::EnrichedEvent],
     ) {
+        // Sorted by time, an upload's days and minutes are runs: summing them
+        // costs O(n log n) in its events, whatever their spread (an upload
+        // may hold any number of events, ids and currencies).
+        let mut by_time: Vec<(LocalMinute, &sluice_runtime::batch::EnrichedEvent)> =
+            events.iter().map(|e| (LocalMinute::of_ms(e.ts), e)).collect();
+        by_time.sort_unstable_by_key(|(m, _)| *m);
         let mut days: Vec<DaySlot> = Vec::with_capacity(1);
         let mut minutes: Vec<(LocalMinute, MinuteValue)> = Vec::with_capacity(4);
-        for ev in events {
-            let minute = LocalMinute::of_ms(ev.ts);
-            let day = minute.day();
-            let slot = match days.iter().position(|s| s.day == day) {
-                Some(i) => &mut days[i],
-                None => {
-                    days.push(DaySlot::new(day));
-                    let last = days.len() - 1;
-                    &mut days[last]
-                }
+        for &(minute, ev) in &by_time {
+            if days.last().is_none_or(|s| s.day != minute.day()) {
+                days.push(DaySlot::new(minute.day()));
+            }
+            if minutes.last().is_none_or(|(m, _)| *m != minute) {
+                minutes.push((minute, MinuteValue::default()));
+            }
+            let (Some(slot), Some((_, m))) = (days.last_mut(), minutes.last_mut()) else {
+                continue; // both were pushed just above
             };
             slot.events += 1;
-            let m = match minutes.iter().position(|(m, _)| *m == minute) {
-                Some(i) => &mut minutes[i].1,
-                None => {
-                    minutes.push((minute, MinuteValue::default()));
-                    let last = minutes.len() - 1;
-                    &mut minutes[last].1
-                }
-            };
             m.events += 1;
             match &ev.body {
                 EventBody::Launch => {
@@ -154,19 +167,17 @@ impl Window {
                 EventBody::Page { .. } => {}
                 EventBody::Pay { amount, currency } => {
                     slot.paid = true;
-                    match slot.revenue.iter_mut().find(|(c, _)| c == currency) {
-                        Some((_, sum)) => *sum += i128::from(*amount),
-                        None => slot.revenue.push((currency.clone(), i128::from(*amount))),
-                    }
+                    slot.revenue.push((currency.clone(), i128::from(*amount)));
                     if &**currency == "CNY" {
                         m.revenue_cny += i128::from(*amount);
                     }
                 }
-                EventBody::Custom { id } => match slot.custom.iter_mut().find(|(c, _)| c == id) {
-                    Some((_, n)) => *n += 1,
-                    None => slot.custom.push((id.clone(), 1)),
-                },
+                EventBody::Custom { id } => slot.custom.push((id.clone(), 1)),
             }
+        }
+        for slot in &mut days {
+            fold_runs(&mut slot.revenue);
+            fold_runs(&mut slot.custom);
         }
 
         for slot in days {
