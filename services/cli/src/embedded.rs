@@ -461,11 +461,12 @@ pub fn run(
     file.seek(SeekFrom::Start(position.offset)).context("seeking to the committed position")?;
 
     let settings = &v.settings;
-    // At most `queue_chunks` chunks are in flight between the reader and the
-    // stage thread (queued, being parsed, or waiting to be processed in
-    // order): the reader takes a slot per chunk, the stage thread returns it
-    // once the chunk is processed. Both queues can hold every chunk in flight,
-    // so no send ever waits on a receiver that waits for it.
+    // At most `queue_chunks` chunks are between the reader and the
+    // coordinator (queued, being parsed, or waiting to be put back in order):
+    // the reader takes a slot per chunk, the coordinator returns it when it
+    // hands the chunk's batches to the workers, whose own queues hold at most
+    // `queue_chunks + 1` chunks each. Both queues can hold every chunk in
+    // flight, so no send ever waits on a receiver that waits for it.
     let in_flight = settings.source.queue_chunks;
     let (slot_tx, slot_rx) = bounded::<()>(in_flight);
     for _ in 0..in_flight {

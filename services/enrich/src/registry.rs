@@ -12,10 +12,13 @@
 //!   the cell it was counted in, so the window can retract it there.
 //! - **dedup** (rule 4): a message whose id was accepted before is a
 //!   duplicate. Ids are remembered for at least the dedup window of the
-//!   device's own `sent` clock (so a device with a broken clock can only hurt
-//!   itself), and forgotten in amortised sweeps, never one per message.
-//!   Scoping dedup to the device is what makes it partitionable by key group;
-//!   it differs from a global id set only if two devices share a message id.
+//!   device's own `sent` clock (so a device with a broken clock can only have
+//!   its own re-sends counted twice), and forgotten in amortised sweeps, never
+//!   one per message. Scoping dedup to the device is what makes it
+//!   partitionable by key group. It differs from `oracle.py`'s global set of
+//!   ids in two cases, both documented limits: two devices that share a
+//!   message id, and a re-send arriving after its device's clock moved on by
+//!   more than the window.
 
 use std::collections::HashMap;
 
