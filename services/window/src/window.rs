@@ -64,14 +64,14 @@ fn fold_runs<V: Copy + std::ops::AddAssign>(pairs: &mut Vec<(Arc<str>, V)>) {
         return;
     }
     pairs.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-    let mut out: Vec<(Arc<str>, V)> = Vec::with_capacity(pairs.len());
-    for (k, v) in pairs.drain(..) {
-        match out.last_mut() {
-            Some((last, sum)) if *last == k => *sum += v,
-            _ => out.push((k, v)),
+    // `dedup_by` hands (later, kept): fold the later into the kept one.
+    pairs.dedup_by(|later, kept| {
+        let same = later.0 == kept.0;
+        if same {
+            kept.1 += later.1;
         }
-    }
-    *pairs = out;
+        same
+    });
 }
 
 /// The window stage.
@@ -85,6 +85,8 @@ pub struct Window {
     minute: Partials<MinuteBlockKey, Vec<MinuteCell>>,
     rejects: Partials<RejectReason, u64>,
     owned: Option<KeyGroupSet>,
+    /// Reused per upload: (minute, event index), sorted by minute.
+    scratch: Vec<(LocalMinute, usize)>,
 }
 
 impl Default for Window {
@@ -106,6 +108,7 @@ impl Window {
             minute: Partials::new("window/minute"),
             rejects: Partials::new("window/rejects"),
             owned: None,
+            scratch: Vec::new(),
         }
     }
 
@@ -138,12 +141,17 @@ impl Window {
         // Sorted by time, an upload's days and minutes are runs: summing them
         // costs O(n log n) in its events, whatever their spread (an upload
         // may hold any number of events, ids and currencies).
-        let mut by_time: Vec<(LocalMinute, &sluice_runtime::batch::EnrichedEvent)> =
-            events.iter().map(|e| (LocalMinute::of_ms(e.ts), e)).collect();
-        by_time.sort_unstable_by_key(|(m, _)| *m);
+        let mut by_time = std::mem::take(&mut self.scratch);
+        by_time.clear();
+        by_time.extend(events.iter().enumerate().map(|(i, e)| (LocalMinute::of_ms(e.ts), i)));
+        if !by_time.is_sorted_by_key(|(m, _)| *m) {
+            // SDKs send events in time order; late or merged uploads may not.
+            by_time.sort_unstable_by_key(|(m, _)| *m);
+        }
         let mut days: Vec<DaySlot> = Vec::with_capacity(1);
         let mut minutes: Vec<(LocalMinute, MinuteValue)> = Vec::with_capacity(4);
-        for &(minute, ev) in &by_time {
+        for &(minute, i) in &by_time {
+            let ev = &events[i];
             if days.last().is_none_or(|s| s.day != minute.day()) {
                 days.push(DaySlot::new(minute.day()));
             }
@@ -175,6 +183,7 @@ impl Window {
                 EventBody::Custom { id } => slot.custom.push((id.clone(), 1)),
             }
         }
+        self.scratch = by_time;
         for slot in &mut days {
             fold_runs(&mut slot.revenue);
             fold_runs(&mut slot.custom);
