@@ -615,9 +615,10 @@ fn read_chunks(
         // makes a long chunk: a valid upload of any size is processed).
         loop {
             let filled = buf.len();
-            buf.resize(filled + chunk_bytes.max(64 * 1024), 0);
-            let n = file.read(&mut buf[filled..]).with_context(|| format!("reading {}", input.display()))?;
-            buf.truncate(filled + n);
+            // `read_to_end` appends without zero-filling the buffer first.
+            let want = chunk_bytes.max(64 * 1024) as u64;
+            let n =
+                (&mut file).take(want).read_to_end(&mut buf).with_context(|| format!("reading {}", input.display()))?;
             if n == 0 {
                 eof = true;
                 break;
