@@ -4,7 +4,7 @@
 //! and finally run to the end. Its tables must be byte-identical to those of
 //! a run that was never interrupted.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -31,15 +31,32 @@ fn export(state: &Path, out: &Path) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// A sample of 250,000 uploads in `dir/data` and, in `dir/want`, the tables
+/// of an uninterrupted run over it.
+fn sample_and_reference(dir: &Path, seed: u64) -> Result<PathBuf, Box<dyn std::error::Error>> {
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data)?;
+    sluice_cli::sample::write_sample(&data, seed, 250_000)?;
+    run_to_end(&data, &dir.join("reference"))?;
+    export(&dir.join("reference"), &dir.join("want"))?;
+    Ok(data)
+}
+
+/// Every table in `dir/got` byte-identical to `dir/want`.
+fn assert_same_tables(dir: &Path, after: &str) -> Result<(), Box<dyn std::error::Error>> {
+    for table in ["daily", "sessions_per_device", "custom_events", "minute", "rejects"] {
+        let name = format!("{table}.jsonl");
+        let want = std::fs::read(dir.join("want").join(&name))?;
+        let got = std::fs::read(dir.join("got").join(&name))?;
+        assert!(want == got, "{table} differs {after}");
+    }
+    Ok(())
+}
+
 #[test]
 fn sigkill_at_random_moments_leaves_exact_tables() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(&data)?;
-    sluice_cli::sample::write_sample(&data, 11, 250_000)?;
-
-    run_to_end(&data, &dir.path().join("reference"))?;
-    export(&dir.path().join("reference"), &dir.path().join("want"))?;
+    let data = sample_and_reference(dir.path(), 11)?;
 
     let state = dir.path().join("killed");
     let mut rng = 0x9E37_79B9_7F4A_7C15_u64;
@@ -70,23 +87,14 @@ fn sigkill_at_random_moments_leaves_exact_tables() -> Result<(), Box<dyn std::er
     assert!(last.contains("resumed after line"), "the last run resumes from a commit: {last}");
 
     export(&state, &dir.path().join("got"))?;
-    for table in ["daily", "sessions_per_device", "custom_events", "minute", "rejects"] {
-        let name = format!("{table}.jsonl");
-        let (want, got) =
-            (std::fs::read(dir.path().join("want").join(&name))?, std::fs::read(dir.path().join("got").join(&name))?);
-        assert!(want == got, "{table} differs after {killed_while_running} kills");
-    }
+    assert_same_tables(dir.path(), &format!("after {killed_while_running} kills"))?;
     Ok(())
 }
 
 #[test]
 fn sigterm_stops_commits_and_exits_zero() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(&data)?;
-    sluice_cli::sample::write_sample(&data, 12, 250_000)?;
-    run_to_end(&data, &dir.path().join("reference"))?;
-    export(&dir.path().join("reference"), &dir.path().join("want"))?;
+    let data = sample_and_reference(dir.path(), 12)?;
 
     let state = dir.path().join("stopped");
     let child = sluice().args(["run", "--data", path(&data), "--state", path(&state)]).spawn()?;
@@ -106,11 +114,6 @@ fn sigterm_stops_commits_and_exits_zero() -> Result<(), Box<dyn std::error::Erro
     let last = run_to_end(&data, &state)?;
     assert!(last.contains("resumed after line"), "{last}");
     export(&state, &dir.path().join("got"))?;
-    for table in ["daily", "sessions_per_device", "custom_events", "minute", "rejects"] {
-        let name = format!("{table}.jsonl");
-        let (want, got) =
-            (std::fs::read(dir.path().join("want").join(&name))?, std::fs::read(dir.path().join("got").join(&name))?);
-        assert!(want == got, "{table} differs after a SIGTERM and a restart");
-    }
+    assert_same_tables(dir.path(), "after a SIGTERM and a restart")?;
     Ok(())
 }
