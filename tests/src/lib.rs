@@ -302,7 +302,7 @@ pub fn run_and_export(settings: &Settings, data: &Path, state: &Path, out: &Path
     let what = format!("running the pipeline over {} (state {}) and exporting", data.display(), state.display());
     with_deadline(what, move || {
         let (report, pipeline) = sluice_cli::embedded::run(&v, &data, &state, &Default::default(), &mut |_p| {})?;
-        sluice_sink::export::export(pipeline.sink(), &out)
+        sluice_sink::export::export(&pipeline.into_sink()?, &out)
             .with_context(|| format!("exporting to {}", out.display()))?;
         Ok(report)
     })

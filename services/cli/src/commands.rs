@@ -170,7 +170,7 @@ fn demo(config: Option<&Path>, messages: u64, seed: u64, keep: Option<PathBuf>) 
     let stop = stop_on_signals()?;
     let (report, pipeline) = embedded::run(&v, &data, &state, &stop, &mut |p| line.update(p))?;
     line.finish(&report.progress);
-    sluice_sink::export::export(pipeline.sink(), &tables)?;
+    sluice_sink::export::export(&pipeline.into_sink()?, &tables)?;
     let mut out = std::io::stdout().lock();
     writeln!(out)?;
     crate::summary::render_summary(&tables, &mut out)?;

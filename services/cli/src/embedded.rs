@@ -34,7 +34,7 @@ use anyhow::{Context, bail};
 use crossbeam_channel::{Receiver, Sender, bounded};
 use sluice_enrich::Enricher;
 use sluice_enrich::dimensions::DimensionTables;
-use sluice_runtime::batch::{EnrichedBatch, RawBatch, RowBatch};
+use sluice_runtime::batch::{EnrichedBatch, RawBatch};
 use sluice_runtime::key_group::KeyGroupSet;
 use sluice_runtime::lineage::Lineage;
 use sluice_runtime::reject::RejectCounts;
@@ -115,15 +115,29 @@ struct Parsed {
     batches: Vec<RawBatch>,
 }
 
-/// What a finished run leaves: the tables, for queries and export.
+/// What a finished run leaves: the workers' window stages, whose committed
+/// partial rows are the tables (see `Window::tables_in_state`).
 pub struct Pipeline {
-    sink: Sink,
+    windows: Vec<Window>,
 }
 
 impl Pipeline {
-    /// The sink, for queries and export.
-    pub fn sink(&self) -> &Sink {
-        &self.sink
+    /// The tables, merged across key groups in a sink (for queries and
+    /// export). Moves the partials out of the windows as it goes.
+    pub fn into_sink(self) -> anyhow::Result<Sink> {
+        let mut sink = Sink::new();
+        for mut window in self.windows {
+            let mut failed = None;
+            window.drain_tables(|batch| {
+                if failed.is_none() {
+                    failed = sink.batch(batch, &mut Vec::new()).err();
+                }
+            });
+            if let Some(e) = failed {
+                return Err(e.into());
+            }
+        }
+        Ok(sink)
     }
 }
 
@@ -138,7 +152,6 @@ enum ToWorker {
 /// A worker's answer to [`ToWorker::Commit`].
 struct Staged {
     tx: CommitBatch,
-    rows: Vec<RowBatch>,
     /// (devices, device-days, partial rows) after this commit.
     sizes: (usize, usize, usize),
 }
@@ -166,7 +179,7 @@ fn work(
     rx: &Receiver<ToWorker>,
     tx: &Sender<anyhow::Result<Staged>>,
     counters: &Counters,
-) {
+) -> Window {
     let mut enriched: Vec<EnrichedBatch> = Vec::with_capacity(1);
     for msg in rx.iter() {
         let result = match msg {
@@ -188,9 +201,10 @@ fn work(
                 anyhow::Ok(())
             })(),
             ToWorker::Commit => (|| {
-                let mut staged = Staged { tx: CommitBatch::default(), rows: Vec::new(), sizes: (0, 0, 0) };
+                let mut staged = Staged { tx: CommitBatch::default(), sizes: (0, 0, 0) };
                 enrich.commit(&mut Vec::new(), &mut staged.tx)?;
-                window.commit(&mut staged.rows, &mut staged.tx)?;
+                // The window keeps its tables in its state: no rows to hand on.
+                window.commit(&mut Vec::new(), &mut staged.tx)?;
                 let (days, partials) = window.sizes();
                 staged.sizes = (enrich.devices(), days, partials);
                 if tx.send(Ok(staged)).is_err() {
@@ -202,16 +216,17 @@ fn work(
         if let Err(e) = result {
             // The coordinator is told at its next commit point and stops.
             let _ = tx.send(Err(e));
-            return;
+            return window;
         }
     }
+    window
 }
 
 /// The coordinator's side of the workers.
 struct Workers {
     senders: Vec<Sender<ToWorker>>,
     replies: Vec<Receiver<anyhow::Result<Staged>>>,
-    handles: Vec<std::thread::JoinHandle<()>>,
+    handles: Vec<std::thread::JoinHandle<Window>>,
     owner: Vec<usize>,
     sizes: (usize, usize, usize),
 }
@@ -234,7 +249,7 @@ impl Workers {
         for index in 0..count {
             let share = KeyGroupSet::share(v.key_groups, index, count);
             let mut enrich = Enricher::new(tables.clone(), &v.settings.enrich).owning(share.clone());
-            let mut window = Window::new().owning(share);
+            let mut window = Window::new().owning(share).tables_in_state();
             enrich.start(store).context("restoring enrich state")?;
             window.start(store).context("restoring window state")?;
             // One message per chunk: as many as chunks may be in flight.
@@ -313,17 +328,15 @@ impl Workers {
         Ok(done)
     }
 
-    fn stop(self) -> anyhow::Result<()> {
+    /// Close the workers' input and take back their window stages.
+    fn stop(self) -> anyhow::Result<Vec<Window>> {
         drop(self.senders);
-        for h in self.handles {
-            h.join().map_err(|_| anyhow::anyhow!("a worker thread panicked"))?;
-        }
-        Ok(())
+        self.handles.into_iter().map(|h| h.join().map_err(|_| anyhow::anyhow!("a worker thread panicked"))).collect()
     }
 }
 
-/// A commit on its way to disk: every worker's staged changes and partial
-/// rows as of one barrier, and the input position of that barrier.
+/// A commit on its way to disk: every worker's staged changes as of one
+/// barrier, and the input position of that barrier.
 struct CommitJob {
     staged: Vec<Staged>,
     position: FilePosition,
@@ -331,47 +344,28 @@ struct CommitJob {
 
 /// What the committer hands back when the run ends.
 struct Committed {
-    sink: Sink,
     store: CommitStore,
     busy: Duration,
 }
 
-/// The committer thread: applies each commit's rows to the sink and writes
-/// the commit (workers' changes + sink changes + input position) as one
-/// atomic, flushed batch. Commits are written in barrier order; meanwhile the
+/// The committer thread: writes each commit (the workers' changes and the
+/// input position) as one atomic, flushed batch, in barrier order, while the
 /// workers go on with the input after the barrier.
-fn commit_loop(mut sink: Sink, store: CommitStore, jobs: &Receiver<CommitJob>) -> anyhow::Result<Committed> {
+fn commit_loop(store: CommitStore, jobs: &Receiver<CommitJob>) -> anyhow::Result<Committed> {
     let mut busy = Duration::ZERO;
     for job in jobs.iter() {
         let t0 = Instant::now();
         let mut tx = CommitBatch::default();
-        let mut rows = 0usize;
         for staged in job.staged {
             tx.append(staged.tx);
-            for batch in staged.rows {
-                rows += batch.rows.len();
-                sink.batch(batch, &mut Vec::new())?;
-            }
         }
-        let t1 = Instant::now();
-        sink.commit(&mut Vec::new(), &mut tx)?;
         tx.put(&StateKey::namespace(POSITION_KEY), state::encode("file position", &job.position)?);
         let (writes, bytes) = (tx.len(), tx.value_bytes());
-        let t2 = Instant::now();
         store.commit(tx).context("committing state")?;
         busy += t0.elapsed();
-        tracing::debug!(
-            sink_apply_s = (t1 - t0).as_secs_f64(),
-            sink_stage_s = (t2 - t1).as_secs_f64(),
-            write_s = t2.elapsed().as_secs_f64(),
-            rows,
-            writes,
-            bytes,
-            line = job.position.line,
-            "committed"
-        );
+        tracing::debug!(write_s = t0.elapsed().as_secs_f64(), writes, bytes, line = job.position.line, "committed");
     }
-    Ok(Committed { sink, store, busy })
+    Ok(Committed { store, busy })
 }
 
 fn check_key_groups(v: &Validated, store: &CommitStore, state_dir: &Path) -> anyhow::Result<()> {
@@ -394,14 +388,15 @@ fn check_key_groups(v: &Validated, store: &CommitStore, state_dir: &Path) -> any
     Ok(())
 }
 
-/// Open only the sink's tables of a state directory (for export).
+/// The tables of a state directory (for export): the window's committed
+/// partial rows, merged across key groups in a sink.
 pub fn open_sink(state_dir: &Path, settings: &sluice_runtime::state::StateSettings) -> anyhow::Result<Sink> {
     anyhow::ensure!(state_dir.is_dir(), "no state directory at {}", state_dir.display());
     let store =
         CommitStore::open(state_dir, settings).with_context(|| format!("opening state at {}", state_dir.display()))?;
-    let mut sink = Sink::new();
-    sink.start(&store).context("reading the tables")?;
-    Ok(sink)
+    let mut window = Window::new();
+    window.restore_tables(&store).context("reading the tables")?;
+    Pipeline { windows: vec![window] }.into_sink()
 }
 
 /// Run the whole job over `data_dir/sdk-events.tsv` to its end.
@@ -427,14 +422,12 @@ pub fn run(
         Some(bytes) => state::decode("file position", &bytes)?,
         None => FilePosition::default(),
     };
-    let mut sink = Sink::new();
-    sink.start(&store).context("restoring sink state")?;
     let counters = Arc::new(Counters::default());
     let mut workers = Workers::start(v, &tables, &store, &counters)?;
     let (job_tx, job_rx) = bounded::<CommitJob>(1);
     let committer = std::thread::Builder::new()
         .name("sluice-commit".into())
-        .spawn(move || commit_loop(sink, store, &job_rx))
+        .spawn(move || commit_loop(store, &job_rx))
         .context("starting the commit thread")?;
     // Once the committer stops early, its error is what to report.
     let committer_failed = |committer: std::thread::JoinHandle<anyhow::Result<Committed>>| -> anyhow::Error {
@@ -479,9 +472,10 @@ pub fn run(
         let input = input.clone();
         let start = position;
         let stop = stop.clone();
+        let pause = settings.source.chunk_pause;
         std::thread::Builder::new()
             .name("sluice-reader".into())
-            .spawn(move || read_chunks(file, &input, start, chunk_bytes, &stop, &slot_rx, &chunk_tx))
+            .spawn(move || read_chunks(file, &input, start, (chunk_bytes, pause), &stop, &slot_rx, &chunk_tx))
             .context("starting the reader thread")?
     };
     let mut parsers = Vec::new();
@@ -572,21 +566,21 @@ pub fn run(
         progress.commits += 1;
     }
     drop(job_tx);
-    let Committed { sink, store, busy: commit_time } = match committer.join() {
+    let Committed { store, busy: commit_time } = match committer.join() {
         Ok(result) => result?,
         Err(_) => anyhow::bail!("the commit thread panicked"),
     };
     let (devices, device_days, partials) = workers.sizes;
-    workers.stop()?;
+    let windows = workers.stop()?;
     counters.snapshot(&mut progress);
     progress.elapsed = started.elapsed();
     on_progress(&progress);
-    tracing::info!(devices, device_days, partials, sink_keys = ?sink.sizes(), "state at the last commit");
+    tracing::info!(devices, device_days, partials, "state at the last commit");
     let state_bytes = store.size_on_disk().unwrap_or(0);
     let stopped = stop.load(Ordering::Relaxed) && progress.bytes_done < progress.bytes_total;
     let report =
         RunReport { progress, resumed_at_line, commit_time, state_bytes, peak_rss_bytes: peak_rss_bytes(), stopped };
-    Ok((report, Pipeline { sink }))
+    Ok((report, Pipeline { windows }))
 }
 
 /// Cut the input into chunks of whole lines and send them on, in order.
@@ -594,7 +588,7 @@ fn read_chunks(
     mut file: File,
     input: &Path,
     start: FilePosition,
-    chunk_bytes: usize,
+    (chunk_bytes, pause): (usize, Duration),
     stop: &AtomicBool,
     slots: &Receiver<()>,
     tx: &Sender<Chunk>,
@@ -639,6 +633,9 @@ fn read_chunks(
         seq += 1;
         if tx.send(chunk).is_err() {
             break; // the pipeline stopped (it reports why)
+        }
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
         }
     }
     Ok(())

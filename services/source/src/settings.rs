@@ -1,5 +1,7 @@
 //! Settings of the source stage.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
 /// Settings of the source stage (`[source]`).
@@ -16,10 +18,14 @@ pub struct SourceSettings {
     /// Chunks in flight between reading, parsing and processing; with
     /// `chunk_bytes` it bounds the memory for input in flight.
     pub queue_chunks: usize,
+    /// A pause after reading each chunk: slows the input on purpose, for
+    /// tests and demos of stops, crashes and back-pressure. 0 in production.
+    #[serde(with = "humantime_serde")]
+    pub chunk_pause: Duration,
 }
 
 impl Default for SourceSettings {
     fn default() -> Self {
-        Self { chunk_bytes: 1 << 20, parse_threads: 0, queue_chunks: 8 }
+        Self { chunk_bytes: 1 << 20, parse_threads: 0, queue_chunks: 8, chunk_pause: Duration::ZERO }
     }
 }

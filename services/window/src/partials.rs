@@ -108,6 +108,15 @@ where
         })
     }
 
+    /// Hand every partial, with its current version, to `each`, emptying the
+    /// table (its memory is released as it goes, table by table).
+    pub fn drain(&mut self, mut each: impl FnMut(KeyGroup, u64, K, V)) {
+        self.dirty.clear();
+        for ((kg, key), p) in std::mem::take(&mut self.rows) {
+            each(kg, p.versioned.version, key, p.versioned.value);
+        }
+    }
+
     /// Load every stored partial of the key groups `owns` accepts.
     pub fn restore(&mut self, store: &CommitStore, owns: impl Fn(KeyGroup) -> bool) -> Result<(), StateError> {
         let rows = &mut self.rows;

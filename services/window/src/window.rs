@@ -87,6 +87,8 @@ pub struct Window {
     owned: Option<KeyGroupSet>,
     /// Reused per upload: (minute, event index), sorted by minute.
     scratch: Vec<(LocalMinute, usize)>,
+    /// Emit changed partials as rows at commits (see [`Window::tables_in_state`]).
+    emit_rows: bool,
 }
 
 impl Default for Window {
@@ -109,6 +111,7 @@ impl Window {
             rejects: Partials::new("window/rejects"),
             owned: None,
             scratch: Vec::new(),
+            emit_rows: true,
         }
     }
 
@@ -117,6 +120,66 @@ impl Window {
     pub fn owning(mut self, key_groups: KeyGroupSet) -> Self {
         self.owned = Some(key_groups);
         self
+    }
+
+    /// Do not emit rows at commits: the window's committed partials *are* the
+    /// tables. For embedded mode, where window and sink share one store and
+    /// one process: a sink there would hold a second copy of every partial
+    /// and rewrite it at every commit. [`Window::drain_tables`] hands the
+    /// partials to a sink when the tables are wanted. Distributed mode keeps
+    /// the sink's own copy: it lives in another process.
+    pub fn tables_in_state(mut self) -> Self {
+        self.emit_rows = false;
+        self
+    }
+
+    /// Hand every partial row, at its current version, to `each` in row
+    /// batches (per key group, at most 4096 rows), emptying the window; its
+    /// memory is released table by table.
+    pub fn drain_tables(&mut self, mut each: impl FnMut(RowBatch)) {
+        self.device_days = HashMap::default();
+        self.dirty_days.clear();
+        let mut pending: BTreeMap<KeyGroup, Vec<PartialRow>> = BTreeMap::new();
+        let mut push = |kg: KeyGroup, row: PartialRow, each: &mut dyn FnMut(RowBatch)| {
+            let rows = pending.entry(kg).or_default();
+            rows.push(row);
+            if rows.len() >= 4096 {
+                each(RowBatch { key_group: kg, rows: std::mem::take(rows) });
+            }
+        };
+        let each: &mut dyn FnMut(RowBatch) = &mut each;
+        self.daily.drain(|kg, version, k, v| {
+            push(kg, PartialRow { version, key: RowKey::Daily(k), value: RowValue::Daily(v) }, each)
+        });
+        self.sessions.drain(|kg, version, k, v| {
+            let row = PartialRow { version, key: RowKey::SessionsPerDevice(k), value: RowValue::SessionsPerDevice(v) };
+            push(kg, row, each)
+        });
+        self.custom.drain(|kg, version, k, v| {
+            push(kg, PartialRow { version, key: RowKey::CustomEvents(k), value: RowValue::CustomEvents(v) }, each)
+        });
+        self.minute.drain(|kg, version, k, v| {
+            push(kg, PartialRow { version, key: RowKey::MinuteBlock(k), value: RowValue::MinuteBlock(v) }, each)
+        });
+        self.rejects.drain(|kg, version, k, v| {
+            push(kg, PartialRow { version, key: RowKey::Rejects(k), value: RowValue::Rejects(v) }, each)
+        });
+        for (key_group, rows) in pending {
+            if !rows.is_empty() {
+                each(RowBatch { key_group, rows });
+            }
+        }
+    }
+
+    /// Restore only the partial rows (not the device-days) of every key
+    /// group: what reading the tables of an embedded state needs.
+    pub fn restore_tables(&mut self, store: &CommitStore) -> Result<(), StageError> {
+        self.daily.restore(store, |_| true)?;
+        self.sessions.restore(store, |_| true)?;
+        self.custom.restore(store, |_| true)?;
+        self.minute.restore(store, |_| true)?;
+        self.rejects.restore(store, |_| true)?;
+        Ok(())
     }
 
     /// Sizes of the state: (device-days, partial rows).
@@ -283,18 +346,24 @@ impl Stage for Window {
 
     fn commit(&mut self, out: &mut Vec<RowBatch>, tx: &mut CommitBatch) -> Result<(), StageError> {
         let mut by_kg: BTreeMap<KeyGroup, Vec<PartialRow>> = BTreeMap::new();
-        let mut emit = |kg: KeyGroup, version: u64, key: RowKey, value: RowValue| {
-            by_kg.entry(kg).or_default().push(PartialRow { version, key, value });
+        let emit_rows = self.emit_rows;
+        let mut emit = |kg: KeyGroup, version: u64, key: &dyn Fn() -> RowKey, value: &dyn Fn() -> RowValue| {
+            if emit_rows {
+                by_kg.entry(kg).or_default().push(PartialRow { version, key: key(), value: value() });
+            }
         };
-        self.daily.commit(tx, |kg, v, k, x| emit(kg, v, RowKey::Daily(k.clone()), RowValue::Daily(x.clone())))?;
+        self.daily
+            .commit(tx, |kg, v, k, x| emit(kg, v, &|| RowKey::Daily(k.clone()), &|| RowValue::Daily(x.clone())))?;
         self.sessions.commit(tx, |kg, v, k, x| {
-            emit(kg, v, RowKey::SessionsPerDevice(k.clone()), RowValue::SessionsPerDevice(*x))
+            emit(kg, v, &|| RowKey::SessionsPerDevice(k.clone()), &|| RowValue::SessionsPerDevice(*x))
         })?;
-        self.custom
-            .commit(tx, |kg, v, k, x| emit(kg, v, RowKey::CustomEvents(k.clone()), RowValue::CustomEvents(*x)))?;
-        self.minute
-            .commit(tx, |kg, v, k, x| emit(kg, v, RowKey::MinuteBlock(k.clone()), RowValue::MinuteBlock(x.clone())))?;
-        self.rejects.commit(tx, |kg, v, k, x| emit(kg, v, RowKey::Rejects(*k), RowValue::Rejects(*x)))?;
+        self.custom.commit(tx, |kg, v, k, x| {
+            emit(kg, v, &|| RowKey::CustomEvents(k.clone()), &|| RowValue::CustomEvents(*x))
+        })?;
+        self.minute.commit(tx, |kg, v, k, x| {
+            emit(kg, v, &|| RowKey::MinuteBlock(k.clone()), &|| RowValue::MinuteBlock(x.clone()))
+        })?;
+        self.rejects.commit(tx, |kg, v, k, x| emit(kg, v, &|| RowKey::Rejects(*k), &|| RowValue::Rejects(*x)))?;
         out.extend(by_kg.into_iter().map(|(key_group, rows)| RowBatch { key_group, rows }));
 
         let dirty = std::mem::take(&mut self.dirty_days);
