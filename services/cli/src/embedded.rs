@@ -42,7 +42,7 @@ use sluice_runtime::stage::Stage;
 use sluice_runtime::state::{self, CommitBatch, CommitStore, StateKey};
 use sluice_sink::Sink;
 use sluice_source::batcher::Batcher;
-use sluice_source::framing::{lines, split_record};
+use sluice_source::framing::{count_lines, lines, split_record};
 use sluice_source::position::{FINGERPRINT_BYTES, FilePosition, fingerprint};
 use sluice_window::Window;
 
@@ -626,7 +626,7 @@ fn read_chunks(
         if buf.is_empty() {
             continue;
         }
-        let n_lines = lines(&buf).count() as u64;
+        let n_lines = count_lines(&buf);
         offset += buf.len() as u64;
         let chunk = Chunk { seq, first_line: line, end_offset: offset, bytes: buf };
         line += n_lines;
