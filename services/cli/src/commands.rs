@@ -158,12 +158,12 @@ fn demo(config: Option<&Path>, messages: u64, seed: u64, keep: Option<PathBuf>) 
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "sluice demo: {} SDK uploads from {} devices of {} apps over {} days (sample in {})\n",
+        "sluice demo: {} SDK uploads from {} devices of {} apps over {} days{}\n",
         stats.records,
         stats.devices,
         stats.apps,
         stats.days,
-        data.display()
+        if kept { format!(" (sample in {})", data.display()) } else { String::new() }
     )?;
     drop(out);
     let mut line = ProgressLine::default();
