@@ -72,20 +72,9 @@ impl Enricher {
         self
     }
 
-    /// Replace the dimension tables (later uploads see the new ones).
-    pub fn replace_tables(&mut self, tables: Arc<DimensionTables>) {
-        self.tables = tables;
-        self.cache = DimensionCache::default();
-    }
-
     /// Devices in the registry.
     pub fn devices(&self) -> usize {
         self.devices.len()
-    }
-
-    /// The registry's record of a device, if it has sent an accepted message.
-    pub fn device(&self, app: &str, dev: &str) -> Option<&DeviceRecord> {
-        self.devices.get(&(Arc::from(app), Arc::from(dev))).map(|d| &d.record)
     }
 }
 

@@ -49,13 +49,6 @@ pub enum EventBody {
     },
 }
 
-impl EventBody {
-    /// Whether this is a launch (counted in `launches`).
-    pub fn is_launch(&self) -> bool {
-        matches!(self, Self::Launch)
-    }
-}
-
 /// One event of an upload that passed rules 1-2: accepted by rules 5-7, or the
 /// reason it was not. Rejected events travel on because they are counted only
 /// if enrich accepts their message (rules 3-4 come first).

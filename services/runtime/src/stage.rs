@@ -10,18 +10,9 @@
 
 use crate::state::{CommitBatch, CommitStore, StateError};
 
-/// How a stage's error must be handled (see [`StageError::class`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
-    /// A broker or network fault: back off and retry, state is intact.
-    Retry,
-    /// Corrupt state or a broken invariant: exit; a restart replays from the
-    /// last commit.
-    Fatal,
-}
-
-/// An error a stage cannot handle itself. Bad input is never one of these: it
-/// is counted as a reject and the stage carries on.
+/// An error a stage cannot handle itself: each of these is fatal for the
+/// stage (exit; a restart resumes from the last commit). Bad input is never
+/// one of these: it is counted as a reject and the stage carries on.
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
     /// The commit store failed.
@@ -33,15 +24,6 @@ pub enum StageError {
     /// Loading the stage's configuration or reference data failed.
     #[error("{0}")]
     Setup(String),
-}
-
-impl StageError {
-    /// What the runner must do about this error.
-    pub fn class(&self) -> ErrorClass {
-        match self {
-            Self::State(_) | Self::Codec(_) | Self::Setup(_) => ErrorClass::Fatal,
-        }
-    }
 }
 
 /// A stage's lifecycle. Implementations hold their working set in memory and

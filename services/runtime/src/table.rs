@@ -356,19 +356,6 @@ impl RowKey {
             Self::Rejects(_) => Table::Rejects,
         }
     }
-
-    /// Whether the key starts with `app` and, when given, `day` (query by prefix).
-    pub fn has_prefix(&self, app: &str, day: Option<LocalDay>) -> bool {
-        let (a, d) = match self {
-            Self::Daily(k) => (&k.app, k.day),
-            Self::SessionsPerDevice(k) => (&k.app, k.day),
-            Self::CustomEvents(k) => (&k.app, k.day),
-            Self::Minute(k) => (&k.app, k.minute.day()),
-            Self::MinuteBlock(k) => (&k.app, k.day()),
-            Self::Rejects(_) => return false,
-        };
-        &**a == app && day.is_none_or(|day| day == d)
-    }
 }
 
 /// A row's values, matching its key's table.

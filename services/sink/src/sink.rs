@@ -1,7 +1,6 @@
 //! The sink stage: applies partial rows, keeps the tables, answers reads.
 
 use sluice_runtime::batch::RowBatch;
-use sluice_runtime::event_time::LocalDay;
 use sluice_runtime::reject::RejectReason;
 use sluice_runtime::stage::{Stage, StageError};
 use sluice_runtime::state::{CommitBatch, CommitStore};
@@ -19,8 +18,6 @@ pub struct Sink {
     custom: TableStore<CustomKey, CustomValue>,
     minute: TableStore<MinuteBlockKey, Vec<MinuteCell>>,
     rejects: TableStore<RejectReason, u64>,
-    applied: u64,
-    stale: u64,
 }
 
 impl Default for Sink {
@@ -46,14 +43,7 @@ impl Sink {
             custom: TableStore::new("sink/custom_events"),
             minute: TableStore::new("sink/minute"),
             rejects: TableStore::new("sink/rejects"),
-            applied: 0,
-            stale: 0,
         }
-    }
-
-    /// Partial rows applied and ignored as stale so far (this process).
-    pub fn counts(&self) -> (u64, u64) {
-        (self.applied, self.stale)
     }
 
     /// Keys per table.
@@ -114,13 +104,6 @@ impl Sink {
         });
         rows
     }
-
-    /// The rows of `table` for `app` (and `day`, when given).
-    pub fn query(&self, table: Table, app: &str, day: Option<LocalDay>) -> Vec<(RowKey, RowValue)> {
-        let mut rows = self.rows(table);
-        rows.retain(|(k, _)| k.has_prefix(app, day));
-        rows
-    }
 }
 
 impl Stage for Sink {
@@ -143,7 +126,8 @@ impl Stage for Sink {
     fn batch(&mut self, input: RowBatch, _out: &mut Vec<()>) -> Result<(), StageError> {
         let kg = input.key_group;
         for row in input.rows {
-            let applied = match (row.key, row.value) {
+            // A stale partial (an older or repeated version) changes nothing.
+            let _: Applied = match (row.key, row.value) {
                 (RowKey::Daily(k), RowValue::Daily(v)) => self.daily.apply(kg, row.version, k, v),
                 (RowKey::SessionsPerDevice(k), RowValue::SessionsPerDevice(v)) => {
                     self.sessions.apply(kg, row.version, k, v)
@@ -155,10 +139,6 @@ impl Stage for Sink {
                 // a window of this build; it is dropped as stale.
                 _ => Applied::Stale,
             };
-            match applied {
-                Applied::Stored => self.applied += 1,
-                Applied::Stale => self.stale += 1,
-            }
         }
         Ok(())
     }
