@@ -28,6 +28,18 @@ schemas:
     command -v capnp >/dev/null || (apt-get update -qq && apt-get install -y -qq capnproto)
     cargo run -q -p sluice-codegen
 
+# Start a local distributed stack under ROOT (nats-server, tansu, the four services; logs in ROOT/logs).
+[group('dev')]
+up ROOT="/tmp/sluice-stack" DATA="" ENRICH="1" WINDOW="1":
+    bash scripts/servers.sh
+    cargo build -q --release --workspace --bins
+    target/release/sluice-stack up {{ROOT}} --data "{{ if DATA == "" { ROOT + "/data" } else { DATA } }}" --enrich {{ENRICH}} --window {{WINDOW}}
+
+# Stop the local stack under ROOT (services first, each drained).
+[group('dev')]
+down ROOT="/tmp/sluice-stack":
+    target/release/sluice-stack down {{ROOT}}
+
 # Format the code.
 [group('dev')]
 fmt:
@@ -41,6 +53,13 @@ test:
 # Alias of `test`: what .ci/run runs.
 [group('test')]
 ci: test
+
+# A fresh local stack with ENRICH enrich and WINDOW window instances: DATA/sdk-events.tsv through Kafka and the four services, tables exported to DATA/got/.
+[group('test')]
+e2e DATA ENRICH="1" WINDOW="1":
+    bash scripts/servers.sh
+    cargo build -q --release --workspace --bins
+    PATH="$PATH:/usr/sbin:$HOME/.cargo/bin" target/release/sluice-stack e2e {{DATA}} {{ENRICH}} {{WINDOW}}
 
 # Unit tests only (fast).
 [group('test')]

@@ -142,6 +142,11 @@ struct EnrichedBatch {
   uploads @2 :List(EnrichedUpload);
   firstEventMoves @3 :List(FirstEventMove);
   rejects @4 :List(RejectCount);
+  # The input this batch accounts for: how many raw records (accepted or
+  # not), and the lineage of the last. A receiver drops a batch at or below
+  # its lineage frontier (distributed mode: a replayed batch).
+  inputRecords @5 :UInt64;
+  inputLast @6 :Lineage;
 }
 
 # ---------------------------------------------------------------- window -> sink
@@ -206,4 +211,7 @@ struct RowBatch {
   formatVersion @0 :UInt16;
   keyGroup @1 :UInt16;
   rows @2 :List(PartialRow);
+  # Input records the key group's rows account for so far (absolute, only
+  # grows): the sink's end-to-end progress.
+  coveredRecords @3 :UInt64;
 }

@@ -25,6 +25,10 @@ workload="${SLUICE_WORKLOAD_DIR:-$PWD/../shared/workload}"
 [ -f "$workload/gen.py" ] && [ -f "$workload/oracle.py" ] || { echo "no workload scripts at $workload (set SLUICE_WORKLOAD_DIR)" >&2; exit 1; }
 cargo --version; capnp --version; cargo nextest --version | head -1
 
+step "servers for the distributed tests (nats-server, tansu)"
+bash scripts/servers.sh
+export PATH="$PATH:/usr/sbin:$HOME/.cargo/bin"
+
 step "format"
 cargo fmt --all -- --check
 
@@ -35,4 +39,6 @@ step "clippy"
 cargo clippy -q --workspace --all-targets -- -D warnings
 
 step "tests"
+# The distributed tests start the binaries: build them all first.
+cargo build -q --workspace --bins
 cargo nextest run --workspace --no-fail-fast

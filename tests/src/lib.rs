@@ -26,6 +26,8 @@ use sluice_cli::embedded::RunReport;
 use sluice_cli::settings::Settings;
 use tempfile::TempDir;
 
+pub mod stack;
+
 /// The five tables of SPEC §3, as exported (`<table>.jsonl`).
 pub const TABLES: [&str; 5] = ["daily", "sessions_per_device", "custom_events", "minute", "rejects"];
 

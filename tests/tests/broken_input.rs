@@ -30,7 +30,7 @@ fn event(i: usize, sent: i64) -> String {
         3 => format!(
             r#"{{"t":"pay","ts":{ts},"sid":"{sid}","amount":{},"cur":"{}","order":"o-big-{i}"}}"#,
             i,
-            if i % 2 == 0 { "CNY" } else { "USD" }
+            if i.is_multiple_of(2) { "CNY" } else { "USD" }
         ),
         _ => format!(r#"{{"t":"terminate","ts":{ts},"sid":"{sid}","dur":{}}}"#, (i * 7) % 4000),
     }

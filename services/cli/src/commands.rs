@@ -37,14 +37,44 @@ pub enum Command {
         #[arg(long)]
         state: PathBuf,
     },
-    /// Write the tables of a state directory as OUT/<table>.jsonl (oracle.py's format).
+    /// Write the tables of a state directory, or of a running sink, as OUT/<table>.jsonl (oracle.py's format).
     Export {
         /// State directory of an earlier `sluice run`.
+        #[arg(long, required_unless_present = "sink", conflicts_with = "sink")]
+        state: Option<PathBuf>,
+        /// Base URL of a running `sluice-sink` (e.g. http://127.0.0.1:9094).
         #[arg(long)]
-        state: PathBuf,
+        sink: Option<String>,
         /// Output directory.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Load DATA/sdk-events.tsv into a Kafka topic, one keyed record a line, with progress.
+    Produce {
+        /// Workload directory holding sdk-events.tsv.
+        #[arg(long)]
+        data: PathBuf,
+        /// Kafka bootstrap brokers.
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        brokers: String,
+        /// Topic (created when missing).
+        #[arg(long, default_value = "sdk-events")]
+        topic: String,
+        /// Partitions of the topic when it is created.
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+    },
+    /// Wait until a running sink's tables account for RECORDS input records.
+    Wait {
+        /// Base URL of the sink.
+        #[arg(long)]
+        sink: String,
+        /// Input records produced.
+        #[arg(long)]
+        records: u64,
+        /// Give up after this long.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
     },
     /// Run the job on a generated sample and print a readable summary (no servers, no Python).
     Demo {
@@ -69,7 +99,22 @@ fn load_settings(config: Option<&Path>) -> anyhow::Result<crate::settings::Valid
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run { data, state } => run(cli.config.as_deref(), &data, &state),
-        Command::Export { state, out } => export(cli.config.as_deref(), &state, &out),
+        Command::Export { state: Some(state), out, .. } => export(cli.config.as_deref(), &state, &out),
+        Command::Export { sink: Some(sink), out, .. } => {
+            let counts = crate::remote::export(&sink, &out)?;
+            let mut stdout = std::io::stdout().lock();
+            for (table, n) in counts {
+                writeln!(stdout, "{}: {n} rows", out.join(format!("{}.jsonl", table.name())).display())?;
+            }
+            Ok(())
+        }
+        Command::Export { .. } => anyhow::bail!("give --state or --sink"),
+        Command::Produce { data, brokers, topic, partitions } => {
+            let n = crate::remote::produce(&data, &brokers, &topic, partitions)?;
+            println!("produced {n}");
+            Ok(())
+        }
+        Command::Wait { sink, records, timeout } => crate::remote::wait(&sink, records, timeout),
         Command::Demo { messages, seed, keep } => demo(cli.config.as_deref(), messages, seed, keep),
     }
 }

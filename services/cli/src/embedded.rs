@@ -516,16 +516,16 @@ pub fn run(
             position.line += parsed.lines;
             position.offset = parsed.end_offset;
             uncommitted = true;
-            if let Some((staged, at)) = &mut barrier {
-                if workers.collect(staged, false)? {
-                    let at = *at;
-                    let (staged, _) = barrier.take().unwrap_or_default();
-                    if !submit(staged, at) {
-                        committer_gone = true;
-                        break 'input;
-                    }
-                    progress.commits += 1;
+            if let Some((staged, at)) = &mut barrier
+                && workers.collect(staged, false)?
+            {
+                let at = *at;
+                let (staged, _) = barrier.take().unwrap_or_default();
+                if !submit(staged, at) {
+                    committer_gone = true;
+                    break 'input;
                 }
+                progress.commits += 1;
             }
             if barrier.is_none() && last_commit.elapsed() >= settings.run.commit_interval {
                 position.fingerprint = fingerprint(&head[..position.offset.min(FINGERPRINT_BYTES) as usize]);

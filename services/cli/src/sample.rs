@@ -703,14 +703,14 @@ fn schedule(rng: &mut Rng, devices: &[Device], sessions: &mut [Session]) {
     for sis in &by_dev {
         let mut lo = BASE_MS;
         let mut rest = &sis[..];
-        if let Some(&first) = sis.first() {
-            if sessions[first].split > 0 {
-                // Forced: 23:15-23:45 local on day 0, so the session crosses midnight.
-                let start = BASE_MS + 23 * HOUR + rng.range(15, 45) * MINUTE;
-                sessions[first].start = start;
-                lo = start + sessions[first].dur_s * SECOND + 2 * MINUTE;
-                rest = &sis[1..];
-            }
+        if let Some(&first) = sis.first()
+            && sessions[first].split > 0
+        {
+            // Forced: 23:15-23:45 local on day 0, so the session crosses midnight.
+            let start = BASE_MS + 23 * HOUR + rng.range(15, 45) * MINUTE;
+            sessions[first].start = start;
+            lo = start + sessions[first].dur_s * SECOND + 2 * MINUTE;
+            rest = &sis[1..];
         }
         let mut starts: Vec<i64> = rest
             .iter()

@@ -107,6 +107,8 @@ impl Stage for Enricher {
     fn batch(&mut self, input: RawBatch, out: &mut Vec<EnrichedBatch>) -> Result<(), StageError> {
         let kg = input.key_group;
         let mut batch = EnrichedBatch { key_group: kg, ..Default::default() };
+        batch.input.records = input.uploads.len() as u64;
+        batch.input.last = input.uploads.last().map(|u| u.lineage).unwrap_or_default();
         for raw in input.uploads {
             let up = match raw.body {
                 Ok(up) => up,

@@ -12,8 +12,8 @@
 
 pub mod dimensions;
 pub mod enricher;
-pub mod pipe;
 pub mod registry;
+pub mod service;
 pub mod settings;
 
 pub use enricher::Enricher;

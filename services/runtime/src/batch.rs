@@ -161,6 +161,15 @@ pub struct FirstEventMove {
     pub into: DailyCell,
 }
 
+/// How much input a batch accounts for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct InputSpan {
+    /// Raw records (uploads, accepted or rejected).
+    pub records: u64,
+    /// Lineage of the last of them.
+    pub last: Lineage,
+}
+
 /// Enrich → window.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct EnrichedBatch {
@@ -172,6 +181,8 @@ pub struct EnrichedBatch {
     pub first_event_moves: Vec<FirstEventMove>,
     /// Rejects of every rule counted for this batch's input.
     pub rejects: RejectCounts,
+    /// The raw input the batch accounts for.
+    pub input: InputSpan,
 }
 
 /// Window → sink: partial rows of one key group, as absolute values.
@@ -181,4 +192,6 @@ pub struct RowBatch {
     pub key_group: KeyGroup,
     /// Absolute partial rows with their versions.
     pub rows: Vec<PartialRow>,
+    /// Input records the key group accounts for so far (only grows).
+    pub covered: u64,
 }

@@ -13,7 +13,7 @@ use capnp::serialize;
 
 use crate::batch::{
     DailyCell, Dimensions, EnrichedBatch, EnrichedEvent, EnrichedUpload, EventBody, FORMAT_VERSION, FirstEventMove,
-    RawBatch, RawEvent, RawUpload, RowBatch, Upload,
+    InputSpan, RawBatch, RawEvent, RawUpload, RowBatch, Upload,
 };
 use crate::batch_capnp as wire;
 use crate::event_time::{LocalDay, LocalMinute};
@@ -29,13 +29,13 @@ use crate::table::{
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
     /// Not a valid Cap'n Proto message of the expected type.
-    #[error("batch is not valid Cap'n Proto: {0}")]
+    #[error("batch is not valid Cap'n Proto")]
     Capnp(#[from] capnp::Error),
     /// An enum value or union member this build does not know.
-    #[error("batch uses a schema member this build does not know: {0}")]
+    #[error("batch uses a schema member this build does not know")]
     NotInSchema(#[from] capnp::NotInSchema),
     /// Text that is not UTF-8.
-    #[error("batch text is not UTF-8: {0}")]
+    #[error("batch text is not UTF-8")]
     Utf8(#[from] std::str::Utf8Error),
     /// A batch of another format version.
     #[error("batch format version {found}, this build reads {FORMAT_VERSION}")]
@@ -56,6 +56,14 @@ fn reader_options() -> ReaderOptions {
     let mut o = ReaderOptions::new();
     o.traversal_limit_in_words(Some(1 << 30));
     o
+}
+
+/// Cap'n Proto reads words in place: a buffer that is not 8-byte aligned
+/// (a NATS payload at any offset) is copied into words first.
+fn aligned(bytes: &[u8]) -> std::borrow::Cow<'_, [capnp::Word]> {
+    let mut words = capnp::Word::allocate_zeroed_vec(bytes.len().div_ceil(8));
+    capnp::Word::words_to_bytes_mut(&mut words)[..bytes.len()].copy_from_slice(bytes);
+    std::borrow::Cow::Owned(words)
 }
 
 fn check_version(found: u16) -> Result<()> {
@@ -158,7 +166,8 @@ pub fn encode_raw(batch: &RawBatch) -> Vec<u8> {
 
 /// Decode a source → enrich batch.
 pub fn decode_raw(bytes: &[u8]) -> Result<RawBatch> {
-    let message = serialize::read_message_from_flat_slice(&mut &bytes[..], reader_options())?;
+    let words = aligned(bytes);
+    let message = serialize::read_message_from_flat_slice(&mut capnp::Word::words_to_bytes(&words), reader_options())?;
     let b = message.get_root::<wire::raw_batch::Reader<'_>>()?;
     check_version(b.get_format_version())?;
     let list = b.get_uploads()?;
@@ -266,18 +275,21 @@ pub fn encode_enriched(batch: &EnrichedBatch) -> Vec<u8> {
         set_dimensions(m.init_into(), &mv.into.dimensions);
     }
     let counts: Vec<(RejectReason, u64)> = batch.rejects.iter().collect();
-    let mut rejects = b.init_rejects(counts.len() as u32);
+    let mut rejects = b.reborrow().init_rejects(counts.len() as u32);
     for (i, (reason, count)) in counts.into_iter().enumerate() {
         let mut r = rejects.reborrow().get(i as u32);
         r.set_reason(reason_to_wire(reason));
         r.set_count(count);
     }
+    b.set_input_records(batch.input.records);
+    set_lineage(b.init_input_last(), batch.input.last);
     to_bytes(&message)
 }
 
 /// Decode an enrich → window batch.
 pub fn decode_enriched(bytes: &[u8]) -> Result<EnrichedBatch> {
-    let message = serialize::read_message_from_flat_slice(&mut &bytes[..], reader_options())?;
+    let words = aligned(bytes);
+    let message = serialize::read_message_from_flat_slice(&mut capnp::Word::words_to_bytes(&words), reader_options())?;
     let b = message.get_root::<wire::enriched_batch::Reader<'_>>()?;
     check_version(b.get_format_version())?;
     let mut uploads = Vec::new();
@@ -323,7 +335,8 @@ pub fn decode_enriched(bytes: &[u8]) -> Result<EnrichedBatch> {
     for r in b.get_rejects()?.iter() {
         rejects.0[reason_from_wire(r.get_reason()?).index()] += r.get_count();
     }
-    Ok(EnrichedBatch { key_group: KeyGroup(b.get_key_group()), uploads, first_event_moves, rejects })
+    let input = InputSpan { records: b.get_input_records(), last: get_lineage(b.get_input_last())? };
+    Ok(EnrichedBatch { key_group: KeyGroup(b.get_key_group()), uploads, first_event_moves, rejects, input })
 }
 
 // ------------------------------------------------------------------ rows
@@ -338,6 +351,7 @@ pub fn encode_rows(batch: &RowBatch) -> Vec<u8> {
     let mut b = message.init_root::<wire::row_batch::Builder<'_>>();
     b.set_format_version(FORMAT_VERSION);
     b.set_key_group(batch.key_group.0);
+    b.set_covered_records(batch.covered);
     let mut list = b.init_rows(batch.rows.len() as u32);
     for (i, row) in batch.rows.iter().enumerate() {
         let mut r = list.reborrow().get(i as u32);
@@ -418,7 +432,8 @@ pub fn encode_rows(batch: &RowBatch) -> Vec<u8> {
 /// Decode a window → sink batch.
 pub fn decode_rows(bytes: &[u8]) -> Result<RowBatch> {
     use wire::partial_row::Which;
-    let message = serialize::read_message_from_flat_slice(&mut &bytes[..], reader_options())?;
+    let words = aligned(bytes);
+    let message = serialize::read_message_from_flat_slice(&mut capnp::Word::words_to_bytes(&words), reader_options())?;
     let b = message.get_root::<wire::row_batch::Reader<'_>>()?;
     check_version(b.get_format_version())?;
     let mut rows = Vec::new();
@@ -505,7 +520,111 @@ pub fn decode_rows(bytes: &[u8]) -> Result<RowBatch> {
         };
         rows.push(PartialRow { version: r.get_version(), key, value });
     }
-    Ok(RowBatch { key_group: KeyGroup(b.get_key_group()), rows })
+    Ok(RowBatch { key_group: KeyGroup(b.get_key_group()), rows, covered: b.get_covered_records() })
+}
+
+// ------------------------------------------------------------------ size limits
+
+/// Encode `batch`, split into parts of at most `max_bytes` each where it can
+/// be split (a single record larger than that stays one part). Every part
+/// is a batch of its own; each comes with its record count.
+fn within<B>(
+    batch: &B,
+    max_bytes: usize,
+    encode: fn(&B) -> Vec<u8>,
+    records: fn(&B) -> u64,
+    split: fn(&B) -> Option<(B, B)>,
+    out: &mut Vec<(Vec<u8>, u64)>,
+) {
+    let bytes = encode(batch);
+    if bytes.len() <= max_bytes {
+        out.push((bytes, records(batch)));
+        return;
+    }
+    match split(batch) {
+        Some((a, b)) => {
+            within(&a, max_bytes, encode, records, split, out);
+            within(&b, max_bytes, encode, records, split, out);
+        }
+        None => out.push((bytes, records(batch))),
+    }
+}
+
+/// [`encode_raw`] in parts of at most `max_bytes`: halves of the uploads
+/// (each keeps its lineage, so a receiver's dedup is unchanged).
+pub fn encode_raw_within(batch: &RawBatch, max_bytes: usize) -> Vec<(Vec<u8>, u64)> {
+    let mut out = Vec::new();
+    within(
+        batch,
+        max_bytes,
+        encode_raw,
+        |b| b.uploads.len() as u64,
+        |b| {
+            (b.uploads.len() >= 2).then(|| {
+                let mid = b.uploads.len() / 2;
+                let part = |ups: &[RawUpload]| RawBatch { key_group: b.key_group, uploads: ups.to_vec() };
+                (part(&b.uploads[..mid]), part(&b.uploads[mid..]))
+            })
+        },
+        &mut out,
+    );
+    out
+}
+
+/// [`encode_enriched`] in parts of at most `max_bytes`: halves of the
+/// uploads. The first-event moves, rejects and input count travel with the
+/// last part; each part's input lineage is that of its last upload, so the
+/// parts' lineages grow and a receiver can drop a replayed part by it.
+pub fn encode_enriched_within(batch: &EnrichedBatch, max_bytes: usize) -> Vec<(Vec<u8>, u64)> {
+    let mut out = Vec::new();
+    within(
+        batch,
+        max_bytes,
+        encode_enriched,
+        |b| b.uploads.len() as u64,
+        |b| {
+            (b.uploads.len() >= 2).then(|| {
+                let mid = b.uploads.len() / 2;
+                let first = EnrichedBatch {
+                    key_group: b.key_group,
+                    uploads: b.uploads[..mid].to_vec(),
+                    first_event_moves: Vec::new(),
+                    rejects: RejectCounts::default(),
+                    input: InputSpan { records: 0, last: b.uploads[mid - 1].lineage },
+                };
+                let second = EnrichedBatch { uploads: b.uploads[mid..].to_vec(), ..b.clone() };
+                (first, second)
+            })
+        },
+        &mut out,
+    );
+    out
+}
+
+/// [`encode_rows`] in parts of at most `max_bytes`: halves of the rows, each
+/// with the key group's covered count (rows are absolute and versioned, so
+/// parts apply in any order).
+pub fn encode_rows_within(batch: &RowBatch, max_bytes: usize) -> Vec<(Vec<u8>, u64)> {
+    let mut out = Vec::new();
+    within(
+        batch,
+        max_bytes,
+        encode_rows,
+        |b| b.rows.len() as u64,
+        |b| {
+            (b.rows.len() >= 2).then(|| {
+                let mid = b.rows.len() / 2;
+                let part = |rows: &[crate::table::PartialRow]| RowBatch {
+                    key_group: b.key_group,
+                    rows: rows.to_vec(),
+                    covered: b.covered,
+                };
+                (part(&b.rows[..mid]), part(&b.rows[mid..]))
+            })
+        },
+        &mut out,
+    );
+    out
 }
 
 #[cfg(test)]
@@ -567,8 +686,42 @@ mod tests {
                 into: DailyCell { day: LocalDay(19_999), dimensions: dims() },
             }],
             rejects,
+            input: InputSpan { records: 3, last: Lineage { partition: 2, offset: 77 } },
         };
         assert_eq!(decode_enriched(&encode_enriched(&batch))?, batch);
+        Ok(())
+    }
+
+    #[test]
+    fn oversized_batches_split_into_parts_that_keep_every_record() -> Result<()> {
+        let upload = |offset: u64| EnrichedUpload {
+            lineage: Lineage { partition: 1, offset },
+            app: "a".into(),
+            dev: format!("device-{offset}").into(),
+            dimensions: dims(),
+            events: vec![EnrichedEvent { index: 0, ts: 9, body: EventBody::Launch }; 20],
+        };
+        let mut rejects = RejectCounts::default();
+        rejects.add(RejectReason::UnknownApp);
+        let batch = EnrichedBatch {
+            key_group: KeyGroup(5),
+            uploads: (10..50).map(upload).collect(),
+            first_event_moves: Vec::new(),
+            rejects,
+            input: InputSpan { records: 41, last: Lineage { partition: 1, offset: 50 } },
+        };
+        let whole = encode_enriched(&batch).len();
+        let parts = encode_enriched_within(&batch, whole / 5);
+        assert!(parts.len() >= 5, "{} parts", parts.len());
+        assert!(parts.iter().all(|(p, _)| p.len() <= whole / 5));
+        let decoded: Vec<EnrichedBatch> = parts.iter().map(|(p, _)| decode_enriched(p)).collect::<Result<_>>()?;
+        let uploads: Vec<EnrichedUpload> = decoded.iter().flat_map(|b| b.uploads.clone()).collect();
+        assert_eq!(uploads, batch.uploads, "every upload once, in order");
+        let lasts: Vec<u64> = decoded.iter().map(|b| b.input.last.offset).collect();
+        assert!(lasts.windows(2).all(|w| w[0] < w[1]), "part lineages grow: {lasts:?}");
+        assert_eq!(decoded.last().map(|b| (b.input, b.rejects)), Some((batch.input, batch.rejects)));
+        assert_eq!(decoded.iter().map(|b| b.input.records).sum::<u64>(), 41);
+        assert_eq!(parts.iter().map(|(_, n)| n).sum::<u64>(), 40);
         Ok(())
     }
 
@@ -578,6 +731,7 @@ mod tests {
         daily.revenue.insert("CNY".into(), 600);
         let batch = RowBatch {
             key_group: KeyGroup(3),
+            covered: 12,
             rows: vec![
                 PartialRow {
                     version: 4,

@@ -27,18 +27,24 @@ pub fn export(sink: &Sink, dir: &Path) -> Result<Vec<(Table, usize)>, ExportErro
     let mut counts = Vec::new();
     for table in Table::ALL {
         let path = dir.join(format!("{}.jsonl", table.name()));
-        let rows = sink.rows(table);
-        let mut text = String::with_capacity(rows.len() * 160);
-        for (k, v) in &rows {
-            write_row(k, v, &mut text);
-            text.push('\n');
-        }
+        let (text, rows) = render(sink, table);
         let tmp = path.with_extension("jsonl.tmp");
         let mut f = std::fs::File::create(&tmp).map_err(fail(&tmp))?;
         f.write_all(text.as_bytes()).map_err(fail(&tmp))?;
         f.sync_all().map_err(fail(&tmp))?;
         std::fs::rename(&tmp, &path).map_err(fail(&path))?;
-        counts.push((table, rows.len()));
+        counts.push((table, rows));
     }
     Ok(counts)
+}
+
+/// `table` as JSON lines in oracle.py's format, and its number of rows.
+pub fn render(sink: &Sink, table: Table) -> (String, usize) {
+    let rows = sink.rows(table);
+    let mut text = String::with_capacity(rows.len() * 160);
+    for (k, v) in &rows {
+        write_row(k, v, &mut text);
+        text.push('\n');
+    }
+    (text, rows.len())
 }

@@ -7,7 +7,7 @@
 //! changes nothing: the sink is idempotent by construction.
 
 pub mod export;
-pub mod pipe;
+pub mod service;
 pub mod sink;
 pub mod table_store;
 

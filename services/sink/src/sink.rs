@@ -18,6 +18,9 @@ pub struct Sink {
     custom: TableStore<CustomKey, CustomValue>,
     minute: TableStore<MinuteBlockKey, Vec<MinuteCell>>,
     rejects: TableStore<RejectReason, u64>,
+    /// Input records each key group's rows account for. The count only
+    /// grows, so it is its own version.
+    covered: TableStore<(), u64>,
 }
 
 impl Default for Sink {
@@ -43,7 +46,14 @@ impl Sink {
             custom: TableStore::new("sink/custom_events"),
             minute: TableStore::new("sink/minute"),
             rejects: TableStore::new("sink/rejects"),
+            covered: TableStore::new("sink/covered"),
         }
+    }
+
+    /// Input records the tables account for, over every key group: equal to
+    /// the records produced into Kafka once the pipeline has caught up.
+    pub fn covered_records(&self) -> u64 {
+        self.covered.iter().flat_map(|(_, c)| c.iter().map(|(_, _, n)| *n)).sum()
     }
 
     /// Keys per table.
@@ -120,11 +130,15 @@ impl Stage for Sink {
         self.custom.restore(store)?;
         self.minute.restore(store)?;
         self.rejects.restore(store)?;
+        self.covered.restore(store)?;
         Ok(())
     }
 
     fn batch(&mut self, input: RowBatch, _out: &mut Vec<()>) -> Result<(), StageError> {
         let kg = input.key_group;
+        if input.covered > 0 {
+            self.covered.apply(kg, input.covered, (), input.covered);
+        }
         for row in input.rows {
             // A stale partial (an older or repeated version) changes nothing.
             let _: Applied = match (row.key, row.value) {
@@ -149,6 +163,7 @@ impl Stage for Sink {
         self.custom.commit(tx)?;
         self.minute.commit(tx)?;
         self.rejects.commit(tx)?;
+        self.covered.commit(tx)?;
         Ok(())
     }
 }

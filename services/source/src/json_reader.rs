@@ -339,12 +339,13 @@ impl<'a> Reader<'a> {
     /// The char of a `\uXXXX` escape whose last hex digit is at `*i`,
     /// combining a surrogate pair when a low surrogate escape follows.
     fn utf16(&self, unit: u32, i: &mut usize) -> char {
-        if (0xD800..0xDC00).contains(&unit) && self.b.get(*i + 1..*i + 3) == Some(b"\\u") {
-            if let Ok(low @ 0xDC00..=0xDFFF) = self.hex4(*i + 3) {
-                *i += 6;
-                let c = 0x10000 + ((unit - 0xD800) << 10) + (low - 0xDC00);
-                return char::from_u32(c).unwrap_or(char::REPLACEMENT_CHARACTER);
-            }
+        if (0xD800..0xDC00).contains(&unit)
+            && self.b.get(*i + 1..*i + 3) == Some(b"\\u")
+            && let Ok(low @ 0xDC00..=0xDFFF) = self.hex4(*i + 3)
+        {
+            *i += 6;
+            let c = 0x10000 + ((unit - 0xD800) << 10) + (low - 0xDC00);
+            return char::from_u32(c).unwrap_or(char::REPLACEMENT_CHARACTER);
         }
         char::from_u32(unit).unwrap_or(char::REPLACEMENT_CHARACTER)
     }

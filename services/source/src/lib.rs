@@ -14,8 +14,9 @@
 pub mod batcher;
 pub mod framing;
 pub mod json_reader;
-pub mod pipe;
+pub mod kafka;
 pub mod position;
+pub mod service;
 pub mod settings;
 pub mod upload;
 

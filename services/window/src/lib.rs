@@ -16,7 +16,7 @@
 
 pub mod device_day;
 pub mod partials;
-pub mod pipe;
+pub mod service;
 pub mod window;
 
 pub use window::Window;

@@ -1,7 +1,7 @@
-//! `sluice-window`: enriched batches in (stdin), partial rows out (stdout), as
-//! Cap'n Proto frames. Until the NATS transport lands, the stage runs over
-//! stdio between `sluice-enrich` and `sluice-sink`.
+//! `sluice-window`: enriched batches from JetStream in, partial rows of the
+//! tables out, by event time. See `sluice_window::service`.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -10,13 +10,13 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(version, about)]
 struct Args {
-    /// Emit the changed partial rows every this many input batches (and at the end).
-    #[arg(long, default_value_t = 256)]
-    emit_every: u64,
+    /// TOML configuration, under SLUICE_* variables (docs/configuration.md).
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let result = sluice_window::pipe::run(args.emit_every, std::io::stdin().lock(), std::io::stdout().lock());
-    sluice_runtime::exit::report("sluice-window", result.map(|meter| meter.finish()))
+    sluice_runtime::telemetry::init("info");
+    sluice_runtime::exit::report("sluice-window", sluice_window::service::main(args.config.as_deref()))
 }

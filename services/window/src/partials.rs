@@ -67,6 +67,12 @@ where
         }
     }
 
+    /// The current value of `key` in `kg`.
+    pub fn get(&self, kg: KeyGroup, key: &K) -> Option<&V> {
+        // A lookup by a borrowed pair would need the key cloned anyway.
+        self.rows.get(&(kg, key.clone())).map(|p| &p.versioned.value)
+    }
+
     /// How many partial rows there are.
     pub fn len(&self) -> usize {
         self.rows.len()

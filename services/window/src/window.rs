@@ -84,6 +84,8 @@ pub struct Window {
     custom: Partials<CustomKey, CustomValue>,
     minute: Partials<MinuteBlockKey, Vec<MinuteCell>>,
     rejects: Partials<RejectReason, u64>,
+    /// Input records each key group accounts for (the sink's progress).
+    covered: Partials<(), u64>,
     owned: Option<KeyGroupSet>,
     /// Reused per upload: (minute, event index), sorted by minute.
     scratch: Vec<(LocalMinute, usize)>,
@@ -109,6 +111,7 @@ impl Window {
             custom: Partials::new("window/custom"),
             minute: Partials::new("window/minute"),
             rejects: Partials::new("window/rejects"),
+            covered: Partials::new("window/covered"),
             owned: None,
             scratch: Vec::new(),
             emit_rows: true,
@@ -144,7 +147,7 @@ impl Window {
             let rows = pending.entry(kg).or_default();
             rows.push(row);
             if rows.len() >= 4096 {
-                each(RowBatch { key_group: kg, rows: std::mem::take(rows) });
+                each(RowBatch { key_group: kg, rows: std::mem::take(rows), covered: 0 });
             }
         };
         let each: &mut dyn FnMut(RowBatch) = &mut each;
@@ -166,7 +169,7 @@ impl Window {
         });
         for (key_group, rows) in pending {
             if !rows.is_empty() {
-                each(RowBatch { key_group, rows });
+                each(RowBatch { key_group, rows, covered: 0 });
             }
         }
     }
@@ -315,6 +318,7 @@ impl Stage for Window {
         self.custom.restore(store, owns)?;
         self.minute.restore(store, owns)?;
         self.rejects.restore(store, owns)?;
+        self.covered.restore(store, owns)?;
         let days = &mut self.device_days;
         self.device_day_log.restore_owned(store, owns, |kg, key, stored| match stored {
             Some(stored) => {
@@ -341,6 +345,9 @@ impl Stage for Window {
         for (reason, count) in input.rejects.iter() {
             self.rejects.update(kg, reason, |n| *n += count);
         }
+        if input.input.records > 0 {
+            self.covered.update(kg, (), |n| *n += input.input.records);
+        }
         Ok(())
     }
 
@@ -364,7 +371,17 @@ impl Stage for Window {
             emit(kg, v, &|| RowKey::MinuteBlock(k.clone()), &|| RowValue::MinuteBlock(x.clone()))
         })?;
         self.rejects.commit(tx, |kg, v, k, x| emit(kg, v, &|| RowKey::Rejects(*k), &|| RowValue::Rejects(*x)))?;
-        out.extend(by_kg.into_iter().map(|(key_group, rows)| RowBatch { key_group, rows }));
+        self.covered.commit(tx, |kg, _, _, _| {
+            if emit_rows {
+                by_kg.entry(kg).or_default();
+            }
+        })?;
+        let covered = &self.covered;
+        out.extend(by_kg.into_iter().map(|(key_group, rows)| RowBatch {
+            key_group,
+            rows,
+            covered: covered.get(key_group, &()).copied().unwrap_or(0),
+        }));
 
         let dirty = std::mem::take(&mut self.dirty_days);
         let mut changes: BTreeMap<KeyGroup, Vec<(&DeviceDayKey, Option<StoredDeviceDay>)>> = BTreeMap::new();
@@ -568,6 +585,7 @@ mod tests {
                 },
             ],
             rejects,
+            input: sluice_runtime::batch::InputSpan { records: 4, last: Lineage::line(3) },
         };
         w.batch(batch, &mut Vec::new()).expect("batch");
         let rows = rows(&mut w);

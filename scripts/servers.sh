@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install the real servers the distributed tests and `just up` use, when
+# missing: nats-server (Debian's package, 2.9) and the tansu Kafka-protocol
+# broker (crates.io, built from source with its in-memory and SQLite storage;
+# about ten minutes on two cores, once per machine).
+set -euo pipefail
+
+TANSU_VERSION=0.6.0
+need_root() { if [ "$(id -u)" -ne 0 ]; then echo "need root (or sudo) to install $1" >&2; exit 1; fi; }
+
+if ! command -v nats-server >/dev/null && [ ! -x /usr/sbin/nats-server ]; then
+  need_root nats-server
+  echo "installing nats-server (Debian)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null
+fi
+if ! command -v tansu >/dev/null && [ ! -x "$HOME/.cargo/bin/tansu" ]; then
+  echo "building the tansu broker $TANSU_VERSION from crates.io (about ten minutes)"
+  cargo install --locked --quiet tansu --version "$TANSU_VERSION" --features dynostore,libsql
+fi
+PATH="$PATH:/usr/sbin:$HOME/.cargo/bin"
+echo "servers: $(nats-server --version), $(tansu --version 2>/dev/null || echo tansu "$TANSU_VERSION")"

@@ -1,0 +1,173 @@
+//! The inbox: how far a consuming stage has applied its input, per key group,
+//! and the decision whether a delivery or a record is new.
+//!
+//! Two positions per key group, both committed with the stage's state:
+//!
+//! - the **stream sequence** of the last JetStream message applied. On start
+//!   the consumer is re-created to deliver from the next one, and a message
+//!   delivered again (a redelivery after an ack timeout, or a message applied
+//!   but not yet acknowledged when the process died) is dropped by it;
+//! - the **lineage frontier**: the highest Kafka offset applied per Kafka
+//!   partition. Upstream may publish the same records again under a new
+//!   stream sequence (a source re-reads Kafka from its last committed offset
+//!   and cuts its batches differently; an enrich replays from its last commit
+//!   after JetStream's duplicate window has passed). Records arrive in offset
+//!   order per (key group, partition), because every publisher publishes a
+//!   subject's messages one after another (see [`crate::publish_order`]), so a
+//!   record at or below the frontier has been applied already.
+//!
+//! This module decides; it does no I/O. The consuming loop feeds it the facts
+//! and commits [`Inbox::stage`]'s writes in the stage's commit.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::key_group::KeyGroup;
+use crate::lineage::Lineage;
+use crate::state::{self, CommitBatch, CommitStore, StateError, StateKey};
+
+/// What one key group's consumer has applied.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyGroupPosition {
+    /// Stream sequence of the last message applied (0: none).
+    pub stream_seq: u64,
+    /// Highest Kafka offset applied, per Kafka partition.
+    pub frontier: BTreeMap<u32, u64>,
+}
+
+/// Every key group's position, and which changed since the last commit.
+#[derive(Debug)]
+pub struct Inbox {
+    namespace: &'static str,
+    positions: BTreeMap<KeyGroup, KeyGroupPosition>,
+    changed: BTreeSet<KeyGroup>,
+}
+
+impl Inbox {
+    /// An empty inbox stored under `namespace` (one per stage).
+    pub fn new(namespace: &'static str) -> Self {
+        Self { namespace, positions: BTreeMap::new(), changed: BTreeSet::new() }
+    }
+
+    fn key(&self, kg: KeyGroup) -> StateKey {
+        StateKey::namespace(self.namespace).part(&kg.0.to_be_bytes())
+    }
+
+    /// Load the committed positions of the key groups `owns` accepts.
+    pub fn restore(&mut self, store: &CommitStore, owns: impl Fn(KeyGroup) -> bool) -> Result<(), StateError> {
+        let prefix = StateKey::namespace(self.namespace);
+        for item in store.scan(&prefix) {
+            let (key, value) = item?;
+            let Some(kg) = key.get(prefix.as_bytes().len() + 4..).and_then(|b| <[u8; 2]>::try_from(b).ok()) else {
+                return Err(StateError::Decode { what: "inbox key", detail: format!("{} bytes", key.len()) });
+            };
+            let kg = KeyGroup(u16::from_be_bytes(kg));
+            if owns(kg) {
+                self.positions.insert(kg, state::decode("inbox position", &value)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// The position of `kg`.
+    pub fn position(&self, kg: KeyGroup) -> Option<&KeyGroupPosition> {
+        self.positions.get(&kg)
+    }
+
+    /// A JetStream message of `kg` at `stream_seq` was delivered: true if it
+    /// is new (and is now taken as applied), false if it was applied before.
+    pub fn admit_delivery(&mut self, kg: KeyGroup, stream_seq: u64) -> bool {
+        let p = self.positions.entry(kg).or_default();
+        if stream_seq <= p.stream_seq {
+            return false;
+        }
+        p.stream_seq = stream_seq;
+        self.changed.insert(kg);
+        true
+    }
+
+    /// A record of `kg` from `lineage`: true if it is new (and is now taken
+    /// as applied), false if its offset is at or below the frontier of its
+    /// partition.
+    pub fn admit_record(&mut self, kg: KeyGroup, lineage: Lineage) -> bool {
+        let p = self.positions.entry(kg).or_default();
+        match p.frontier.get(&lineage.partition) {
+            Some(&applied) if lineage.offset <= applied => false,
+            _ => {
+                p.frontier.insert(lineage.partition, lineage.offset);
+                self.changed.insert(kg);
+                true
+            }
+        }
+    }
+
+    /// Stage the positions that changed since the last commit into `tx`.
+    pub fn stage(&mut self, tx: &mut CommitBatch) -> Result<(), StateError> {
+        for kg in std::mem::take(&mut self.changed) {
+            if let Some(p) = self.positions.get(&kg) {
+                tx.put(&self.key(kg), state::encode("inbox position", p)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether anything changed since the last [`Inbox::stage`].
+    pub fn is_dirty(&self) -> bool {
+        !self.changed.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::StateSettings;
+
+    const KG: KeyGroup = KeyGroup(3);
+
+    #[test]
+    fn redeliveries_are_dropped_by_stream_sequence() {
+        let mut inbox = Inbox::new("t/inbox");
+        assert!(inbox.admit_delivery(KG, 1));
+        assert!(inbox.admit_delivery(KG, 2));
+        assert!(!inbox.admit_delivery(KG, 2), "the same message again");
+        assert!(!inbox.admit_delivery(KG, 1), "an older one");
+        assert!(inbox.admit_delivery(KeyGroup(4), 1), "positions are per key group");
+    }
+
+    #[test]
+    fn republished_records_are_dropped_by_lineage() {
+        let mut inbox = Inbox::new("t/inbox");
+        let at = |partition, offset| Lineage { partition, offset };
+        assert!(inbox.admit_record(KG, at(0, 10)));
+        assert!(inbox.admit_record(KG, at(0, 11)));
+        assert!(inbox.admit_record(KG, at(1, 5)), "partitions are independent");
+        // The source re-read partition 0 from offset 9 and cut another batch.
+        assert!(!inbox.admit_record(KG, at(0, 9)));
+        assert!(!inbox.admit_record(KG, at(0, 11)));
+        assert!(inbox.admit_record(KG, at(0, 12)));
+    }
+
+    #[test]
+    fn positions_survive_a_restart_and_only_owned_ones_load() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let store = CommitStore::open(dir.path(), &StateSettings::default())?;
+        let mut inbox = Inbox::new("t/inbox");
+        inbox.admit_delivery(KG, 7);
+        inbox.admit_record(KG, Lineage { partition: 2, offset: 99 });
+        inbox.admit_delivery(KeyGroup(9), 1);
+        let mut tx = CommitBatch::default();
+        inbox.stage(&mut tx)?;
+        assert!(!inbox.is_dirty());
+        store.commit(tx)?;
+
+        let mut again = Inbox::new("t/inbox");
+        again.restore(&store, |kg| kg == KG)?;
+        let p = again.position(KG).ok_or("restored")?;
+        assert_eq!((p.stream_seq, p.frontier.get(&2)), (7, Some(&99)));
+        assert!(again.position(KeyGroup(9)).is_none(), "not owned");
+        assert!(!again.admit_delivery(KG, 7));
+        assert!(!again.admit_record(KG, Lineage { partition: 2, offset: 99 }));
+        Ok(())
+    }
+}

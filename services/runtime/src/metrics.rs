@@ -1,0 +1,214 @@
+//! The metrics every service exposes, named once, here.
+//!
+//! All are labelled with `stage` and `instance` (constant labels of the
+//! registry). Counters are counted per batch, not per record, and end in
+//! `_total` in the exposition; units are plural base units (seconds, bytes).
+//! Label values come from small fixed sets (`reason` is a reject reason's
+//! table name), never from ids or raw error text.
+//!
+//! | metric | kind | meaning |
+//! |---|---|---|
+//! | `sluice_records_received_total` | counter | input records (uploads, or rows at the sink) |
+//! | `sluice_records_sent_total` | counter | records in published batches |
+//! | `sluice_batches_received_total` | counter | input batches (Kafka chunks, NATS messages) |
+//! | `sluice_batches_sent_total` | counter | batches published |
+//! | `sluice_records_rejected_total{reason}` | counter | rejects by reason (SPEC section 2) |
+//! | `sluice_duplicates_dropped_total` | counter | deliveries or records dropped as already applied |
+//! | `sluice_batches_committed_total` | counter | commits made durable |
+//! | `sluice_commit_duration_seconds` | histogram | staging + write + flush of one commit |
+//! | `sluice_processing_duration_seconds` | histogram | processing of one input batch |
+//! | `sluice_busy_seconds_total` | counter | time spent processing and committing |
+//! | `sluice_backpressured_seconds_total` | counter | time waiting for downstream (publish acks) |
+//! | `sluice_publish_retries_total` | counter | publishes retried |
+//! | `sluice_consumer_lag` | gauge | input not yet delivered (Kafka records, or NATS messages) |
+//! | `sluice_state_bytes` | gauge | size of the state directory on disk |
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::reject::{RejectCounts, RejectReason};
+
+/// The `reason` label of rejects.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// The reject reason's name.
+    pub reason: &'static str,
+}
+
+/// One service's metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// Input records.
+    pub records_received: Counter,
+    /// Records published.
+    pub records_sent: Counter,
+    /// Input batches.
+    pub batches_received: Counter,
+    /// Batches published.
+    pub batches_sent: Counter,
+    /// Rejects by reason.
+    pub records_rejected: Family<ReasonLabel, Counter>,
+    /// Deliveries or records dropped as already applied.
+    pub duplicates_dropped: Counter,
+    /// Commits.
+    pub batches_committed: Counter,
+    /// Duration of a commit.
+    pub commit_duration: Histogram,
+    /// Duration of processing one input batch.
+    pub processing_duration: Histogram,
+    /// Time busy, in seconds (as a float counter).
+    pub busy_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    /// Time waiting for downstream, in seconds.
+    pub backpressured_seconds: Counter<f64, std::sync::atomic::AtomicU64>,
+    /// Publishes retried.
+    pub publish_retries: Counter,
+    /// Input not yet delivered.
+    pub consumer_lag: Gauge,
+    /// State directory size.
+    pub state_bytes: Gauge,
+}
+
+impl Metrics {
+    /// The metrics of instance `instance` of `stage`.
+    pub fn new(stage: &str, instance: usize) -> Arc<Self> {
+        let labels = [("stage".into(), stage.to_owned().into()), ("instance".into(), instance.to_string().into())];
+        let mut registry = Registry::with_prefix_and_labels("sluice", labels.into_iter());
+        let m = Self {
+            records_received: Counter::default(),
+            records_sent: Counter::default(),
+            batches_received: Counter::default(),
+            batches_sent: Counter::default(),
+            records_rejected: Family::default(),
+            duplicates_dropped: Counter::default(),
+            batches_committed: Counter::default(),
+            commit_duration: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
+            processing_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            busy_seconds: Counter::default(),
+            backpressured_seconds: Counter::default(),
+            publish_retries: Counter::default(),
+            consumer_lag: Gauge::default(),
+            state_bytes: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("records_received", "Input records", m.records_received.clone());
+        registry.register("records_sent", "Records in published batches", m.records_sent.clone());
+        registry.register("batches_received", "Input batches", m.batches_received.clone());
+        registry.register("batches_sent", "Batches published", m.batches_sent.clone());
+        registry.register("records_rejected", "Rejected records and events, by reason", m.records_rejected.clone());
+        registry.register(
+            "duplicates_dropped",
+            "Deliveries or records dropped as already applied",
+            m.duplicates_dropped.clone(),
+        );
+        registry.register("batches_committed", "Commits made durable", m.batches_committed.clone());
+        registry.register_with_unit(
+            "commit_duration",
+            "Staging, writing and flushing one commit",
+            prometheus_client::registry::Unit::Seconds,
+            m.commit_duration.clone(),
+        );
+        registry.register_with_unit(
+            "processing_duration",
+            "Processing one input batch",
+            prometheus_client::registry::Unit::Seconds,
+            m.processing_duration.clone(),
+        );
+        registry.register_with_unit(
+            "busy",
+            "Time spent processing and committing",
+            prometheus_client::registry::Unit::Seconds,
+            m.busy_seconds.clone(),
+        );
+        registry.register_with_unit(
+            "backpressured",
+            "Time spent waiting for downstream to store what was published",
+            prometheus_client::registry::Unit::Seconds,
+            m.backpressured_seconds.clone(),
+        );
+        registry.register("publish_retries", "Publishes retried", m.publish_retries.clone());
+        registry.register("consumer_lag", "Input not yet delivered to this instance", m.consumer_lag.clone());
+        registry.register_with_unit(
+            "state",
+            "Size of the state directory on disk",
+            prometheus_client::registry::Unit::Bytes,
+            m.state_bytes.clone(),
+        );
+        Arc::new(Self { registry, ..m })
+    }
+
+    /// Add reject counts.
+    pub fn rejects(&self, rejects: &RejectCounts) {
+        for (reason, n) in rejects.iter() {
+            self.reject(reason, n);
+        }
+    }
+
+    /// Add `n` rejects of `reason`.
+    pub fn reject(&self, reason: RejectReason, n: u64) {
+        if n > 0 {
+            self.records_rejected.get_or_create(&ReasonLabel { reason: reason.as_str() }).inc_by(n);
+        }
+    }
+
+    /// Add busy time.
+    pub fn busy(&self, d: Duration) {
+        self.busy_seconds.inc_by(d.as_secs_f64());
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl crate::nats::PublishReport for Arc<Metrics> {
+    fn stored(&self, _bytes: usize, _duplicate: bool) {
+        self.batches_sent.inc();
+    }
+    fn retried(&self) {
+        self.publish_retries.inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_is_exposed_with_stage_and_instance() {
+        let m = Metrics::new("enrich", 1);
+        m.reject(RejectReason::UnknownApp, 2);
+        m.busy(Duration::from_millis(5));
+        let text = m.render();
+        for name in [
+            "sluice_records_received_total",
+            "sluice_records_sent_total",
+            "sluice_batches_received_total",
+            "sluice_batches_sent_total",
+            "sluice_records_rejected_total",
+            "sluice_duplicates_dropped_total",
+            "sluice_batches_committed_total",
+            "sluice_commit_duration_seconds",
+            "sluice_processing_duration_seconds",
+            "sluice_busy_seconds_total",
+            "sluice_backpressured_seconds_total",
+            "sluice_publish_retries_total",
+            "sluice_consumer_lag",
+            "sluice_state_bytes",
+        ] {
+            assert!(text.contains(name), "{name} missing from\n{text}");
+        }
+        assert!(text.contains(r#"stage="enrich""#) && text.contains(r#"instance="1""#), "{text}");
+        assert!(text.contains(r#"reason="unknown_app""#), "{text}");
+    }
+}

@@ -1,0 +1,605 @@
+//! Distributed mode: a stage as a service that consumes one hop of JetStream
+//! and publishes to the next.
+//!
+//! One instance owns a share of the key groups (instance `i` of `n`: key
+//! groups `i`, `i + n`, ...), consumes exactly their subjects, and keeps their
+//! state in its own commit store. Its loops:
+//!
+//! - the **intake** task pulls deliveries from the key groups' consumers and
+//!   ticks the commit timer; on shutdown it stops pulling, which is how a
+//!   drain starts;
+//! - the **stage thread** (a plain thread: the work is CPU-bound) applies
+//!   deliveries in order and commits. A commit stages the stage's state, the
+//!   [`Inbox`] positions and, for an outbox stage, the outputs, in one atomic
+//!   write, flushed before anything that depends on it happens: before
+//!   deliveries are acknowledged and before outbox outputs are published;
+//! - the **publisher** publishes outputs in per-subject order
+//!   ([`crate::nats::run_publisher`]), and an **acker** acknowledges.
+//!
+//! Outputs follow one of two policies ([`OutputPolicy`]); docs/architecture.md
+//! says why each is exactly-once.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::CodecError;
+use crate::hop::Hop;
+use crate::inbox::Inbox;
+use crate::key_group::{KeyGroup, KeyGroupSet, KeyGroups};
+use crate::metrics::Metrics;
+use crate::nats::{self, NatsSettings, Outgoing, ToPublisher, TransportError};
+use crate::probe::Health;
+use crate::stage::{Stage, StageError};
+use crate::state::{self, CommitBatch, CommitStore, StateError, StateKey};
+
+/// Settings of a service instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServiceSettings {
+    /// This instance's index among the stage's instances (0-based). On
+    /// Kubernetes, the StatefulSet pod ordinal.
+    pub instance: usize,
+    /// How many instances the stage runs; they split the key groups evenly.
+    pub instances: usize,
+    /// The instance's state directory (sled).
+    pub state_dir: PathBuf,
+    /// Address of the HTTP server: `/metrics`, `/healthz`, `/readyz` (and
+    /// the sink's table API).
+    pub listen: String,
+    /// How often state, positions and outputs are committed. Shorter: less
+    /// replay after a crash and fresher tables; longer: fewer flushes.
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
+    /// Deliveries buffered between NATS and the stage thread.
+    pub intake_queue: usize,
+    /// How long a drain (SIGTERM) may take before the service gives up and
+    /// exits non-zero (as safe as a crash). Keep under the pod's grace period.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ServiceSettings {
+    fn default() -> Self {
+        Self {
+            instance: 0,
+            instances: 1,
+            state_dir: PathBuf::from("state"),
+            listen: "0.0.0.0:9090".into(),
+            commit_interval: Duration::from_secs(1),
+            intake_queue: 256,
+            drain_timeout: Duration::from_secs(25),
+        }
+    }
+}
+
+impl ServiceSettings {
+    /// The key groups this instance owns, after checking the instance numbers.
+    pub fn key_groups(&self, p: KeyGroups) -> Result<KeyGroupSet, ServiceError> {
+        if self.instances == 0 || self.instance >= self.instances {
+            return Err(ServiceError::Setup(format!(
+                "service.instance ({}) must be below service.instances ({})",
+                self.instance, self.instances
+            )));
+        }
+        Ok(KeyGroupSet::share(p, self.instance, self.instances))
+    }
+}
+
+/// Why a service stopped other than by a clean drain.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    /// NATS failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The stage failed.
+    #[error(transparent)]
+    Stage(#[from] StageError),
+    /// The commit store failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// A batch could not be read: written by an incompatible version.
+    #[error("a batch on {hop} (key group {key_group}, stream sequence {seq}) cannot be read: {source}")]
+    Undecodable {
+        /// The hop.
+        hop: &'static str,
+        /// Its key group.
+        key_group: KeyGroup,
+        /// Its stream sequence.
+        seq: u64,
+        /// The codec's error.
+        #[source]
+        source: CodecError,
+    },
+    /// Configuration or environment.
+    #[error("{0}")]
+    Setup(String),
+    /// The drain did not finish in time.
+    #[error("the drain did not finish within {0:?}")]
+    DrainTimeout(Duration),
+}
+
+/// When a stage's outputs are published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputPolicy {
+    /// As soon as they are produced, before the commit covering their input;
+    /// a commit waits until every output before it is stored. For stages
+    /// whose outputs are a deterministic function of their committed state
+    /// and input: a replay after a crash reproduces the same outputs under
+    /// the same message ids, and the receiver drops them.
+    Immediate,
+    /// From an outbox: written in the commit, published after it. For stages
+    /// whose outputs depend on when commits happen (the window's versioned
+    /// rows): a replay would not reproduce them.
+    Outbox,
+}
+
+/// A stage that can run as a consuming service.
+pub trait ConsumingStage: Stage<Input: Send, Output: Send> + Send + 'static {
+    /// The hop it consumes.
+    const INPUT: Hop;
+    /// The hop it publishes to, if any.
+    const OUTPUT: Option<Hop>;
+    /// When outputs are published.
+    const POLICY: OutputPolicy;
+
+    /// Read an input batch.
+    fn decode(bytes: &[u8]) -> Result<Self::Input, CodecError>;
+
+    /// Drop from `input` what this stage applied before (by lineage); `None`
+    /// when nothing is left. Counts what it drops in `dropped`.
+    fn admit(inbox: &mut Inbox, input: Self::Input, dropped: &mut u64) -> Option<Self::Input>;
+
+    /// Records in an input batch (for metrics).
+    fn records_in(input: &Self::Input) -> u64;
+
+    /// The key group of an output and its encodings, each at most
+    /// `max_bytes` unless a single record is larger; with the records of
+    /// each part (for metrics).
+    fn encode(output: &Self::Output, max_bytes: usize) -> (KeyGroup, Vec<(Vec<u8>, u64)>);
+
+    /// Count an output's rejects in the metrics.
+    fn count_rejects(_output: &Self::Output, _metrics: &Metrics) {}
+}
+
+const ASSIGNMENT_KEY: &str = "service/assignment";
+const EPOCH_KEY: &str = "service/epoch";
+const OUTBOX_NS: &str = "service/outbox";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Assignment {
+    key_groups: u16,
+    instance: usize,
+    instances: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct OutboxEntry {
+    subject: String,
+    id: String,
+    payload: Vec<u8>,
+}
+
+/// Refuse a state built for another share of the key groups: moving key
+/// groups between instances is not supported yet, and silently ignoring the
+/// state of key groups no longer owned would lose them.
+pub fn check_assignment(store: &CommitStore, p: KeyGroups, settings: &ServiceSettings) -> Result<(), ServiceError> {
+    let now = Assignment { key_groups: p.count(), instance: settings.instance, instances: settings.instances };
+    match store.get(&StateKey::namespace(ASSIGNMENT_KEY))? {
+        Some(bytes) => {
+            let was: Assignment = state::decode("assignment", &bytes)?;
+            if was != now {
+                return Err(ServiceError::Setup(format!(
+                    "the state at {} belongs to instance {} of {} with {} key groups, not instance {} of {} with {}; \
+                     use a fresh state directory (moving key groups between instances is not supported yet)",
+                    settings.state_dir.display(),
+                    was.instance,
+                    was.instances,
+                    was.key_groups,
+                    now.instance,
+                    now.instances,
+                    now.key_groups
+                )));
+            }
+        }
+        None => {
+            let mut tx = CommitBatch::default();
+            tx.put(&StateKey::namespace(ASSIGNMENT_KEY), state::encode("assignment", &now)?);
+            store.commit(tx)?;
+        }
+    }
+    Ok(())
+}
+
+/// Everything a consuming service runs with.
+pub struct ServiceContext {
+    /// Instance settings.
+    pub settings: ServiceSettings,
+    /// NATS settings.
+    pub nats: NatsSettings,
+    /// P.
+    pub key_groups: KeyGroups,
+    /// Its metrics.
+    pub metrics: Arc<Metrics>,
+    /// Its probes.
+    pub health: Arc<Health>,
+    /// Cancelled on SIGTERM (or when a loop fails).
+    pub shutdown: CancellationToken,
+}
+
+enum Intake {
+    Delivery(Box<nats::Delivery>),
+    Tick,
+}
+
+/// Run `stage` as a service until `ctx.shutdown`, then drain and commit.
+pub async fn run<S>(mut stage: S, store: CommitStore, ctx: ServiceContext) -> Result<(), ServiceError>
+where
+    S: ConsumingStage,
+{
+    let owned = ctx.settings.key_groups(ctx.key_groups)?;
+    check_assignment(&store, ctx.key_groups, &ctx.settings)?;
+    stage.start(&store)?;
+    let mut inbox = Inbox::new("service/inbox");
+    inbox.restore(&store, |kg| owned.contains(kg))?;
+    let epoch: u64 = match store.get(&StateKey::namespace(EPOCH_KEY))? {
+        Some(b) => state::decode("epoch", &b)?,
+        None => 0,
+    };
+    let mut outbox = Vec::new();
+    for item in store.scan(&StateKey::namespace(OUTBOX_NS)) {
+        let (key, value) = item?;
+        let entry: OutboxEntry = state::decode("outbox entry", &value)?;
+        outbox.push((StateKey::from_bytes(key.to_vec()), entry));
+    }
+
+    let js = nats::connect(&ctx.nats, &format!("sluice-{}-{}", stage.name(), ctx.settings.instance)).await?;
+    let input = nats::ensure_stream(&js, &ctx.nats, S::INPUT).await?;
+    if let Some(out) = S::OUTPUT {
+        nats::ensure_stream(&js, &ctx.nats, out).await?;
+    }
+    let (pub_tx, pub_rx) = mpsc::channel::<ToPublisher>(1024);
+    let publisher = tokio::spawn(nats::run_publisher(js.clone(), ctx.nats.clone(), pub_rx, ctx.metrics.clone()));
+    // Outputs committed by the last run and perhaps never published.
+    let pending_outbox: Vec<StateKey> = outbox.iter().map(|(k, _)| k.clone()).collect();
+    if !outbox.is_empty() {
+        tracing::info!(messages = outbox.len(), "publishing the outbox of the last run");
+    }
+    for (_, e) in outbox {
+        let out = Outgoing { subject: e.subject, id: e.id, payload: Bytes::from(e.payload) };
+        if pub_tx.send(ToPublisher::Publish(out)).await.is_err() {
+            break;
+        }
+    }
+
+    let kgs: Vec<KeyGroup> = ctx.key_groups.all().filter(|kg| owned.contains(*kg)).collect();
+    let mut deliveries = nats::consume(&input, &ctx.nats, S::INPUT, kgs.iter().copied()).await?;
+    let (intake_tx, mut intake_rx) = mpsc::channel::<Intake>(ctx.settings.intake_queue.max(1));
+    let (ack_tx, mut ack_rx) = mpsc::channel::<Vec<async_nats::Subject>>(64);
+    let client = js.client();
+    let acker = tokio::spawn(async move {
+        while let Some(replies) = ack_rx.recv().await {
+            for reply in replies {
+                if let Err(e) = client.publish(reply, Bytes::from_static(b"+ACK")).await {
+                    // Harmless: the message is redelivered and dropped by the inbox.
+                    tracing::debug!(error = %e, "acknowledging failed");
+                }
+            }
+            let _ = client.flush().await;
+        }
+    });
+
+    let shutdown = ctx.shutdown.clone();
+    let metrics = ctx.metrics.clone();
+    let interval = ctx.settings.commit_interval;
+    let intake = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut lag: std::collections::HashMap<KeyGroup, u64> = Default::default();
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => Intake::Tick,
+                d = deliveries.next() => match d {
+                    Some(Ok(d)) => {
+                        lag.insert(d.key_group, d.pending);
+                        metrics.consumer_lag.set(lag.values().sum::<u64>() as i64);
+                        Intake::Delivery(Box::new(d))
+                    }
+                    Some(Err(e)) => return Err(e),
+                    None => break,
+                },
+            };
+            if intake_tx.send(next).await.is_err() {
+                break; // the stage thread stopped; it reports why
+            }
+        }
+        Ok(())
+    });
+    ctx.health.set_ready(true);
+    tracing::info!(stage = stage.name(), instance = ctx.settings.instance, key_groups = kgs.len(), epoch, "consuming");
+
+    let (max_bytes, metrics, health, cancel) =
+        (ctx.nats.max_batch_bytes, ctx.metrics.clone(), ctx.health.clone(), ctx.shutdown.clone());
+    let prefix = ctx.nats.prefix.clone();
+    let state_dir = ctx.settings.state_dir.clone();
+    let thread = std::thread::Builder::new()
+        .name(format!("sluice-{}", stage.name()))
+        .spawn(move || {
+            let mut worker = StageThread {
+                stage,
+                store,
+                inbox,
+                epoch,
+                prefix,
+                max_bytes,
+                metrics,
+                pub_tx,
+                ack_tx,
+                acks: Vec::new(),
+                pending_outbox,
+                uncommitted: false,
+            };
+            let result = worker.run(&mut intake_rx);
+            let bytes = worker.store.size_on_disk().unwrap_or(0);
+            worker.metrics.state_bytes.set(bytes as i64);
+            tracing::info!(state_dir = %state_dir.display(), state_bytes = bytes, "stage thread stopped");
+            result
+        })
+        .map_err(|e| ServiceError::Setup(format!("starting the stage thread: {e}")))?;
+
+    // Wait for the stage thread without blocking the runtime.
+    let (done_tx, done_rx) = oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(thread.join());
+    });
+    let drain_timeout = ctx.settings.drain_timeout;
+    let shutdown = ctx.shutdown.clone();
+    let stage_result = tokio::select! {
+        r = done_rx => r,
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(drain_timeout).await } => {
+            health.set_failed();
+            return Err(ServiceError::DrainTimeout(drain_timeout));
+        }
+    };
+    let result = match stage_result {
+        Ok(Ok(r)) => r,
+        Ok(Err(_)) => Err(ServiceError::Setup("the stage thread panicked".into())),
+        Err(_) => Err(ServiceError::Setup("the stage thread vanished".into())),
+    };
+    if result.is_err() {
+        health.set_failed();
+        cancel.cancel();
+    }
+    let intake_result = intake.await.map_err(|e| ServiceError::Setup(format!("intake task: {e}")))?;
+    let publish_result = publisher.await.map_err(|e| ServiceError::Setup(format!("publisher task: {e}")))?;
+    let _ = acker.await;
+    result?;
+    intake_result?;
+    publish_result?;
+    Ok(())
+}
+
+struct StageThread<S: ConsumingStage> {
+    stage: S,
+    store: CommitStore,
+    inbox: Inbox,
+    epoch: u64,
+    prefix: String,
+    max_bytes: usize,
+    metrics: Arc<Metrics>,
+    pub_tx: mpsc::Sender<ToPublisher>,
+    ack_tx: mpsc::Sender<Vec<async_nats::Subject>>,
+    /// Reply subjects of the messages delivered since the last commit:
+    /// acknowledged (which removes them from the work-queue stream) after it.
+    acks: Vec<async_nats::Subject>,
+    /// Outbox entries published and to be deleted in the next commit.
+    pending_outbox: Vec<StateKey>,
+    uncommitted: bool,
+}
+
+impl<S: ConsumingStage> StageThread<S> {
+    fn run(&mut self, rx: &mut mpsc::Receiver<Intake>) -> Result<(), ServiceError> {
+        let mut outputs = Vec::new();
+        while let Some(next) = rx.blocking_recv() {
+            match next {
+                Intake::Tick => {
+                    if self.uncommitted || !self.pending_outbox.is_empty() {
+                        self.commit()?;
+                    }
+                }
+                Intake::Delivery(d) => {
+                    let t0 = Instant::now();
+                    self.deliver(*d, &mut outputs)?;
+                    let spent = t0.elapsed();
+                    self.metrics.processing_duration.observe(spent.as_secs_f64());
+                    self.metrics.busy(spent);
+                }
+            }
+        }
+        // Input closed: the drain. Commit what was applied; then, once the
+        // outbox it wrote is stored, a last commit deletes the outbox.
+        self.commit()?;
+        if !self.pending_outbox.is_empty() {
+            self.commit()?;
+        }
+        Ok(())
+    }
+
+    fn deliver(&mut self, d: nats::Delivery, outputs: &mut Vec<S::Output>) -> Result<(), ServiceError> {
+        let (kg, seq) = (d.key_group, d.stream_seq);
+        let fresh = self.inbox.admit_delivery(kg, seq);
+        let payload = d.message.payload.clone();
+        if let Some(reply) = d.message.reply.clone() {
+            self.acks.push(reply);
+        }
+        self.metrics.batches_received.inc();
+        if !fresh {
+            self.metrics.duplicates_dropped.inc();
+            return Ok(());
+        }
+        self.uncommitted = true;
+        let input = S::decode(&payload).map_err(|source| ServiceError::Undecodable {
+            hop: S::INPUT.name(),
+            key_group: kg,
+            seq,
+            source,
+        })?;
+        self.metrics.records_received.inc_by(S::records_in(&input));
+        let mut dropped = 0;
+        let admitted = S::admit(&mut self.inbox, input, &mut dropped);
+        if dropped > 0 {
+            self.metrics.duplicates_dropped.inc_by(dropped);
+        }
+        let Some(input) = admitted else { return Ok(()) };
+        self.stage.batch(input, outputs)?;
+        if S::POLICY == OutputPolicy::Immediate {
+            for (i, out) in outputs.drain(..).enumerate() {
+                S::count_rejects(&out, &self.metrics);
+                // Deterministic: the same input message yields the same ids on a replay.
+                let id = format!("{}-{}-{}-{}", self.stage.name(), kg.0, seq, i);
+                self.publish(&out, &id)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn publish(&self, out: &S::Output, id: &str) -> Result<(), ServiceError> {
+        let Some(hop) = S::OUTPUT else { return Ok(()) };
+        let (kg, parts) = S::encode(out, self.max_bytes);
+        let subject = hop.subject(&self.prefix, kg);
+        for (part, (bytes, records)) in parts.into_iter().enumerate() {
+            self.metrics.records_sent.inc_by(records);
+            let out = Outgoing { subject: subject.clone(), id: format!("{id}-{part}"), payload: Bytes::from(bytes) };
+            self.pub_tx.blocking_send(ToPublisher::Publish(out)).map_err(|_| self.publisher_gone())?;
+        }
+        Ok(())
+    }
+
+    fn publisher_gone(&self) -> ServiceError {
+        ServiceError::Setup("the publisher stopped (see its error)".into())
+    }
+
+    /// Wait until everything published so far is stored.
+    fn barrier(&self) -> Result<(), ServiceError> {
+        let t0 = Instant::now();
+        let (tx, rx) = oneshot::channel();
+        self.pub_tx.blocking_send(ToPublisher::Barrier(tx)).map_err(|_| self.publisher_gone())?;
+        rx.blocking_recv().map_err(|_| self.publisher_gone())?;
+        self.metrics.backpressured_seconds.inc_by(t0.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    fn commit(&mut self) -> Result<(), ServiceError> {
+        // Whatever was published before this commit must be stored first:
+        // Immediate outputs of the input this commit covers, and the outbox
+        // of the previous commit (whose entries this commit then deletes).
+        self.barrier()?;
+        let t0 = Instant::now();
+        let mut tx = CommitBatch::default();
+        let mut outputs = Vec::new();
+        self.stage.commit(&mut outputs, &mut tx)?;
+        self.inbox.stage(&mut tx)?;
+        for key in self.pending_outbox.drain(..) {
+            tx.delete(&key);
+        }
+        self.epoch += 1;
+        tx.put(&StateKey::namespace(EPOCH_KEY), state::encode("epoch", &self.epoch)?);
+        let mut to_publish = Vec::new();
+        if let Some(hop) = S::OUTPUT {
+            for (i, out) in outputs.iter().enumerate() {
+                S::count_rejects(out, &self.metrics);
+                let (kg, parts) = S::encode(out, self.max_bytes);
+                let subject = hop.subject(&self.prefix, kg);
+                for (part, (bytes, records)) in parts.into_iter().enumerate() {
+                    // Unique per stream: instances share the stream's id space.
+                    let id = format!("{}-{}-{}-{}-{part}", self.stage.name(), kg.0, self.epoch, i);
+                    let key = StateKey::namespace(OUTBOX_NS)
+                        .part(&self.epoch.to_be_bytes())
+                        .part(&(i as u64).to_be_bytes())
+                        .part(&(part as u64).to_be_bytes());
+                    let entry = OutboxEntry { subject: subject.clone(), id, payload: bytes };
+                    tx.put(&key, state::encode("outbox entry", &entry)?);
+                    self.metrics.records_sent.inc_by(records);
+                    to_publish.push((key, entry));
+                }
+            }
+        }
+        self.store.commit(tx)?;
+        self.metrics.batches_committed.inc();
+        self.metrics.commit_duration.observe(t0.elapsed().as_secs_f64());
+        self.metrics.busy(t0.elapsed());
+        self.uncommitted = false;
+        // Durable: now acknowledge the input and publish the outbox.
+        if !self.acks.is_empty() {
+            // The acker ends only after this thread: a failed send means shutdown.
+            let _ = self.ack_tx.blocking_send(std::mem::take(&mut self.acks));
+        }
+        for (key, entry) in to_publish {
+            let out = Outgoing { subject: entry.subject, id: entry.id, payload: Bytes::from(entry.payload) };
+            self.pub_tx.blocking_send(ToPublisher::Publish(out)).map_err(|_| self.publisher_gone())?;
+            self.pending_outbox.push(key);
+        }
+        Ok(())
+    }
+}
+
+/// The settings every consuming service shares.
+pub struct Common<'a> {
+    /// `[pipeline]`.
+    pub pipeline: &'a crate::settings::PipelineSettings,
+    /// `[service]`.
+    pub service: &'a ServiceSettings,
+    /// `[nats]`.
+    pub nats: &'a NatsSettings,
+    /// `[state]`.
+    pub state: &'a crate::state::StateSettings,
+}
+
+/// Start a consuming service: signals, metrics, probes (and `make`'s extra
+/// HTTP routes), the commit store, then [`run`] until SIGTERM and the drain.
+/// `make` builds the stage for the key groups this instance owns.
+pub async fn launch<S, F>(name: &'static str, common: Common<'_>, make: F) -> Result<(), ServiceError>
+where
+    S: ConsumingStage,
+    F: FnOnce(&KeyGroupSet, &Arc<Metrics>) -> Result<(S, axum::Router), ServiceError>,
+{
+    let key_groups = KeyGroups::new(common.pipeline.key_groups)
+        .ok_or_else(|| ServiceError::Setup("pipeline.key_groups must be between 1 and 32768".into()))?;
+    let owned = common.service.key_groups(key_groups)?;
+    let shutdown =
+        crate::shutdown::on_signal().map_err(|e| ServiceError::Setup(format!("installing signal handlers: {e}")))?;
+    let metrics = Metrics::new(name, common.service.instance);
+    let health = Health::new();
+    let (stage, routes) = make(&owned, &metrics)?;
+    let router = crate::probe::router(metrics.clone(), health.clone(), routes);
+    let (addr, http) = crate::probe::serve(&common.service.listen, router, shutdown.clone())
+        .await
+        .map_err(|e| ServiceError::Setup(format!("listening on {}: {e}", common.service.listen)))?;
+    tracing::info!(%addr, instance = common.service.instance, "{name}: HTTP on {addr}");
+    let store = CommitStore::open(&common.service.state_dir, common.state)?;
+    let ctx = ServiceContext {
+        settings: common.service.clone(),
+        nats: common.nats.clone(),
+        key_groups,
+        metrics,
+        health,
+        shutdown: shutdown.clone(),
+    };
+    let result = run(stage, store, ctx).await;
+    shutdown.cancel();
+    let _ = http.await;
+    result
+}
+
+/// Run `future` on a new multi-threaded tokio runtime (a service's `main`).
+pub fn block_on<T>(future: impl std::future::Future<Output = T>) -> std::io::Result<T> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(future))
+}

@@ -1,0 +1,221 @@
+//! `sluice-sink` as a service: partial rows from JetStream in, the tables
+//! kept in its state and served over HTTP.
+//!
+//! The HTTP API (JSON), beside `/metrics`, `/healthz` and `/readyz`:
+//!
+//! | route | answer |
+//! |---|---|
+//! | `GET /tables` | `{"tables": [{"name", "rows"}], "covered_records"}` |
+//! | `GET /tables/{table}?app=A&day=YYYY-MM-DD` | the rows (JSON objects, as exported) whose `app` and day match; both optional |
+//! | `GET /tables/{table}/export` | the whole table as JSON lines, byte-identical to the embedded export |
+//! | `GET /progress` | `{"covered_records"}`: input records the tables account for |
+//!
+//! Rows are partials merged at read time, so a read sees every key group's
+//! newest applied partial: the tables as of the rows applied so far.
+
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::{Deserialize, Serialize};
+use sluice_runtime::batch::RowBatch;
+use sluice_runtime::codec::{CodecError, decode_rows};
+use sluice_runtime::hop::Hop;
+use sluice_runtime::inbox::Inbox;
+use sluice_runtime::key_group::KeyGroup;
+use sluice_runtime::nats::NatsSettings;
+use sluice_runtime::service::{self, Common, ConsumingStage, OutputPolicy, ServiceSettings};
+use sluice_runtime::settings::PipelineSettings;
+use sluice_runtime::stage::{Stage, StageError};
+use sluice_runtime::state::{CommitBatch, CommitStore, StateSettings};
+use sluice_runtime::table::Table;
+
+use crate::Sink;
+use crate::export::render;
+
+/// Everything `sluice-sink` reads.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SinkServiceSettings {
+    /// `[pipeline]`.
+    pub pipeline: PipelineSettings,
+    /// `[service]`.
+    pub service: ServiceSettings,
+    /// `[nats]`.
+    pub nats: NatsSettings,
+    /// `[state]`.
+    pub state: StateSettings,
+}
+
+/// The sink shared between the stream path and the HTTP API.
+#[derive(Clone, Default)]
+pub struct LiveSink(Arc<RwLock<Sink>>);
+
+impl LiveSink {
+    fn read(&self) -> RwLockReadGuard<'_, Sink> {
+        // A panic while writing already stopped the stage; reads still see the last batch applied.
+        self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Sink> {
+        self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Stage for LiveSink {
+    type Input = RowBatch;
+    type Output = ();
+
+    fn name(&self) -> &'static str {
+        "sink"
+    }
+
+    fn start(&mut self, store: &CommitStore) -> Result<(), StageError> {
+        self.write().start(store)
+    }
+
+    fn batch(&mut self, input: RowBatch, out: &mut Vec<()>) -> Result<(), StageError> {
+        self.write().batch(input, out)
+    }
+
+    fn commit(&mut self, out: &mut Vec<()>, tx: &mut CommitBatch) -> Result<(), StageError> {
+        self.write().commit(out, tx)
+    }
+}
+
+impl ConsumingStage for LiveSink {
+    const INPUT: Hop = Hop::Rows;
+    const OUTPUT: Option<Hop> = None;
+    const POLICY: OutputPolicy = OutputPolicy::Outbox;
+
+    fn decode(bytes: &[u8]) -> Result<RowBatch, CodecError> {
+        decode_rows(bytes)
+    }
+
+    fn admit(_inbox: &mut Inbox, input: RowBatch, _dropped: &mut u64) -> Option<RowBatch> {
+        // Rows are absolute and versioned: applying one again changes nothing.
+        Some(input)
+    }
+
+    fn records_in(input: &RowBatch) -> u64 {
+        input.rows.len() as u64
+    }
+
+    fn encode(output: &(), _max_bytes: usize) -> (KeyGroup, Vec<(Vec<u8>, u64)>) {
+        let () = output;
+        (KeyGroup(0), Vec::new())
+    }
+}
+
+#[derive(Deserialize)]
+struct RowFilter {
+    app: Option<String>,
+    day: Option<String>,
+}
+
+fn json(status: StatusCode, body: String) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+fn not_found(table: &str) -> Response {
+    let names: Vec<&str> = Table::ALL.iter().map(|t| t.name()).collect();
+    let body = serde_json::json!({ "error": format!("no table {table:?}"), "tables": names });
+    json(StatusCode::NOT_FOUND, body.to_string())
+}
+
+async fn list_tables(State(sink): State<LiveSink>) -> Response {
+    let sink = sink.read();
+    let tables: Vec<_> =
+        Table::ALL.iter().map(|t| serde_json::json!({ "name": t.name(), "rows": sink.rows(*t).len() })).collect();
+    json(StatusCode::OK, serde_json::json!({ "tables": tables, "covered_records": sink.covered_records() }).to_string())
+}
+
+async fn progress(State(sink): State<LiveSink>) -> Response {
+    json(StatusCode::OK, serde_json::json!({ "covered_records": sink.read().covered_records() }).to_string())
+}
+
+/// Whether an exported row matches the filter: `app` equal, and its `day`
+/// (or the day of its `minute`) equal.
+fn matches(row: &str, filter: &RowFilter) -> bool {
+    if filter.app.is_none() && filter.day.is_none() {
+        return true;
+    }
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(row) else { return false };
+    let field = |name: &str| value.get(name).and_then(|v| v.as_str());
+    let app_ok = filter.app.as_deref().is_none_or(|app| field("app") == Some(app));
+    let day_ok = filter
+        .day
+        .as_deref()
+        .is_none_or(|day| field("day") == Some(day) || field("minute").is_some_and(|m| m.starts_with(day)));
+    app_ok && day_ok
+}
+
+async fn query(State(sink): State<LiveSink>, Path(table): Path<String>, Query(filter): Query<RowFilter>) -> Response {
+    let Some(t) = Table::from_name(&table) else { return not_found(&table) };
+    let (text, _) = render(&sink.read(), t);
+    // The rows as exported (big integers stay exact), as one JSON array.
+    let mut body = String::from("[");
+    for row in text.lines().filter(|row| matches(row, &filter)) {
+        if body.len() > 1 {
+            body.push(',');
+        }
+        body.push_str(row);
+    }
+    body.push(']');
+    json(StatusCode::OK, body)
+}
+
+async fn export(State(sink): State<LiveSink>, Path(table): Path<String>) -> Response {
+    let Some(t) = Table::from_name(&table) else { return not_found(&table) };
+    let (text, _) = render(&sink.read(), t);
+    (StatusCode::OK, [(header::CONTENT_TYPE, "application/x-ndjson")], text).into_response()
+}
+
+/// The table API over `sink`.
+pub fn routes(sink: LiveSink) -> Router {
+    Router::new()
+        .route("/tables", get(list_tables))
+        .route("/tables/{table}", get(query))
+        .route("/tables/{table}/export", get(export))
+        .route("/progress", get(progress))
+        .with_state(sink)
+}
+
+/// Run `sluice-sink` with the settings of `config` (and `SLUICE_*`) until
+/// SIGTERM, then drain.
+pub fn main(config: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let settings: SinkServiceSettings = sluice_runtime::settings::load(config)?;
+    let common = Common {
+        pipeline: &settings.pipeline,
+        service: &settings.service,
+        nats: &settings.nats,
+        state: &settings.state,
+    };
+    let launched = service::launch("sink", common, |_owned, _metrics| {
+        let sink = LiveSink::default();
+        Ok((sink.clone(), routes(sink)))
+    });
+    Ok(service::block_on(launched).context("starting tokio")??)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_rows_by_app_and_day() {
+        let f = |app: Option<&str>, day: Option<&str>| RowFilter { app: app.map(Into::into), day: day.map(Into::into) };
+        let daily = r#"{"app":"a1","day":"2024-03-01","events":3}"#;
+        let minute = r#"{"app":"a1","minute":"2024-03-01 10:05","events":1}"#;
+        assert!(matches(daily, &f(None, None)));
+        assert!(matches(daily, &f(Some("a1"), Some("2024-03-01"))));
+        assert!(!matches(daily, &f(Some("a2"), None)));
+        assert!(!matches(daily, &f(None, Some("2024-03-02"))));
+        assert!(matches(minute, &f(Some("a1"), Some("2024-03-01"))));
+        assert!(!matches(r#"{"reason":"duplicate","count":1}"#, &f(Some("a1"), None)));
+    }
+}

@@ -1,0 +1,390 @@
+//! `sluice-source` as a service: Kafka in, raw batches out to JetStream.
+//!
+//! One thread polls Kafka and parses (the consumer is synchronous and the
+//! work CPU-bound); a tokio task publishes. Records of each Kafka partition
+//! are parsed into per-key-group batches as they arrive and flushed every
+//! `source.chunk_bytes` of input or `kafka.linger`, so every batch holds one
+//! partition's records (their lineage is that partition's offsets).
+//!
+//! Exactly-once: the source's outputs are a pure function of the Kafka
+//! records, so it needs no outbox. It publishes, and at every commit waits
+//! until everything published is stored, then commits the next offset of
+//! each partition to its store (and mirrors it to the consumer group). After
+//! a crash it re-reads from the committed offsets; what it publishes again
+//! is dropped by JetStream (same message id) or by enrich (lineage).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use sluice_runtime::codec::encode_raw_within;
+use sluice_runtime::hop::Hop;
+use sluice_runtime::key_group::KeyGroups;
+use sluice_runtime::lineage::Lineage;
+use sluice_runtime::metrics::Metrics;
+use sluice_runtime::nats::{self, NatsSettings, Outgoing, ToPublisher};
+use sluice_runtime::probe::{self, Health};
+use sluice_runtime::service::{self, ServiceSettings};
+use sluice_runtime::settings::PipelineSettings;
+use sluice_runtime::state::{self, CommitBatch, CommitStore, StateKey, StateSettings};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::batcher::Batcher;
+use crate::kafka::{self, KafkaSettings};
+use crate::settings::SourceSettings;
+
+const OFFSETS_NS: &str = "source/kafka-offset";
+
+/// Everything `sluice-source` reads.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SourceServiceSettings {
+    /// `[pipeline]`.
+    pub pipeline: PipelineSettings,
+    /// `[service]`.
+    pub service: ServiceSettings,
+    /// `[nats]`.
+    pub nats: NatsSettings,
+    /// `[state]`.
+    pub state: StateSettings,
+    /// `[source]`: `chunk_bytes` is the flush size of a partition's batches.
+    pub source: SourceSettings,
+    /// `[kafka]`.
+    pub kafka: KafkaSettings,
+}
+
+/// Run `sluice-source` with the settings of `config` (and `SLUICE_*`) until
+/// SIGTERM, then drain.
+pub fn main(config: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let settings: SourceServiceSettings = sluice_runtime::settings::load(config)?;
+    service::block_on(run(settings)).context("starting tokio")?
+}
+
+async fn run(settings: SourceServiceSettings) -> anyhow::Result<()> {
+    let key_groups =
+        KeyGroups::new(settings.pipeline.key_groups).context("pipeline.key_groups must be between 1 and 32768")?;
+    anyhow::ensure!(
+        settings.service.instances > 0 && settings.service.instance < settings.service.instances,
+        "service.instance ({}) must be below service.instances ({})",
+        settings.service.instance,
+        settings.service.instances
+    );
+    let shutdown = sluice_runtime::shutdown::on_signal().context("installing signal handlers")?;
+    let metrics = Metrics::new("source", settings.service.instance);
+    let health = Health::new();
+    let router = probe::router(metrics.clone(), health.clone(), axum::Router::new());
+    let (addr, http) = probe::serve(&settings.service.listen, router, shutdown.clone())
+        .await
+        .with_context(|| format!("listening on {}", settings.service.listen))?;
+    tracing::info!(%addr, "source: HTTP on {addr}");
+    let store = CommitStore::open(&settings.service.state_dir, &settings.state)
+        .with_context(|| format!("opening state at {}", settings.service.state_dir.display()))?;
+    let js = nats::connect(&settings.nats, &format!("sluice-source-{}", settings.service.instance)).await?;
+    nats::ensure_stream(&js, &settings.nats, Hop::Raw).await?;
+    let (pub_tx, pub_rx) = mpsc::channel::<ToPublisher>(1024);
+    let publisher = tokio::spawn(nats::run_publisher(js, settings.nats.clone(), pub_rx, metrics.clone()));
+
+    let (done_tx, done_rx) = oneshot::channel();
+    {
+        let (settings, metrics, health, shutdown) =
+            (settings.clone(), metrics.clone(), health.clone(), shutdown.clone());
+        std::thread::Builder::new()
+            .name("sluice-kafka".into())
+            .spawn(move || {
+                let mut source = KafkaSource::new(settings, key_groups, store, pub_tx, metrics, health);
+                let _ = done_tx.send(source.run(&shutdown));
+            })
+            .context("starting the Kafka thread")?;
+    }
+    let drain = settings.service.drain_timeout;
+    let stop = shutdown.clone();
+    let result = tokio::select! {
+        r = done_rx => r.unwrap_or_else(|_| Err(anyhow::anyhow!("the Kafka thread panicked"))),
+        _ = async { stop.cancelled().await; tokio::time::sleep(drain).await } => {
+            Err(anyhow::anyhow!("the drain did not finish within {drain:?}"))
+        }
+    };
+    if result.is_err() {
+        health.set_failed();
+    }
+    shutdown.cancel();
+    let published = publisher.await.context("publisher task")?;
+    let _ = http.await;
+    result?;
+    published?;
+    Ok(())
+}
+
+/// One Kafka partition's records parsed since its last flush.
+struct PartitionBuffer {
+    batcher: Batcher,
+    first: Option<i64>,
+    last: i64,
+    bytes: u64,
+    since: Instant,
+}
+
+struct KafkaSource {
+    settings: SourceServiceSettings,
+    key_groups: KeyGroups,
+    store: CommitStore,
+    pub_tx: mpsc::Sender<ToPublisher>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    buffers: BTreeMap<i32, PartitionBuffer>,
+    /// Next offset per partition whose records are all published.
+    published: BTreeMap<i32, i64>,
+    /// Next offset per partition as of the last commit.
+    committed: BTreeMap<i32, i64>,
+}
+
+impl KafkaSource {
+    fn new(
+        settings: SourceServiceSettings,
+        key_groups: KeyGroups,
+        store: CommitStore,
+        pub_tx: mpsc::Sender<ToPublisher>,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+    ) -> Self {
+        Self {
+            settings,
+            key_groups,
+            store,
+            pub_tx,
+            metrics,
+            health,
+            buffers: BTreeMap::new(),
+            published: BTreeMap::new(),
+            committed: BTreeMap::new(),
+        }
+    }
+
+    fn offset_key(p: i32) -> StateKey {
+        StateKey::namespace(OFFSETS_NS).part(&p.to_be_bytes())
+    }
+
+    /// Wait for the topic; returns its partition count.
+    fn partition_count(&self, consumer: &BaseConsumer, shutdown: &CancellationToken) -> anyhow::Result<Option<i32>> {
+        let topic = &self.settings.kafka.topic;
+        let started = Instant::now();
+        let mut said = false;
+        loop {
+            if shutdown.is_cancelled() {
+                return Ok(None);
+            }
+            match consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+                Ok(md) => {
+                    if let Some(t) = md.topics().iter().find(|t| t.name() == topic)
+                        && t.error().is_none()
+                        && !t.partitions().is_empty()
+                    {
+                        return Ok(Some(t.partitions().len() as i32));
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "fetching metadata"),
+            }
+            if started.elapsed() > self.settings.kafka.topic_wait {
+                bail!(
+                    "topic {topic} did not appear at {} within {:?}",
+                    self.settings.kafka.brokers,
+                    self.settings.kafka.topic_wait
+                );
+            }
+            if !said {
+                tracing::info!(%topic, brokers = %self.settings.kafka.brokers, "waiting for the topic");
+                said = true;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    fn run(&mut self, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let k = self.settings.kafka.clone();
+        let consumer = kafka::consumer(&k).with_context(|| format!("creating a Kafka consumer for {}", k.brokers))?;
+        // Waiting for the topic is a normal idle state, not unreadiness.
+        self.health.set_ready(true);
+        let Some(count) = self.partition_count(&consumer, shutdown)? else { return Ok(()) };
+        let parts = kafka::partitions_of(count, self.settings.service.instance, self.settings.service.instances);
+        let mut stored = BTreeMap::new();
+        for p in &parts {
+            if let Some(bytes) = self.store.get(&Self::offset_key(*p))? {
+                stored.insert(*p, state::decode::<i64>("Kafka offset", &bytes)?);
+            }
+        }
+        let mut tpl = TopicPartitionList::new();
+        for p in &parts {
+            tpl.add_partition(&k.topic, *p);
+        }
+        let mut group = BTreeMap::new();
+        match consumer.committed_offsets(tpl, Duration::from_secs(10)) {
+            Ok(list) => {
+                for e in list.elements() {
+                    if let Offset::Offset(o) = e.offset() {
+                        group.insert(e.partition(), o);
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the group's committed offsets; using the stored ones"),
+        }
+        let starts = kafka::start_offsets(&parts, &stored, &group);
+        let mut assign = TopicPartitionList::new();
+        for (p, start) in &starts {
+            let offset = start.map_or(Offset::Beginning, Offset::Offset);
+            assign.add_partition_offset(&k.topic, *p, offset).context("building the assignment")?;
+            if let Some(o) = start {
+                self.committed.insert(*p, *o);
+                self.published.insert(*p, *o);
+            }
+        }
+        consumer.assign(&assign).context("assigning partitions")?;
+        tracing::info!(topic = %k.topic, partitions = ?parts, starts = ?starts, "consuming");
+
+        let interval = self.settings.service.commit_interval;
+        let (mut last_commit, mut last_check, mut last_lag) = (Instant::now(), Instant::now(), Instant::now());
+        while !shutdown.is_cancelled() {
+            match consumer.poll(Duration::from_millis(10)) {
+                Some(Ok(m)) => {
+                    let (p, o) = (m.partition(), m.offset());
+                    let (key, value) = (m.key().unwrap_or_default(), m.payload().unwrap_or_default());
+                    let kgs = self.key_groups;
+                    let buffer = self.buffers.entry(p).or_insert_with(|| PartitionBuffer {
+                        batcher: Batcher::new(kgs),
+                        first: None,
+                        last: 0,
+                        bytes: 0,
+                        since: Instant::now(),
+                    });
+                    if buffer.first.is_none() {
+                        buffer.first = Some(o);
+                        buffer.since = Instant::now();
+                    }
+                    buffer.last = o;
+                    buffer.bytes += (key.len() + value.len() + 1) as u64;
+                    // Offsets are never negative for a delivered message.
+                    buffer.batcher.push(Lineage { partition: p as u32, offset: o as u64 }, key, value);
+                    self.metrics.records_received.inc();
+                    if buffer.bytes >= self.settings.source.chunk_bytes {
+                        self.flush(p)?;
+                    }
+                }
+                Some(Err(e)) => {
+                    // Broker faults are retried by librdkafka; say so and go on.
+                    tracing::warn!(error = %e, "Kafka consumer error");
+                }
+                None => {}
+            }
+            if last_check.elapsed() >= Duration::from_millis(10) {
+                last_check = Instant::now();
+                let due: Vec<i32> = self
+                    .buffers
+                    .iter()
+                    .filter(|(_, b)| b.first.is_some() && b.since.elapsed() >= k.linger)
+                    .map(|(p, _)| *p)
+                    .collect();
+                for p in due {
+                    self.flush(p)?;
+                }
+            }
+            if last_commit.elapsed() >= interval {
+                self.commit(&consumer)?;
+                last_commit = Instant::now();
+            }
+            if last_lag.elapsed() >= Duration::from_secs(5) {
+                self.update_lag(&consumer);
+                last_lag = Instant::now();
+            }
+        }
+        // Draining: publish what was read, then commit it.
+        let parts: Vec<i32> = self.buffers.keys().copied().collect();
+        for p in parts {
+            self.flush(p)?;
+        }
+        self.commit(&consumer)?;
+        tracing::info!(offsets = ?self.committed, "drained");
+        Ok(())
+    }
+
+    /// Publish partition `p`'s parsed records as raw batches, one per key group.
+    fn flush(&mut self, p: i32) -> anyhow::Result<()> {
+        let Some(buffer) = self.buffers.get_mut(&p) else { return Ok(()) };
+        let Some(first) = buffer.first.take() else { return Ok(()) };
+        let last = buffer.last;
+        buffer.bytes = 0;
+        let batches = buffer.batcher.take();
+        self.metrics.batches_received.inc();
+        let prefix = &self.settings.nats.prefix;
+        for batch in batches {
+            for up in &batch.uploads {
+                if let Err(reason) = &up.body {
+                    self.metrics.reject(*reason, 1);
+                }
+            }
+            let subject = Hop::Raw.subject(prefix, batch.key_group);
+            for (part, (bytes, records)) in
+                encode_raw_within(&batch, self.settings.nats.max_batch_bytes).into_iter().enumerate()
+            {
+                // The same records cut the same way get the same id.
+                let id = format!("source-p{p}-{first}-{last}-kg{}-{part}", batch.key_group.0);
+                self.metrics.records_sent.inc_by(records);
+                let out = Outgoing { subject: subject.clone(), id, payload: Bytes::from(bytes) };
+                let t0 = Instant::now();
+                self.pub_tx.blocking_send(ToPublisher::Publish(out)).map_err(|_| publisher_gone())?;
+                self.metrics.backpressured_seconds.inc_by(t0.elapsed().as_secs_f64());
+            }
+        }
+        self.published.insert(p, last + 1);
+        Ok(())
+    }
+
+    /// Wait until everything published is stored; then commit the offsets.
+    fn commit(&mut self, consumer: &BaseConsumer) -> anyhow::Result<()> {
+        if self.published == self.committed {
+            return Ok(());
+        }
+        let t0 = Instant::now();
+        let (tx, rx) = oneshot::channel();
+        self.pub_tx.blocking_send(ToPublisher::Barrier(tx)).map_err(|_| publisher_gone())?;
+        rx.blocking_recv().map_err(|_| publisher_gone())?;
+        self.metrics.backpressured_seconds.inc_by(t0.elapsed().as_secs_f64());
+        let t1 = Instant::now();
+        let mut batch = CommitBatch::default();
+        let mut mirror = TopicPartitionList::new();
+        for (p, next) in &self.published {
+            if self.committed.get(p) != Some(next) {
+                batch.put(&Self::offset_key(*p), state::encode("Kafka offset", next)?);
+                mirror.add_partition_offset(&self.settings.kafka.topic, *p, Offset::Offset(*next))?;
+            }
+        }
+        self.store.commit(batch)?;
+        self.committed = self.published.clone();
+        self.metrics.batches_committed.inc();
+        self.metrics.commit_duration.observe(t1.elapsed().as_secs_f64());
+        if let Err(e) = consumer.commit(&mirror, CommitMode::Async) {
+            // Only the mirror for lag tools: the store holds the position.
+            tracing::debug!(error = %e, "mirroring offsets to the consumer group");
+        }
+        Ok(())
+    }
+
+    fn update_lag(&self, consumer: &BaseConsumer) {
+        let mut lag = 0i64;
+        for (p, next) in &self.published {
+            if let Ok((_, high)) = consumer.fetch_watermarks(&self.settings.kafka.topic, *p, Duration::from_secs(1)) {
+                lag += (high - next).max(0);
+            }
+        }
+        self.metrics.consumer_lag.set(lag);
+    }
+}
+
+fn publisher_gone() -> anyhow::Error {
+    anyhow::anyhow!("the publisher stopped (see its error)")
+}

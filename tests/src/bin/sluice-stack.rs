@@ -1,0 +1,122 @@
+//! `sluice-stack`: a local distributed stack for development and the
+//! end-to-end check (`just up`, `just down`, `just e2e`).
+//!
+//! - `up ROOT [--data DIR] [--enrich N] [--window N]`: start nats-server,
+//!   tansu and the four services under ROOT and leave them running (their
+//!   logs in ROOT/logs, their pids in ROOT/pids);
+//! - `down ROOT`: SIGTERM them, services upstream first;
+//! - `e2e DATA [ENRICH] [WINDOW]`: a fresh stack, DATA/sdk-events.tsv produced
+//!   into Kafka, wait until the sink covers every record, export into
+//!   DATA/got/, stop the stack; exit 0, or non-zero with the reason.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use sluice_tests::stack::{Stack, StackConfig};
+
+fn usage() -> anyhow::Error {
+    anyhow::anyhow!(
+        "usage: sluice-stack up ROOT [--data DIR] [--enrich N] [--window N] | down ROOT | e2e DATA [ENRICH] [WINDOW]"
+    )
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sluice-stack: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &[String]) -> anyhow::Result<()> {
+    match args.first().map(String::as_str) {
+        Some("e2e") => {
+            let data = PathBuf::from(args.get(1).ok_or_else(usage)?);
+            let enrich = args.get(2).map_or(Ok(1), |s| s.parse()).context("ENRICH must be a number")?;
+            let window = args.get(3).map_or(Ok(1), |s| s.parse()).context("WINDOW must be a number")?;
+            e2e(&data, enrich, window)
+        }
+        Some("up") => {
+            let root = PathBuf::from(args.get(1).ok_or_else(usage)?);
+            let mut config = StackConfig::new(&root, &root.join("data"));
+            let mut rest = args[2..].iter();
+            while let Some(flag) = rest.next() {
+                let value = rest.next().ok_or_else(usage)?;
+                match flag.as_str() {
+                    "--data" => config.data = value.into(),
+                    "--enrich" => config.enrich = value.parse().context("--enrich")?,
+                    "--window" => config.window = value.parse().context("--window")?,
+                    _ => return Err(usage()),
+                }
+            }
+            let pids = root.join("pids");
+            if pids.exists() {
+                bail!("a stack already runs under {} (`just down {}` first)", root.display(), root.display());
+            }
+            let mut stack = Stack::start(config)?;
+            let mut text = String::new();
+            for p in &stack.processes {
+                text.push_str(&format!("{} {}\n", p.name, p.child.id()));
+                println!(
+                    "{:<10} pid {:<7} {}{}",
+                    p.name,
+                    p.child.id(),
+                    p.http.as_deref().map(|h| format!("http://{h} ")).unwrap_or_default(),
+                    p.log.display()
+                );
+            }
+            std::fs::write(&pids, text)?;
+            println!("NATS {}  Kafka {}  sink {}", stack.nats_url, stack.brokers, stack.sink_url()?);
+            // Leave them running: `down` stops them.
+            stack.processes.clear();
+            Ok(())
+        }
+        Some("down") => {
+            let root = PathBuf::from(args.get(1).ok_or_else(usage)?);
+            let pids = root.join("pids");
+            let text = std::fs::read_to_string(&pids)
+                .with_context(|| format!("no stack under {} ({} missing)", root.display(), pids.display()))?;
+            let procs: Vec<(String, String)> =
+                text.lines().filter_map(|l| l.split_once(' ')).map(|(n, p)| (n.to_string(), p.to_string())).collect();
+            for stage in ["source", "enrich", "window", "sink", "kafka", "nats"] {
+                for (name, pid) in procs.iter().filter(|(n, _)| n == stage || n.starts_with(&format!("{stage}-"))) {
+                    let _ = std::process::Command::new("kill").args(["-TERM", pid]).status();
+                    let started = Instant::now();
+                    while std::path::Path::new(&format!("/proc/{pid}")).exists()
+                        && started.elapsed() < Duration::from_secs(30)
+                    {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    println!("stopped {name}");
+                }
+            }
+            std::fs::remove_file(&pids)?;
+            Ok(())
+        }
+        _ => Err(usage()),
+    }
+}
+
+fn e2e(data: &std::path::Path, enrich: usize, window: usize) -> anyhow::Result<()> {
+    let root = std::env::temp_dir().join(format!("sluice-e2e-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let mut config = StackConfig::new(&root, data);
+    config.enrich = enrich;
+    config.window = window;
+    let started = Instant::now();
+    let mut stack = Stack::start(config)?;
+    eprintln!("stack up under {} ({enrich} enrich, {window} window)", root.display());
+    let records = stack.produce(data)?;
+    stack.wait_for_sink(records, Duration::from_secs(1800))?;
+    let out = data.join("got");
+    stack.export(&out)?;
+    eprintln!("tables in {} ({:.1}s end to end)", out.display(), started.elapsed().as_secs_f64());
+    stack.stop()?;
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}

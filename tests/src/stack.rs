@@ -1,0 +1,374 @@
+//! A local distributed stack: a real nats-server with JetStream, a real
+//! Kafka-protocol broker (tansu), and the four services as separate
+//! processes, on free loopback ports, each logging to a file.
+//!
+//! Used by the end-to-end tests and by `sluice-stack` (`just up`, `just down`,
+//! `just e2e`). Every wait has a deadline and says what it waited for.
+//! nats-server and tansu are found on `PATH` (or `~/.cargo/bin`); the test
+//! tooling (`scripts/servers.sh`) installs them on a fresh machine.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+
+/// How long a server or service may take to become ready.
+pub const READY_DEADLINE: Duration = Duration::from_secs(60);
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct StackConfig {
+    /// Where state, logs and server data go.
+    pub root: PathBuf,
+    /// Workload directory (dimension tables for enrich).
+    pub data: PathBuf,
+    /// Instances of enrich.
+    pub enrich: usize,
+    /// Instances of window.
+    pub window: usize,
+    /// Key groups P.
+    pub key_groups: u32,
+    /// Extra `SLUICE_*` variables for every service.
+    pub env: Vec<(String, String)>,
+}
+
+impl StackConfig {
+    /// One instance of each stage, P = 64, under `root`.
+    pub fn new(root: &Path, data: &Path) -> Self {
+        Self { root: root.into(), data: data.into(), enrich: 1, window: 1, key_groups: 64, env: Vec::new() }
+    }
+}
+
+/// A running process of the stack.
+pub struct Process {
+    /// `nats`, `kafka`, `source-0`, `enrich-1`, ...
+    pub name: String,
+    /// The child.
+    pub child: Child,
+    /// Its log file.
+    pub log: PathBuf,
+    /// Its HTTP address (services only).
+    pub http: Option<String>,
+}
+
+/// A running stack. Dropping it kills whatever still runs.
+pub struct Stack {
+    /// The configuration it was started with.
+    pub config: StackConfig,
+    /// NATS URL.
+    pub nats_url: String,
+    /// Kafka bootstrap address.
+    pub brokers: String,
+    /// Processes, servers first.
+    pub processes: Vec<Process>,
+}
+
+/// A free loopback port (bound and released: another process could take it
+/// in between, which the readiness wait then reports).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The directory of the workspace's binaries (`sluice`, `sluice-source`, ...):
+/// `SLUICE_BIN_DIR`, else next to this executable (or its parent, for a test
+/// binary in `deps/`).
+pub fn bin_dir() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("SLUICE_BIN_DIR") {
+        return Ok(dir.into());
+    }
+    let exe = std::env::current_exe().context("locating this executable")?;
+    let mut dir = exe.parent().context("executable without a directory")?.to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    Ok(dir)
+}
+
+/// A binary of the workspace; an error naming how to build it when missing.
+pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let path = bin_dir()?.join(name);
+    ensure!(
+        path.is_file(),
+        "{} is missing: build the workspace's binaries first (cargo build --workspace --bins)",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// An external server binary from `PATH`, `/usr/sbin` or `~/.cargo/bin`.
+pub fn server_binary(name: &str) -> anyhow::Result<PathBuf> {
+    let mut dirs: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    dirs.push("/usr/sbin".into());
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(PathBuf::from(home).join(".cargo/bin"));
+    }
+    dirs.into_iter()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .with_context(|| format!("{name} not found on PATH: run `bash scripts/servers.sh` to install the test servers"))
+}
+
+/// Wait until `addr` accepts TCP connections.
+pub fn wait_for_port(addr: &str, what: &str, deadline: Duration) -> anyhow::Result<()> {
+    let started = Instant::now();
+    while TcpStream::connect(addr).is_err() {
+        ensure!(started.elapsed() < deadline, "{what} did not listen on {addr} within {deadline:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// GET `path` from `addr` over plain HTTP/1.1: (status, body).
+pub fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut s = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).with_context(|| format!("reading GET {path} from {addr}"))?;
+    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).context("no HTTP status")?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+impl Stack {
+    /// Start nats-server, tansu and the services; return once every one is ready.
+    pub fn start(config: StackConfig) -> anyhow::Result<Stack> {
+        let root = &config.root;
+        std::fs::create_dir_all(root.join("logs")).context("creating the stack directory")?;
+        let nats_port = free_port()?;
+        let kafka_port = free_port()?;
+        let mut stack = Stack {
+            nats_url: format!("nats://127.0.0.1:{nats_port}"),
+            brokers: format!("127.0.0.1:{kafka_port}"),
+            processes: Vec::new(),
+            config: config.clone(),
+        };
+        // nats-server with JetStream; max_payload above the batches' limit.
+        let nats_conf = root.join("nats.conf");
+        std::fs::write(
+            &nats_conf,
+            format!(
+                "listen: 127.0.0.1:{nats_port}\nmax_payload: 8MB\njetstream {{\n  store_dir: \"{}\"\n}}\n",
+                root.join("nats").display()
+            ),
+        )?;
+        let mut cmd = Command::new(server_binary("nats-server")?);
+        cmd.arg("-c").arg(&nats_conf);
+        stack.spawn("nats", cmd, None)?;
+        let mut cmd = Command::new(server_binary("tansu")?);
+        let url = format!("tcp://127.0.0.1:{kafka_port}");
+        cmd.args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]);
+        stack.spawn("kafka", cmd, None)?;
+        wait_for_port(&format!("127.0.0.1:{nats_port}"), "nats-server", READY_DEADLINE)?;
+        wait_for_port(&format!("127.0.0.1:{kafka_port}"), "tansu", READY_DEADLINE)?;
+
+        let (e, w) = (config.enrich, config.window);
+        for (stage, instances) in [("sink", 1), ("window", w), ("enrich", e), ("source", 1)] {
+            for i in 0..instances {
+                stack.start_service(stage, i, instances)?;
+            }
+        }
+        for p in &stack.processes {
+            if let Some(addr) = &p.http {
+                wait_ready(addr, &p.name, &p.log)?;
+            }
+        }
+        Ok(stack)
+    }
+
+    fn spawn(&mut self, name: &str, mut cmd: Command, http: Option<String>) -> anyhow::Result<()> {
+        let log = self.config.root.join("logs").join(format!("{name}.log"));
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        cmd.stdin(Stdio::null()).stdout(file.try_clone()?).stderr(file);
+        let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+        self.processes.push(Process { name: name.into(), child, log, http });
+        Ok(())
+    }
+
+    /// Start instance `i` of `n` of `stage` (also used to restart one).
+    pub fn start_service(&mut self, stage: &str, i: usize, n: usize) -> anyhow::Result<()> {
+        let name = format!("{stage}-{i}");
+        let http = format!("127.0.0.1:{}", free_port()?);
+        let state = self.config.root.join("state").join(&name);
+        let mut cmd = Command::new(binary(&format!("sluice-{stage}"))?);
+        cmd.env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("SLUICE_LOG", std::env::var("SLUICE_LOG").unwrap_or_else(|_| "info".into()))
+            .env("SLUICE_PIPELINE__KEY_GROUPS", self.config.key_groups.to_string())
+            .env("SLUICE_SERVICE__INSTANCE", i.to_string())
+            .env("SLUICE_SERVICE__INSTANCES", n.to_string())
+            .env("SLUICE_SERVICE__STATE_DIR", &state)
+            .env("SLUICE_SERVICE__LISTEN", &http)
+            .env("SLUICE_NATS__URL", &self.nats_url);
+        match stage {
+            "source" => {
+                cmd.env("SLUICE_KAFKA__BROKERS", &self.brokers);
+            }
+            "enrich" => {
+                cmd.env("SLUICE_DIMENSIONS__DIR", &self.config.data);
+            }
+            _ => {}
+        }
+        for (k, v) in &self.config.env {
+            cmd.env(k, v);
+        }
+        self.processes.retain(|p| p.name != name);
+        self.spawn(&name, cmd, Some(http))
+    }
+
+    /// The HTTP address of a service (`sink-0`, ...).
+    pub fn http(&self, name: &str) -> anyhow::Result<&str> {
+        self.processes
+            .iter()
+            .find(|p| p.name == name)
+            .and_then(|p| p.http.as_deref())
+            .with_context(|| format!("no service {name}"))
+    }
+
+    /// The sink's base URL.
+    pub fn sink_url(&self) -> anyhow::Result<String> {
+        Ok(format!("http://{}", self.http("sink-0")?))
+    }
+
+    /// `sluice produce` the data set's records into the stack's Kafka; the
+    /// number of records produced.
+    pub fn produce(&self, data: &Path) -> anyhow::Result<u64> {
+        let out = Command::new(binary("sluice")?)
+            .args(["produce", "--brokers", &self.brokers, "--data"])
+            .arg(data)
+            .stderr(Stdio::inherit())
+            .output()
+            .context("running sluice produce")?;
+        ensure!(out.status.success(), "sluice produce failed: {}", out.status);
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.trim()
+            .strip_prefix("produced ")
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("sluice produce said {text:?}"))
+    }
+
+    /// Wait until the sink's tables account for `records` input records.
+    pub fn wait_for_sink(&mut self, records: u64, deadline: Duration) -> anyhow::Result<()> {
+        let addr = self.http("sink-0")?.to_string();
+        let started = Instant::now();
+        loop {
+            if let Some(dead) = self.exited()? {
+                bail!("{dead} while waiting for the sink; see its log");
+            }
+            let covered = http_get(&addr, "/progress")
+                .ok()
+                .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+                .and_then(|v| v.get("covered_records").and_then(serde_json::Value::as_u64))
+                .unwrap_or(0);
+            if covered >= records {
+                ensure!(covered == records, "the sink covers {covered} records, more than the {records} produced");
+                return Ok(());
+            }
+            ensure!(
+                started.elapsed() < deadline,
+                "the sink covers {covered} of {records} records after {deadline:?}; logs are in {}",
+                self.config.root.join("logs").display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `sluice export --sink` into `out`.
+    pub fn export(&self, out: &Path) -> anyhow::Result<()> {
+        let status = Command::new(binary("sluice")?)
+            .args(["export", "--sink", &self.sink_url()?, "--out"])
+            .arg(out)
+            .stdout(Stdio::null())
+            .status()
+            .context("running sluice export")?;
+        ensure!(status.success(), "sluice export --sink failed: {status}");
+        Ok(())
+    }
+
+    /// A process that has exited, described, if any.
+    pub fn exited(&mut self) -> anyhow::Result<Option<String>> {
+        for p in &mut self.processes {
+            if let Some(status) = p.child.try_wait()? {
+                return Ok(Some(format!("{} exited ({status}); log {}", p.name, p.log.display())));
+            }
+        }
+        Ok(None)
+    }
+
+    /// SIGTERM the services, upstream first, each waited for (exit 0
+    /// required), then the servers.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        let mut failures = Vec::new();
+        for stage in ["source", "enrich", "window", "sink", "kafka", "nats"] {
+            for p in self.processes.iter_mut().filter(|p| p.name == stage || p.name.starts_with(&format!("{stage}-"))) {
+                terminate(&mut p.child);
+                let started = Instant::now();
+                let status = loop {
+                    if let Some(s) = p.child.try_wait()? {
+                        break Some(s);
+                    }
+                    if started.elapsed() > Duration::from_secs(30) {
+                        let _ = p.child.kill();
+                        break None;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                };
+                let is_service = p.http.is_some();
+                match status {
+                    Some(s) if s.success() || !is_service => {}
+                    Some(s) => {
+                        failures.push(format!("{} exited with {s} on SIGTERM (log {})", p.name, p.log.display()))
+                    }
+                    None => failures.push(format!("{} did not stop within 30 s of SIGTERM", p.name)),
+                }
+            }
+        }
+        self.processes.clear();
+        ensure!(failures.is_empty(), "{}", failures.join("; "));
+        Ok(())
+    }
+}
+
+/// Send SIGTERM to `child`.
+pub fn terminate(child: &mut Child) {
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+}
+
+fn wait_ready(addr: &str, name: &str, log: &Path) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        if let Ok((200, _)) = http_get(addr, "/readyz") {
+            return Ok(());
+        }
+        if started.elapsed() > READY_DEADLINE {
+            let tail = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = tail.lines().rev().take(20).collect();
+            bail!(
+                "{name} was not ready within {READY_DEADLINE:?}; its log ends:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        for p in &mut self.processes {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+}
