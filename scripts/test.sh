@@ -28,6 +28,10 @@ cargo --version; capnp --version; cargo nextest --version | head -1
 step "servers for the distributed tests (nats-server, tansu)"
 bash scripts/servers.sh
 export PATH="$PATH:/usr/sbin:$HOME/.cargo/bin"
+if ! python3 -c "import grpc, grpc_tools, grpc_health, grpc_reflection" 2>/dev/null; then
+  echo "installing grpcio (PyPI) for the non-Rust gRPC client test"
+  python3 -m pip install --quiet --disable-pip-version-check grpcio grpcio-tools grpcio-health-checking grpcio-reflection
+fi
 
 step "format"
 cargo fmt --all -- --check

@@ -52,6 +52,8 @@ pub struct Process {
     pub log: PathBuf,
     /// Its HTTP address (services only).
     pub http: Option<String>,
+    /// Its gRPC address (enrich only).
+    pub grpc: Option<String>,
 }
 
 /// A running stack. Dropping it kills whatever still runs.
@@ -184,6 +186,9 @@ impl Stack {
             if let Some(addr) = &p.http {
                 wait_ready(addr, &p.name, &p.log)?;
             }
+            if let Some(addr) = &p.grpc {
+                wait_for_port(addr, &format!("{} (gRPC)", p.name), READY_DEADLINE)?;
+            }
         }
         Ok(stack)
     }
@@ -193,7 +198,7 @@ impl Stack {
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
         cmd.stdin(Stdio::null()).stdout(file.try_clone()?).stderr(file);
         let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
-        self.processes.push(Process { name: name.into(), child, log, http });
+        self.processes.push(Process { name: name.into(), child, log, http, grpc: None });
         Ok(())
     }
 
@@ -203,6 +208,7 @@ impl Stack {
         let http = format!("127.0.0.1:{}", free_port()?);
         let state = self.config.root.join("state").join(&name);
         let mut cmd = Command::new(binary(&format!("sluice-{stage}"))?);
+        let mut grpc = None;
         cmd.env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("SLUICE_LOG", std::env::var("SLUICE_LOG").unwrap_or_else(|_| "info".into()))
@@ -217,7 +223,9 @@ impl Stack {
                 cmd.env("SLUICE_KAFKA__BROKERS", &self.brokers);
             }
             "enrich" => {
-                cmd.env("SLUICE_DIMENSIONS__DIR", &self.config.data);
+                grpc = Some(format!("127.0.0.1:{}", free_port()?));
+                cmd.env("SLUICE_DIMENSIONS__DIR", &self.config.data)
+                    .env("SLUICE_GRPC__LISTEN", grpc.as_deref().unwrap_or_default());
             }
             _ => {}
         }
@@ -225,7 +233,20 @@ impl Stack {
             cmd.env(k, v);
         }
         self.processes.retain(|p| p.name != name);
-        self.spawn(&name, cmd, Some(http))
+        self.spawn(&name, cmd, Some(http))?;
+        if let Some(p) = self.processes.last_mut() {
+            p.grpc = grpc;
+        }
+        Ok(())
+    }
+
+    /// The gRPC address of an enrich instance (`enrich-0`, ...).
+    pub fn grpc(&self, name: &str) -> anyhow::Result<&str> {
+        self.processes
+            .iter()
+            .find(|p| p.name == name)
+            .and_then(|p| p.grpc.as_deref())
+            .with_context(|| format!("no gRPC address for {name}"))
     }
 
     /// The HTTP address of a service (`sink-0`, ...).

@@ -76,6 +76,53 @@ impl Enricher {
     pub fn devices(&self) -> usize {
         self.devices.len()
     }
+
+    /// The dimension tables in use.
+    pub fn tables(&self) -> &Arc<DimensionTables> {
+        &self.tables
+    }
+
+    /// Replace the dimension tables (a reload): uploads enriched from now on
+    /// use them. Records already enriched keep the dimensions they got.
+    pub fn replace_tables(&mut self, tables: Arc<DimensionTables>) {
+        self.tables = tables;
+        self.cache = DimensionCache::default();
+    }
+
+    /// What the registry holds for a device of an app, if anything.
+    pub fn device(&self, app: &str, dev: &str) -> Option<&DeviceRecord> {
+        self.devices.get(&(Arc::from(app), Arc::from(dev))).map(|d| &d.record)
+    }
+
+    /// What [`Stage::batch`] would emit for `input`, without changing the
+    /// registry: the devices the batch touches are copied into a scratch
+    /// enricher that processes it.
+    pub fn preview(&self, input: RawBatch) -> Result<EnrichedBatch, StageError> {
+        let mut scratch = Enricher {
+            tables: self.tables.clone(),
+            cache: DimensionCache::default(),
+            dedup_window_ms: self.dedup_window_ms,
+            devices: HashMap::default(),
+            dirty: Vec::new(),
+            log: ChangelogTable::new("enrich/preview"),
+            owned: None,
+        };
+        for up in input.uploads.iter().filter_map(|u| u.body.as_ref().ok()) {
+            let key = (up.app.clone(), up.dev.clone());
+            if let Some(device) = self.devices.get(&key) {
+                let copy = Device {
+                    key: device.key.clone(),
+                    key_group: device.key_group,
+                    record: device.record.clone(),
+                    dirty: false,
+                };
+                scratch.devices.insert(key, copy);
+            }
+        }
+        let mut out = Vec::with_capacity(1);
+        scratch.batch(input, &mut out)?;
+        Ok(out.pop().unwrap_or_default())
+    }
 }
 
 impl Stage for Enricher {

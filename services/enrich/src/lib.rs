@@ -10,8 +10,10 @@
 //!   message ids (rule 4, dedup);
 //! - [`enricher`]: the stage itself, turning raw batches into enriched ones.
 
+pub mod dimension_feed;
 pub mod dimensions;
 pub mod enricher;
+pub mod grpc;
 pub mod registry;
 pub mod service;
 pub mod settings;

@@ -101,6 +101,12 @@ impl DeviceRecord {
         }
     }
 
+    /// The newest `sent` of an accepted message: when the device was last
+    /// seen. `None` before any.
+    pub fn last_seen(&self) -> Option<i64> {
+        (self.newest_sent != i64::MIN).then_some(self.newest_sent)
+    }
+
     /// How many message ids are remembered.
     pub fn remembered(&self) -> usize {
         self.recent.len()

@@ -6,6 +6,7 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
@@ -13,7 +14,7 @@ use sluice_runtime::batch::{EnrichedBatch, RawBatch};
 use sluice_runtime::codec::{CodecError, decode_raw, encode_enriched_within};
 use sluice_runtime::hop::Hop;
 use sluice_runtime::inbox::Inbox;
-use sluice_runtime::key_group::KeyGroup;
+use sluice_runtime::key_group::{KeyGroup, KeyGroups};
 use sluice_runtime::metrics::Metrics;
 use sluice_runtime::nats::NatsSettings;
 use sluice_runtime::service::{self, Common, ConsumingStage, OutputPolicy, ServiceSettings};
@@ -21,7 +22,9 @@ use sluice_runtime::settings::PipelineSettings;
 use sluice_runtime::stage::{Stage, StageError};
 use sluice_runtime::state::{CommitBatch, CommitStore, StateSettings};
 
-use crate::dimensions::DimensionTables;
+use crate::dimension_feed::{self, DimensionSource};
+use crate::grpc::proto::enrich_server::EnrichServer;
+use crate::grpc::{EnrichApi, FILE_DESCRIPTOR_SET};
 use crate::{EnrichSettings, Enricher};
 
 /// Everything `sluice-enrich` reads.
@@ -40,6 +43,22 @@ pub struct EnrichServiceSettings {
     pub enrich: EnrichSettings,
     /// `[dimensions]`.
     pub dimensions: DimensionSettings,
+    /// `[grpc]`.
+    pub grpc: GrpcSettings,
+}
+
+/// The enrichment API's server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcSettings {
+    /// Address of the gRPC server (`sluice.enrich.v1.Enrich`, `grpc.health.v1`, reflection).
+    pub listen: String,
+}
+
+impl Default for GrpcSettings {
+    fn default() -> Self {
+        Self { listen: "0.0.0.0:50051".into() }
+    }
 }
 
 /// Where the dimension tables come from at start.
@@ -129,17 +148,101 @@ impl ConsumingStage for LiveEnricher {
 /// SIGTERM, then drain.
 pub fn main(config: Option<&std::path::Path>) -> anyhow::Result<()> {
     let settings: EnrichServiceSettings = sluice_runtime::settings::load(config)?;
-    let tables = DimensionTables::load(&settings.dimensions.dir)
-        .with_context(|| format!("loading dimension tables from {}", settings.dimensions.dir.display()))?;
+    let dir = &settings.dimensions.dir;
+    let source =
+        DimensionSource::read(dir).with_context(|| format!("reading the dimension tables in {}", dir.display()))?;
+    let tables = source.tables().with_context(|| format!("loading dimension tables from {}", dir.display()))?;
+    let current = Arc::new(Mutex::new(source));
+    let key_groups =
+        KeyGroups::new(settings.pipeline.key_groups).context("pipeline.key_groups must be between 1 and 32768")?;
+    let api_task = Arc::new(Mutex::new(None));
     let common = Common {
         pipeline: &settings.pipeline,
         service: &settings.service,
         nats: &settings.nats,
         state: &settings.state,
     };
-    let launched = service::launch("enrich", common, |owned, _metrics| {
-        let enricher = Enricher::new(Arc::new(tables), &settings.enrich).owning(owned.clone());
-        Ok((LiveEnricher::new(enricher), axum::Router::new()))
-    });
-    Ok(service::block_on(launched).context("starting tokio")??)
+    let launched = async {
+        let result = service::launch("enrich", common, |owned, _metrics, shutdown| {
+            let live = LiveEnricher::new(Enricher::new(Arc::new(tables), &settings.enrich).owning(owned.clone()));
+            let api = serve_api(settings.clone(), live.clone(), key_groups, owned.clone(), current, shutdown.clone());
+            *api_task.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tokio::spawn(api));
+            Ok((live, axum::Router::new()))
+        })
+        .await;
+        let task = api_task.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        let api = match task {
+            Some(task) => task.await.context("the gRPC task")?,
+            None => Ok(()),
+        };
+        result?;
+        api
+    };
+    service::block_on(launched).context("starting tokio")?
+}
+
+/// The gRPC server and the dimension feed, until `shutdown`. A failure
+/// cancels `shutdown`, so the whole service drains and exits with it.
+async fn serve_api(
+    settings: EnrichServiceSettings,
+    live: LiveEnricher,
+    key_groups: KeyGroups,
+    owned: sluice_runtime::key_group::KeyGroupSet,
+    current: Arc<Mutex<DimensionSource>>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let (nats, listen) = (settings.nats.clone(), settings.grpc.listen.clone());
+    let instances = (settings.service.instance, settings.service.instances);
+    let run = async {
+        let addr: std::net::SocketAddr =
+            listen.parse().with_context(|| format!("grpc.listen {listen:?} is not an address"))?;
+        let js = sluice_runtime::nats::connect(&nats, &format!("sluice-enrich-{}-api", instances.0)).await?;
+        let feed = tokio::spawn(dimension_feed::watch(
+            js.clone(),
+            nats.clone(),
+            live.clone(),
+            current.clone(),
+            shutdown.clone(),
+        ));
+        let api = EnrichApi::new(live, key_groups, owned, instances, js, nats, current);
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter.set_serving::<EnrichServer<EnrichApi>>().await;
+        // Reflection in both versions: v1, and v1alpha, which most tools
+        // (grpcurl, grpcio's reflection client) still ask for.
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection_v1 = reflection().build_v1().context("building gRPC reflection")?;
+        let reflection_v1alpha = reflection().build_v1alpha().context("building gRPC reflection")?;
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr} (grpc.listen)"))?;
+        tracing::info!(addr = %listener.local_addr()?, "enrich: gRPC on {addr}");
+        let server = tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(EnrichServer::new(api))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                shutdown.clone().cancelled_owned(),
+            );
+        // A graceful stop waits for clients to hang up; long-lived clients
+        // would hold the drain forever, so they get a few seconds.
+        tokio::select! {
+            served = server => served.context("serving gRPC")?,
+            _ = async { shutdown.cancelled().await; tokio::time::sleep(Duration::from_secs(3)).await } => {
+                tracing::info!("closing the gRPC connections still open");
+            }
+        }
+        feed.await.context("the dimension feed task")??;
+        anyhow::Ok(())
+    };
+    let result = run.await;
+    if let Err(e) = &result {
+        tracing::error!(error = format!("{e:#}"), "the enrichment API failed; stopping");
+        shutdown.cancel();
+    }
+    result
 }

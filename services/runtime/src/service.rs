@@ -565,11 +565,13 @@ pub struct Common<'a> {
 
 /// Start a consuming service: signals, metrics, probes (and `make`'s extra
 /// HTTP routes), the commit store, then [`run`] until SIGTERM and the drain.
-/// `make` builds the stage for the key groups this instance owns.
+/// `make` builds the stage for the key groups this instance owns; it runs
+/// inside the runtime, so it may spawn the service's own tasks, which end
+/// when the shutdown token it is given is cancelled.
 pub async fn launch<S, F>(name: &'static str, common: Common<'_>, make: F) -> Result<(), ServiceError>
 where
     S: ConsumingStage,
-    F: FnOnce(&KeyGroupSet, &Arc<Metrics>) -> Result<(S, axum::Router), ServiceError>,
+    F: FnOnce(&KeyGroupSet, &Arc<Metrics>, &CancellationToken) -> Result<(S, axum::Router), ServiceError>,
 {
     let key_groups = KeyGroups::new(common.pipeline.key_groups)
         .ok_or_else(|| ServiceError::Setup("pipeline.key_groups must be between 1 and 32768".into()))?;
@@ -578,7 +580,7 @@ where
         crate::shutdown::on_signal().map_err(|e| ServiceError::Setup(format!("installing signal handlers: {e}")))?;
     let metrics = Metrics::new(name, common.service.instance);
     let health = Health::new();
-    let (stage, routes) = make(&owned, &metrics)?;
+    let (stage, routes) = make(&owned, &metrics, &shutdown)?;
     let router = crate::probe::router(metrics.clone(), health.clone(), routes);
     let (addr, http) = crate::probe::serve(&common.service.listen, router, shutdown.clone())
         .await

@@ -195,7 +195,7 @@ pub fn main(config: Option<&std::path::Path>) -> anyhow::Result<()> {
         nats: &settings.nats,
         state: &settings.state,
     };
-    let launched = service::launch("sink", common, |_owned, _metrics| {
+    let launched = service::launch("sink", common, |_owned, _metrics, _shutdown| {
         let sink = LiveSink::default();
         Ok((sink.clone(), routes(sink)))
     });
