@@ -12,6 +12,10 @@
 //!
 //! Rows are partials merged at read time, so a read sees every key group's
 //! newest applied partial: the tables as of the rows applied so far.
+//!
+//! With `postgres.url` set, the tables are also mirrored into PostgreSQL
+//! ([`crate::postgres`]): the stage tells the mirror, once restored, to write
+//! every row, then after each commit which keys changed.
 
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -33,9 +37,12 @@ use sluice_runtime::settings::PipelineSettings;
 use sluice_runtime::stage::{Stage, StageError};
 use sluice_runtime::state::{CommitBatch, CommitStore, StateSettings};
 use sluice_runtime::table::Table;
+use tokio::sync::mpsc;
 
 use crate::Sink;
 use crate::export::render;
+use crate::postgres::mirror::Work;
+use crate::postgres::{self, PostgresSettings};
 
 /// Everything `sluice-sink` reads.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -49,21 +56,45 @@ pub struct SinkServiceSettings {
     pub nats: NatsSettings,
     /// `[state]`.
     pub state: StateSettings,
+    /// `[postgres]`: the optional PostgreSQL mirror of the tables.
+    pub postgres: PostgresSettings,
 }
 
-/// The sink shared between the stream path and the HTTP API.
+/// The sink shared between the stream path, the HTTP API and the
+/// PostgreSQL mirror.
 #[derive(Clone, Default)]
-pub struct LiveSink(Arc<RwLock<Sink>>);
+pub struct LiveSink {
+    tables: Arc<RwLock<Sink>>,
+    /// Where the stage tells the mirror what to write, when mirroring. Only
+    /// the stage's handle has it (see [`LiveSink::reader`]), so the channel
+    /// closes, and the mirror finishes, when the stage thread ends.
+    mirror: Option<mpsc::Sender<Work>>,
+}
 
 impl LiveSink {
+    /// A sink whose commits feed the mirror through `mirror`.
+    pub fn mirrored(tables: Arc<RwLock<Sink>>, mirror: mpsc::Sender<Work>) -> Self {
+        tables.write().unwrap_or_else(std::sync::PoisonError::into_inner).track_changes();
+        Self { tables, mirror: Some(mirror) }
+    }
+
+    /// A handle on the same tables that does not feed the mirror: for readers.
+    pub fn reader(&self) -> Self {
+        Self { tables: self.tables.clone(), mirror: None }
+    }
+
     fn read(&self) -> RwLockReadGuard<'_, Sink> {
         // A panic while writing already stopped the stage; reads still see the last batch applied.
-        self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.tables.read().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn write(&self) -> RwLockWriteGuard<'_, Sink> {
-        self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.tables.write().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+fn mirror_gone() -> StageError {
+    StageError::Setup("the PostgreSQL mirror stopped (see its error); a restart resyncs it".into())
 }
 
 impl Stage for LiveSink {
@@ -75,7 +106,14 @@ impl Stage for LiveSink {
     }
 
     fn start(&mut self, store: &CommitStore) -> Result<(), StageError> {
-        self.write().start(store)
+        self.write().start(store)?;
+        if let Some(mirror) = &self.mirror {
+            // Every row, whatever an earlier run left unwritten. The first
+            // message on a fresh channel: it cannot be full (and this runs
+            // on the runtime, where the stage must not block).
+            mirror.try_send(Work::Everything).map_err(|_| mirror_gone())?;
+        }
+        Ok(())
     }
 
     fn batch(&mut self, input: RowBatch, out: &mut Vec<()>) -> Result<(), StageError> {
@@ -83,7 +121,20 @@ impl Stage for LiveSink {
     }
 
     fn commit(&mut self, out: &mut Vec<()>, tx: &mut CommitBatch) -> Result<(), StageError> {
-        self.write().commit(out, tx)
+        let changed = {
+            let mut sink = self.write();
+            sink.commit(out, tx)?;
+            sink.take_changed()
+        };
+        // Sent with the lock released: the mirror reads the tables to write
+        // them, and the stage thread (a plain thread) waits here when the
+        // mirror is behind.
+        if let Some(mirror) = &self.mirror
+            && !changed.is_empty()
+        {
+            mirror.blocking_send(Work::Changed(changed)).map_err(|_| mirror_gone())?;
+        }
+        Ok(())
     }
 }
 
@@ -189,17 +240,39 @@ pub fn routes(sink: LiveSink) -> Router {
 /// SIGTERM, then drain.
 pub fn main(config: Option<&std::path::Path>) -> anyhow::Result<()> {
     let settings: SinkServiceSettings = sluice_runtime::settings::load(config)?;
+    service::block_on(serve(&settings)).context("starting tokio")?
+}
+
+/// The service on the runtime: connect the mirror (when configured), run
+/// the stage until SIGTERM and its drain, then let the mirror finish.
+async fn serve(settings: &SinkServiceSettings) -> anyhow::Result<()> {
     let common = Common {
         pipeline: &settings.pipeline,
         service: &settings.service,
         nats: &settings.nats,
         state: &settings.state,
     };
-    let launched = service::launch("sink", common, |_owned, _metrics, _shutdown| {
-        let sink = LiveSink::default();
-        Ok((sink.clone(), routes(sink)))
-    });
-    Ok(service::block_on(launched).context("starting tokio")??)
+    let tables = Arc::new(RwLock::new(Sink::new()));
+    let mirror = postgres::start(&settings.postgres, tables.clone()).await.context("starting the PostgreSQL mirror")?;
+    let stage = match &mirror {
+        Some(m) => LiveSink::mirrored(tables, m.feed.clone()),
+        None => LiveSink { tables, mirror: None },
+    };
+    // The mirror ends when its input closes, not on the shutdown token: it
+    // must first write what the stage's drain committed.
+    let launched = service::launch("sink", common, move |_owned, _metrics, _shutdown| {
+        let reader = stage.reader();
+        Ok((stage, routes(reader)))
+    })
+    .await;
+    // The stage, and with it the channel's sending end, is gone: the mirror
+    // writes what it holds, then ends.
+    let mirrored = match mirror {
+        Some(m) => m.finish().await,
+        None => Ok(()),
+    };
+    launched?;
+    Ok(mirrored?)
 }
 
 #[cfg(test)]

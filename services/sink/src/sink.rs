@@ -21,6 +21,10 @@ pub struct Sink {
     /// Input records each key group's rows account for. The count only
     /// grows, so it is its own version.
     covered: TableStore<(), u64>,
+    /// Keys committed and not yet taken by [`Sink::take_changed`]; `None`
+    /// unless [`Sink::track_changes`] turned tracking on (the PostgreSQL
+    /// mirror), so that nothing accumulates when no one takes them.
+    changed: Option<Vec<RowKey>>,
 }
 
 impl Default for Sink {
@@ -37,6 +41,19 @@ fn merged<V: Clone>(c: &Contributions<V>, wrap: impl Fn(V) -> RowValue, table: T
     total
 }
 
+/// The `minute` rows of one block (an app-hour), its partials merged.
+fn minute_rows(k: &MinuteBlockKey, c: &Contributions<Vec<MinuteCell>>) -> impl Iterator<Item = (RowKey, RowValue)> {
+    let mut cells = Vec::new();
+    for (_, _, block) in c {
+        for cell in block {
+            add_minute(&mut cells, cell.minute, &cell.value);
+        }
+    }
+    cells.into_iter().map(|cell| {
+        (RowKey::Minute(MinuteKey { app: k.app.clone(), minute: cell.minute }), RowValue::Minute(cell.value))
+    })
+}
+
 impl Sink {
     /// Empty tables.
     pub fn new() -> Self {
@@ -47,7 +64,61 @@ impl Sink {
             minute: TableStore::new("sink/minute"),
             rejects: TableStore::new("sink/rejects"),
             covered: TableStore::new("sink/covered"),
+            changed: None,
         }
+    }
+
+    /// Remember the keys of every commit from now on, for
+    /// [`Self::take_changed`].
+    pub fn track_changes(&mut self) {
+        self.changed.get_or_insert_default();
+    }
+
+    /// The table keys committed since the last call (a key may repeat across
+    /// commits); empty unless [`Self::track_changes`] was called. A minute
+    /// key is a block ([`RowKey::MinuteBlock`]): the minute rows of one app-hour.
+    pub fn take_changed(&mut self) -> Vec<RowKey> {
+        self.changed.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    /// The merged rows `key` stands for, as in [`Self::rows`]: its row, or
+    /// for a minute block the minute rows of that app-hour; none for a key
+    /// the sink lacks or whose row has no event (yet).
+    pub fn rows_of(&self, key: &RowKey) -> Vec<(RowKey, RowValue)> {
+        let mut rows: Vec<(RowKey, RowValue)> = match key {
+            RowKey::Daily(k) => {
+                self.daily.get(k).map(|c| (key.clone(), merged(c, RowValue::Daily, Table::Daily))).into_iter().collect()
+            }
+            RowKey::SessionsPerDevice(k) => self
+                .sessions
+                .get(k)
+                .map(|c| (key.clone(), merged(c, RowValue::SessionsPerDevice, Table::SessionsPerDevice)))
+                .into_iter()
+                .collect(),
+            RowKey::CustomEvents(k) => self
+                .custom
+                .get(k)
+                .map(|c| (key.clone(), merged(c, RowValue::CustomEvents, Table::CustomEvents)))
+                .into_iter()
+                .collect(),
+            RowKey::MinuteBlock(k) => self.minute.get(k).map(|c| minute_rows(k, c).collect()).unwrap_or_default(),
+            // The sink keeps minute rows as blocks: a single minute is looked up through its block.
+            RowKey::Minute(k) => {
+                let block = MinuteBlockKey::of(k.app.clone(), k.minute);
+                self.minute
+                    .get(&block)
+                    .map(|c| minute_rows(&block, c).filter(|(r, _)| r == key).collect())
+                    .unwrap_or_default()
+            }
+            RowKey::Rejects(k) => self
+                .rejects
+                .get(k)
+                .map(|c| (key.clone(), merged(c, RowValue::Rejects, Table::Rejects)))
+                .into_iter()
+                .collect(),
+        };
+        rows.retain(|(_, v)| v.is_present());
+        rows
     }
 
     /// Input records the tables account for, over every key group: equal to
@@ -84,24 +155,7 @@ impl Sink {
                 .iter()
                 .map(|(k, c)| (RowKey::CustomEvents(k.clone()), merged(c, RowValue::CustomEvents, table)))
                 .collect(),
-            Table::Minute => self
-                .minute
-                .iter()
-                .flat_map(|(k, c)| {
-                    let mut cells = Vec::new();
-                    for (_, _, block) in c {
-                        for cell in block {
-                            add_minute(&mut cells, cell.minute, &cell.value);
-                        }
-                    }
-                    cells.into_iter().map(|cell| {
-                        (
-                            RowKey::Minute(MinuteKey { app: k.app.clone(), minute: cell.minute }),
-                            RowValue::Minute(cell.value),
-                        )
-                    })
-                })
-                .collect(),
+            Table::Minute => self.minute.iter().flat_map(|(k, c)| minute_rows(k, c)).collect(),
             Table::Rejects => {
                 self.rejects.iter().map(|(k, c)| (RowKey::Rejects(*k), merged(c, RowValue::Rejects, table))).collect()
             }
@@ -158,12 +212,99 @@ impl Stage for Sink {
     }
 
     fn commit(&mut self, _out: &mut Vec<()>, tx: &mut CommitBatch) -> Result<(), StageError> {
-        self.daily.commit(tx)?;
-        self.sessions.commit(tx)?;
-        self.custom.commit(tx)?;
-        self.minute.commit(tx)?;
-        self.rejects.commit(tx)?;
+        let daily = self.daily.commit(tx)?;
+        let sessions = self.sessions.commit(tx)?;
+        let custom = self.custom.commit(tx)?;
+        let minute = self.minute.commit(tx)?;
+        let rejects = self.rejects.commit(tx)?;
         self.covered.commit(tx)?;
+        if let Some(changed) = &mut self.changed {
+            changed.extend(daily.into_iter().map(RowKey::Daily));
+            changed.extend(sessions.into_iter().map(RowKey::SessionsPerDevice));
+            changed.extend(custom.into_iter().map(RowKey::CustomEvents));
+            changed.extend(minute.into_iter().map(RowKey::MinuteBlock));
+            changed.extend(rejects.into_iter().map(RowKey::Rejects));
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use sluice_runtime::event_time::{LocalDay, LocalMinute};
+    use sluice_runtime::key_group::KeyGroup;
+    use sluice_runtime::table::{CustomValue, MinuteValue, PartialRow};
+
+    use super::*;
+
+    fn custom(event_id: &str) -> RowKey {
+        RowKey::CustomEvents(CustomKey { app: "a1".into(), day: LocalDay(20_045), event_id: event_id.into() })
+    }
+
+    fn batch(kg: u16, rows: Vec<(u64, RowKey, RowValue)>) -> RowBatch {
+        let rows = rows.into_iter().map(|(version, key, value)| PartialRow { version, key, value }).collect();
+        RowBatch { key_group: KeyGroup(kg), rows, covered: 0 }
+    }
+
+    fn commit(sink: &mut Sink) {
+        let mut tx = CommitBatch::default();
+        assert!(sink.commit(&mut Vec::new(), &mut tx).is_ok());
+    }
+
+    #[test]
+    fn reports_the_keys_each_commit_changed_once_tracking_is_on() {
+        let one = RowValue::CustomEvents(CustomValue { count: 1, devices: 1 });
+        let mut sink = Sink::new();
+        assert!(sink.batch(batch(0, vec![(1, custom("x"), one.clone())]), &mut Vec::new()).is_ok());
+        commit(&mut sink);
+        assert!(sink.take_changed().is_empty(), "nothing is kept before tracking is on");
+
+        sink.track_changes();
+        let two = RowValue::CustomEvents(CustomValue { count: 2, devices: 1 });
+        let rows = vec![(2, custom("x"), two.clone()), (2, custom("x"), two), (1, custom("y"), one.clone())];
+        assert!(sink.batch(batch(0, rows), &mut Vec::new()).is_ok());
+        // A stale partial (older version of key group 0) changes nothing.
+        assert!(sink.batch(batch(0, vec![(1, custom("z"), one.clone())]), &mut Vec::new()).is_ok());
+        assert!(sink.batch(batch(0, vec![(1, custom("x"), one)]), &mut Vec::new()).is_ok());
+        commit(&mut sink);
+        let mut changed = sink.take_changed();
+        changed.sort();
+        assert_eq!(changed, vec![custom("x"), custom("y"), custom("z")]);
+        assert!(sink.take_changed().is_empty());
+        commit(&mut sink);
+        assert!(sink.take_changed().is_empty(), "a commit without changes reports none");
+        assert_eq!(
+            sink.rows_of(&custom("x")),
+            vec![(custom("x"), RowValue::CustomEvents(CustomValue { count: 2, devices: 1 }))]
+        );
+        assert!(sink.rows_of(&custom("nope")).is_empty());
+    }
+
+    #[test]
+    fn a_changed_minute_block_stands_for_the_minute_rows_of_its_app_hour() {
+        let minute = |m: i64, events: u64| MinuteCell {
+            minute: LocalMinute(m),
+            value: MinuteValue { events, launches: 0, revenue_cny: 0 },
+        };
+        let block = MinuteBlockKey::of("a1".into(), LocalMinute(600));
+        let mut sink = Sink::new();
+        sink.track_changes();
+        let key = RowKey::MinuteBlock(block.clone());
+        let b0 = RowValue::MinuteBlock(vec![minute(600, 1), minute(601, 2)]);
+        let b1 = RowValue::MinuteBlock(vec![minute(601, 3), minute(659, 0)]);
+        assert!(sink.batch(batch(0, vec![(1, key.clone(), b0)]), &mut Vec::new()).is_ok());
+        assert!(sink.batch(batch(1, vec![(1, key.clone(), b1)]), &mut Vec::new()).is_ok());
+        commit(&mut sink);
+        assert_eq!(sink.take_changed(), vec![key.clone()]);
+        let row = |m: i64, events: u64| {
+            (
+                RowKey::Minute(MinuteKey { app: "a1".into(), minute: LocalMinute(m) }),
+                RowValue::Minute(MinuteValue { events, launches: 0, revenue_cny: 0 }),
+            )
+        };
+        // Minute 659 has no event: no row, as in the export.
+        assert_eq!(sink.rows_of(&key), vec![row(600, 1), row(601, 5)]);
+        assert_eq!(sink.rows_of(&key), sink.rows(Table::Minute));
+        assert_eq!(sink.rows_of(&row(601, 0).0), vec![row(601, 5)]);
     }
 }

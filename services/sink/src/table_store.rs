@@ -91,8 +91,14 @@ where
         self.rows.is_empty()
     }
 
-    /// Stage every key that changed since the last commit.
-    pub fn commit(&mut self, tx: &mut CommitBatch) -> Result<(), StateError> {
+    /// The contributions of `key`, if the table has it.
+    pub fn get(&self, key: &K) -> Option<&Contributions<V>> {
+        self.rows.get(key)
+    }
+
+    /// Stage every key that changed since the last commit; returns those
+    /// keys (each once), so that a mirror of the tables can rewrite just them.
+    pub fn commit(&mut self, tx: &mut CommitBatch) -> Result<Vec<K>, StateError> {
         self.dirty_set.clear();
         let dirty = std::mem::take(&mut self.dirty);
         let rows = &self.rows;
@@ -100,7 +106,8 @@ where
             dirty.iter().filter_map(|k| rows.get_key_value(k)).map(|(k, c)| (k, Some(c))).collect();
         self.log.commit(tx, BTreeMap::from([(SINK_PARTITION, changes)]), || {
             BTreeMap::from([(SINK_PARTITION, rows.iter().map(|(k, c)| (k, Some(c))).collect::<Vec<_>>())])
-        })
+        })?;
+        Ok(dirty)
     }
 
     /// Load the table from the store.
@@ -143,5 +150,23 @@ mod tests {
         assert_eq!(decide(Some(3), 3), Applied::Stale);
         assert_eq!(decide(Some(3), 4), Applied::Stored);
         assert_eq!(decide(None, 0), Applied::Stored);
+    }
+
+    #[test]
+    fn commit_returns_each_key_stored_since_the_last_commit_once() {
+        let mut t: TableStore<String, u64> = TableStore::new("t");
+        t.apply(KeyGroup(0), 1, "a".into(), 1);
+        t.apply(KeyGroup(1), 1, "a".into(), 1);
+        t.apply(KeyGroup(0), 1, "b".into(), 1);
+        t.apply(KeyGroup(0), 1, "b".into(), 1); // stale: already stored
+        let mut tx = CommitBatch::default();
+        let mut keys = t.commit(&mut tx).unwrap_or_default();
+        keys.sort();
+        assert_eq!(keys, ["a", "b"]);
+        t.apply(KeyGroup(0), 1, "a".into(), 1); // stale
+        assert_eq!(t.commit(&mut tx).map(|k| k.len()).ok(), Some(0));
+        t.apply(KeyGroup(0), 2, "b".into(), 2);
+        assert_eq!(t.commit(&mut tx).ok(), Some(vec!["b".to_string()]));
+        assert_eq!(t.get(&"b".to_string()).map(|c| c.len()), Some(1));
     }
 }
