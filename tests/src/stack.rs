@@ -229,8 +229,13 @@ impl Stack {
             }
             _ => {}
         }
-        for (k, v) in &self.config.env {
-            cmd.env(k, v);
+        // Settings from the caller's environment and the configuration, each
+        // given only to the services that have its section.
+        let inherited = std::env::vars().filter(|(k, _)| k.starts_with("SLUICE_") && k != "SLUICE_LOG");
+        for (k, v) in inherited.chain(self.config.env.iter().cloned()) {
+            if setting_applies(&k, stage) {
+                cmd.env(k, v);
+            }
         }
         self.processes.retain(|p| p.name != name);
         self.spawn(&name, cmd, Some(http))?;
@@ -359,6 +364,20 @@ impl Stack {
         self.processes.clear();
         ensure!(failures.is_empty(), "{}", failures.join("; "));
         Ok(())
+    }
+}
+
+/// Whether the setting variable `key` (`SLUICE_<SECTION>__...`) belongs to
+/// a section `stage`'s service reads: services refuse unknown sections.
+pub fn setting_applies(key: &str, stage: &str) -> bool {
+    let Some(section) = key.strip_prefix("SLUICE_").and_then(|k| k.split("__").next()) else { return false };
+    let section = section.to_ascii_lowercase();
+    match section.as_str() {
+        "pipeline" | "service" | "nats" | "state" => true,
+        "source" | "kafka" => stage == "source",
+        "enrich" | "dimensions" | "grpc" => stage == "enrich",
+        "postgres" => stage == "sink",
+        _ => false,
     }
 }
 

@@ -43,7 +43,9 @@ pub struct NatsSettings {
     /// Must stay under the server's `max_payload` (1 MiB by default).
     pub max_batch_bytes: usize,
     /// Bytes a hop's stream may hold (messages not yet committed by their
-    /// receiver); when full, publishers wait and retry. -1: no limit.
+    /// receiver); when full, publishers wait and retry. -1 (the default): no
+    /// limit of its own, only the server's JetStream storage. A limit is
+    /// reserved up front by the server, for each of the three hops.
     pub stream_max_bytes: i64,
     /// JetStream's window for dropping a re-published message id.
     #[serde(with = "humantime_serde")]
@@ -65,7 +67,7 @@ impl Default for NatsSettings {
             url: "nats://127.0.0.1:4222".into(),
             prefix: "sluice".into(),
             max_batch_bytes: 1000 * 1024,
-            stream_max_bytes: 8 << 30,
+            stream_max_bytes: -1,
             duplicate_window: Duration::from_secs(120),
             max_ack_pending: 1024,
             pull_batch: 64,

@@ -41,6 +41,12 @@ fn run(args: &[String]) -> anyhow::Result<()> {
             let window = args.get(3).map_or(Ok(1), |s| s.parse()).context("WINDOW must be a number")?;
             e2e(&data, enrich, window)
         }
+        Some("bench") => {
+            let data = PathBuf::from(args.get(1).ok_or_else(usage)?);
+            let enrich = args.get(2).map_or(Ok(1), |s| s.parse()).context("ENRICH must be a number")?;
+            let window = args.get(3).map_or(Ok(1), |s| s.parse()).context("WINDOW must be a number")?;
+            bench(&data, enrich, window)
+        }
         Some("up") => {
             let root = PathBuf::from(args.get(1).ok_or_else(usage)?);
             let mut config = StackConfig::new(&root, &root.join("data"));
@@ -118,5 +124,49 @@ fn e2e(data: &std::path::Path, enrich: usize, window: usize) -> anyhow::Result<(
     eprintln!("tables in {} ({:.1}s end to end)", out.display(), started.elapsed().as_secs_f64());
     stack.stop()?;
     let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}
+
+/// One benchmark run: e2e throughput, per-process CPU and peak RSS, and the
+/// plain-consumer ceiling on the same broker, as `key=value` lines.
+fn bench(data: &std::path::Path, enrich: usize, window: usize) -> anyhow::Result<()> {
+    let root = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let mut config = StackConfig::new(&root, data);
+    config.enrich = enrich;
+    config.window = window;
+    let mut stack = Stack::start(config)?;
+    let before = sluice_tests::bench::stack_usage(&stack);
+    let started = Instant::now();
+    let records = stack.produce(data)?;
+    let produced = started.elapsed().as_secs_f64();
+    stack.wait_for_sink(records, Duration::from_secs(1800))?;
+    let seconds = started.elapsed().as_secs_f64();
+    let after = sluice_tests::bench::stack_usage(&stack);
+    let out = data.join("got");
+    stack.export(&out)?;
+    let daily = std::fs::read_to_string(out.join("daily.jsonl"))?;
+    let mut events = 0u64;
+    for line in daily.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        events += v["events"].as_u64().context("daily row without events")?;
+    }
+    let ceiling = sluice_tests::bench::drain(&stack.brokers, "sdk-events", records, 10)?;
+    stack.stop()?;
+    let _ = std::fs::remove_dir_all(&root);
+    println!(
+        "records={records} accepted_events={events} seconds={seconds:.3} produce_seconds={produced:.3} events_per_s={:.0} records_per_s={:.0}",
+        events as f64 / seconds,
+        records as f64 / seconds
+    );
+    println!(
+        "ceiling_seconds={ceiling:.3} ceiling_records_per_s={:.0} ratio={:.3}",
+        records as f64 / ceiling,
+        ceiling / seconds
+    );
+    for a in &after {
+        let cpu0 = before.iter().find(|b| b.name == a.name).map_or(0.0, |b| b.cpu_s);
+        println!("process={} cpu_s={:.2} peak_rss_mib={}", a.name, a.cpu_s - cpu0, a.peak_rss >> 20);
+    }
     Ok(())
 }
