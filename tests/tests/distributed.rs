@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use sluice_tests::stack::{Stack, StackConfig};
+use anyhow::ensure;
+use sluice_tests::stack::{Stack, StackConfig, http_get};
 use sluice_tests::{DataSet, assert_tables_equal, scratch};
 
 fn run(enrich: usize, window: usize) -> anyhow::Result<()> {
@@ -18,8 +19,51 @@ fn run(enrich: usize, window: usize) -> anyhow::Result<()> {
     stack.wait_for_sink(records, Duration::from_secs(300))?;
     let got = dir.path().join("got");
     stack.export(&got)?;
+    check_probes_and_metrics(&stack)?;
+    // Every service must drain and exit 0 on SIGTERM (stop checks it).
     stack.stop()?;
     assert_tables_equal(&set.expected(), &got)
+}
+
+/// Every service answers its probes and exposes every metric of
+/// `sluice_runtime::metrics`, labelled with its stage, having counted input.
+fn check_probes_and_metrics(stack: &Stack) -> anyhow::Result<()> {
+    const METRICS: [&str; 14] = [
+        "sluice_records_received_total",
+        "sluice_records_sent_total",
+        "sluice_batches_received_total",
+        "sluice_batches_sent_total",
+        "sluice_records_rejected_total",
+        "sluice_duplicates_dropped_total",
+        "sluice_batches_committed_total",
+        "sluice_commit_duration_seconds",
+        "sluice_processing_duration_seconds",
+        "sluice_busy_seconds_total",
+        "sluice_backpressured_seconds_total",
+        "sluice_publish_retries_total",
+        "sluice_consumer_lag",
+        "sluice_state_bytes",
+    ];
+    for p in stack.processes.iter().filter(|p| p.http.is_some()) {
+        let addr = stack.http(&p.name)?;
+        let stage = p.name.split('-').next().unwrap_or_default();
+        ensure!(http_get(addr, "/healthz")?.0 == 200, "{}: /healthz", p.name);
+        ensure!(http_get(addr, "/readyz")?.0 == 200, "{}: /readyz", p.name);
+        let (status, text) = http_get(addr, "/metrics")?;
+        ensure!(status == 200, "{}: /metrics answered {status}", p.name);
+        for m in METRICS {
+            ensure!(text.contains(m), "{}: {m} missing from /metrics", p.name);
+        }
+        ensure!(text.contains(&format!("stage=\"{stage}\"")), "{}: no stage label", p.name);
+        let received = text
+            .lines()
+            .find(|l| l.starts_with("sluice_records_received_total{"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        ensure!(received > 0.0, "{}: no input counted in /metrics", p.name);
+    }
+    Ok(())
 }
 
 #[test]

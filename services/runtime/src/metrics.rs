@@ -140,6 +140,11 @@ impl Metrics {
             prometheus_client::registry::Unit::Bytes,
             m.state_bytes.clone(),
         );
+        // Every reason from the start, at 0: a series that appears only at
+        // its first reject breaks rate() over the first scrape interval.
+        for reason in RejectReason::ALL {
+            m.records_rejected.get_or_create(&ReasonLabel { reason: reason.as_str() }).inc_by(0);
+        }
         Arc::new(Self { registry, ..m })
     }
 

@@ -80,14 +80,30 @@ impl Default for ServiceSettings {
 }
 
 impl ServiceSettings {
-    /// The key groups this instance owns, after checking the instance numbers.
-    pub fn key_groups(&self, p: KeyGroups) -> Result<KeyGroupSet, ServiceError> {
+    /// Check the values once, at start: a bad one names its key.
+    pub fn validate(&self) -> Result<(), ServiceError> {
+        let fail = |m: String| Err(ServiceError::Setup(m));
         if self.instances == 0 || self.instance >= self.instances {
-            return Err(ServiceError::Setup(format!(
+            return fail(format!(
                 "service.instance ({}) must be below service.instances ({})",
                 self.instance, self.instances
-            )));
+            ));
         }
+        if self.commit_interval.is_zero() {
+            return fail("service.commit_interval must be above 0".into());
+        }
+        if self.intake_queue == 0 {
+            return fail("service.intake_queue must be at least 1".into());
+        }
+        if self.drain_timeout.is_zero() {
+            return fail("service.drain_timeout must be above 0".into());
+        }
+        Ok(())
+    }
+
+    /// The key groups this instance owns, after checking the settings.
+    pub fn key_groups(&self, p: KeyGroups) -> Result<KeyGroupSet, ServiceError> {
+        self.validate()?;
         Ok(KeyGroupSet::share(p, self.instance, self.instances))
     }
 }

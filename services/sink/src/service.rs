@@ -240,6 +240,13 @@ pub fn routes(sink: LiveSink) -> Router {
 /// SIGTERM, then drain.
 pub fn main(config: Option<&std::path::Path>) -> anyhow::Result<()> {
     let settings: SinkServiceSettings = sluice_runtime::settings::load(config)?;
+    // Reads and exports answer from one instance's tables: a second instance
+    // would hold only some key groups' partials of every row.
+    anyhow::ensure!(
+        settings.service.instances == 1,
+        "sluice-sink runs as one instance (service.instances = {}): its API answers from all key groups",
+        settings.service.instances
+    );
     service::block_on(serve(&settings)).context("starting tokio")?
 }
 

@@ -23,7 +23,10 @@ pub struct KafkaSettings {
     pub brokers: String,
     /// The topic of SDK uploads.
     pub topic: String,
-    /// Consumer group the offsets are mirrored to (for lag tools).
+    /// Consumer group the offsets are mirrored to (for lag tools and
+    /// autoscalers). It is also read at start: the source resumes from the
+    /// furthest of its own stored offset and the group's, so the group must
+    /// belong to this pipeline alone.
     pub group_id: String,
     /// librdkafka `fetch.wait.max.ms`: how long the broker may hold a fetch
     /// waiting for data. Low, because some brokers (tansu) hold every fetch

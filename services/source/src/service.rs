@@ -70,12 +70,7 @@ pub fn main(config: Option<&std::path::Path>) -> anyhow::Result<()> {
 async fn run(settings: SourceServiceSettings) -> anyhow::Result<()> {
     let key_groups =
         KeyGroups::new(settings.pipeline.key_groups).context("pipeline.key_groups must be between 1 and 32768")?;
-    anyhow::ensure!(
-        settings.service.instances > 0 && settings.service.instance < settings.service.instances,
-        "service.instance ({}) must be below service.instances ({})",
-        settings.service.instance,
-        settings.service.instances
-    );
+    settings.service.validate()?;
     let shutdown = sluice_runtime::shutdown::on_signal().context("installing signal handlers")?;
     let metrics = Metrics::new("source", settings.service.instance);
     let health = Health::new();
