@@ -70,3 +70,8 @@ unit:
 [group('bench')]
 bench-embedded DIR="/tmp/sluice-bench" RUNS="3":
     BASELINE=1 bash scripts/bench-embedded.sh {{DIR}} {{RUNS}}
+
+# Distributed benchmark on the bench set: Kafka -> four services -> sink, per-service CPU and RSS, the plain-consumer ceiling, the embedded figure beside it.
+[group('bench')]
+bench-distributed DIR="/tmp/sluice-bench" RUNS="3" ENRICH="1" WINDOW="1":
+    bash scripts/bench-distributed.sh {{DIR}} {{RUNS}} {{ENRICH}} {{WINDOW}}
