@@ -28,12 +28,12 @@ schemas:
     command -v capnp >/dev/null || (apt-get update -qq && apt-get install -y -qq capnproto)
     cargo run -q -p sluice-codegen
 
-# Start a local distributed stack under ROOT (nats-server, tansu, the four services; logs in ROOT/logs).
+# Start a local distributed stack under ROOT (nats-server, tansu, the four services; PostgreSQL too with PG="--postgres"; logs in ROOT/logs).
 [group('dev')]
-up ROOT="/tmp/sluice-stack" DATA="" ENRICH="1" WINDOW="1":
+up ROOT="/tmp/sluice-stack" DATA="" ENRICH="1" WINDOW="1" PG="":
     bash scripts/servers.sh
     cargo build -q --release --workspace --bins
-    target/release/sluice-stack up {{ROOT}} --data "{{ if DATA == "" { ROOT + "/data" } else { DATA } }}" --enrich {{ENRICH}} --window {{WINDOW}}
+    PATH="$PATH:/usr/sbin:$HOME/.cargo/bin" target/release/sluice-stack up {{ROOT}} --data "{{ if DATA == "" { ROOT + "/data" } else { DATA } }}" --enrich {{ENRICH}} --window {{WINDOW}} {{PG}}
 
 # Stop the local stack under ROOT (services first, each drained).
 [group('dev')]

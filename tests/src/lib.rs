@@ -27,6 +27,7 @@ use sluice_cli::settings::Settings;
 use tempfile::TempDir;
 
 pub mod bench;
+pub mod postgres;
 pub mod stack;
 
 /// The five tables of SPEC §3, as exported (`<table>.jsonl`).

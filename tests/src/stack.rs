@@ -31,14 +31,24 @@ pub struct StackConfig {
     pub window: usize,
     /// Key groups P.
     pub key_groups: u32,
-    /// Extra `SLUICE_*` variables for every service.
+    /// Extra `SLUICE_*` variables, each given to the services that read its section.
     pub env: Vec<(String, String)>,
+    /// Start a PostgreSQL server too, and have the sink mirror its tables into it.
+    pub postgres: bool,
 }
 
 impl StackConfig {
     /// One instance of each stage, P = 64, under `root`.
     pub fn new(root: &Path, data: &Path) -> Self {
-        Self { root: root.into(), data: data.into(), enrich: 1, window: 1, key_groups: 64, env: Vec::new() }
+        Self {
+            root: root.into(),
+            data: data.into(),
+            enrich: 1,
+            window: 1,
+            key_groups: 64,
+            env: Vec::new(),
+            postgres: false,
+        }
     }
 }
 
@@ -66,6 +76,8 @@ pub struct Stack {
     pub brokers: String,
     /// Processes, servers first.
     pub processes: Vec<Process>,
+    /// The PostgreSQL server the sink mirrors into, when asked for.
+    pub postgres: Option<crate::postgres::Postgres>,
 }
 
 /// A free loopback port (bound and released: another process could take it
@@ -148,7 +160,13 @@ impl Stack {
             brokers: format!("127.0.0.1:{kafka_port}"),
             processes: Vec::new(),
             config: config.clone(),
+            postgres: None,
         };
+        if config.postgres {
+            let pg = crate::postgres::Postgres::start_in(&root.join("postgres"))?;
+            stack.config.env.push(("SLUICE_POSTGRES__URL".into(), pg.url()));
+            stack.postgres = Some(pg);
+        }
         // nats-server with JetStream; max_payload above the batches' limit.
         let nats_conf = root.join("nats.conf");
         std::fs::write(
@@ -362,6 +380,9 @@ impl Stack {
             }
         }
         self.processes.clear();
+        if let Some(mut pg) = self.postgres.take() {
+            pg.stop();
+        }
         ensure!(failures.is_empty(), "{}", failures.join("; "));
         Ok(())
     }

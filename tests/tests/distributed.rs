@@ -28,22 +28,6 @@ fn run(enrich: usize, window: usize) -> anyhow::Result<()> {
 /// Every service answers its probes and exposes every metric of
 /// `sluice_runtime::metrics`, labelled with its stage, having counted input.
 fn check_probes_and_metrics(stack: &Stack) -> anyhow::Result<()> {
-    const METRICS: [&str; 14] = [
-        "sluice_records_received_total",
-        "sluice_records_sent_total",
-        "sluice_batches_received_total",
-        "sluice_batches_sent_total",
-        "sluice_records_rejected_total",
-        "sluice_duplicates_dropped_total",
-        "sluice_batches_committed_total",
-        "sluice_commit_duration_seconds",
-        "sluice_processing_duration_seconds",
-        "sluice_busy_seconds_total",
-        "sluice_backpressured_seconds_total",
-        "sluice_publish_retries_total",
-        "sluice_consumer_lag",
-        "sluice_state_bytes",
-    ];
     for p in stack.processes.iter().filter(|p| p.http.is_some()) {
         let addr = stack.http(&p.name)?;
         let stage = p.name.split('-').next().unwrap_or_default();
@@ -51,7 +35,7 @@ fn check_probes_and_metrics(stack: &Stack) -> anyhow::Result<()> {
         ensure!(http_get(addr, "/readyz")?.0 == 200, "{}: /readyz", p.name);
         let (status, text) = http_get(addr, "/metrics")?;
         ensure!(status == 200, "{}: /metrics answered {status}", p.name);
-        for m in METRICS {
+        for m in sluice_runtime::metrics::NAMES {
             ensure!(text.contains(m), "{}: {m} missing from /metrics", p.name);
         }
         ensure!(text.contains(&format!("stage=\"{stage}\"")), "{}: no stage label", p.name);

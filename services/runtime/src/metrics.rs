@@ -35,6 +35,25 @@ use prometheus_client::registry::Registry;
 
 use crate::reject::{RejectCounts, RejectReason};
 
+/// The name of every metric a service exposes (as exposed: counters end in
+/// `_total`), for tests that check a service exposes them all.
+pub const NAMES: [&str; 14] = [
+    "sluice_records_received_total",
+    "sluice_records_sent_total",
+    "sluice_batches_received_total",
+    "sluice_batches_sent_total",
+    "sluice_records_rejected_total",
+    "sluice_duplicates_dropped_total",
+    "sluice_batches_committed_total",
+    "sluice_commit_duration_seconds",
+    "sluice_processing_duration_seconds",
+    "sluice_busy_seconds_total",
+    "sluice_backpressured_seconds_total",
+    "sluice_publish_retries_total",
+    "sluice_consumer_lag",
+    "sluice_state_bytes",
+];
+
 /// The `reason` label of rejects.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -195,22 +214,7 @@ mod tests {
         m.reject(RejectReason::UnknownApp, 2);
         m.busy(Duration::from_millis(5));
         let text = m.render();
-        for name in [
-            "sluice_records_received_total",
-            "sluice_records_sent_total",
-            "sluice_batches_received_total",
-            "sluice_batches_sent_total",
-            "sluice_records_rejected_total",
-            "sluice_duplicates_dropped_total",
-            "sluice_batches_committed_total",
-            "sluice_commit_duration_seconds",
-            "sluice_processing_duration_seconds",
-            "sluice_busy_seconds_total",
-            "sluice_backpressured_seconds_total",
-            "sluice_publish_retries_total",
-            "sluice_consumer_lag",
-            "sluice_state_bytes",
-        ] {
+        for name in NAMES {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }
         assert!(text.contains(r#"stage="enrich""#) && text.contains(r#"instance="1""#), "{text}");

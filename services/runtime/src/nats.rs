@@ -98,6 +98,22 @@ pub enum TransportError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A batch that cannot be split further (one record) is larger than the
+    /// server accepts.
+    #[error(
+        "{id} to {subject} is {bytes} bytes, more than the NATS server's max_payload ({why}); \
+         raise max_payload in the server's configuration (up to 64 MB)"
+    )]
+    TooLarge {
+        /// The subject.
+        subject: String,
+        /// The message id.
+        id: String,
+        /// Its size.
+        bytes: usize,
+        /// The client's error.
+        why: String,
+    },
     /// A message could not be published within `publish_timeout`.
     #[error("publishing {id} to {subject} failed for {waited:?}: {last}")]
     Publish {
@@ -260,7 +276,16 @@ impl PublishReport for () {
     fn retried(&self) {}
 }
 
-type InFlight = std::pin::Pin<Box<dyn std::future::Future<Output = (u64, Outgoing, Result<bool, String>)> + Send>>;
+/// Why one publish attempt failed.
+enum Attempt {
+    /// Worth retrying (no ack, timeout, stream full, connection lost).
+    Retry(String),
+    /// The message is larger than the server's `max_payload`: retrying
+    /// cannot help, and waiting would only hide the cause.
+    TooLarge(String),
+}
+
+type InFlight = std::pin::Pin<Box<dyn std::future::Future<Output = (u64, Outgoing, Result<bool, Attempt>)> + Send>>;
 
 fn send(js: &jetstream::Context, seq: u64, msg: Outgoing, delay: Duration) -> InFlight {
     let js = js.clone();
@@ -272,9 +297,12 @@ fn send(js: &jetstream::Context, seq: u64, msg: Outgoing, delay: Duration) -> In
         let result = match js.send_publish(msg.subject.clone(), publish).await {
             Ok(ack) => match ack.await {
                 Ok(ack) => Ok(ack.duplicate),
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(Attempt::Retry(e.to_string())),
             },
-            Err(e) => Err(e.to_string()),
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::MaxPayloadExceeded => {
+                Err(Attempt::TooLarge(e.to_string()))
+            }
+            Err(e) => Err(Attempt::Retry(e.to_string())),
         };
         (seq, msg, result)
     })
@@ -331,7 +359,10 @@ pub async fn run_publisher(
                         in_flight.push(send(&js, seq, next, Duration::ZERO));
                     }
                 }
-                Err(last) => {
+                Err(Attempt::TooLarge(why)) => {
+                    return Err(TransportError::TooLarge { subject: out.subject, id: out.id, bytes: out.payload.len(), why });
+                }
+                Err(Attempt::Retry(last)) => {
                     let (since, attempts) = *failing_since.entry(seq).or_insert((tokio::time::Instant::now(), 0));
                     if since.elapsed() > settings.publish_timeout {
                         return Err(TransportError::Publish {

@@ -93,7 +93,17 @@ async fn run(settings: SourceServiceSettings) -> anyhow::Result<()> {
         std::thread::Builder::new()
             .name("sluice-kafka".into())
             .spawn(move || {
-                let mut source = KafkaSource::new(settings, key_groups, store, pub_tx, metrics, health);
+                let mut source = KafkaSource {
+                    settings,
+                    key_groups,
+                    store,
+                    pub_tx,
+                    metrics,
+                    health,
+                    buffers: BTreeMap::new(),
+                    published: BTreeMap::new(),
+                    committed: BTreeMap::new(),
+                };
                 let _ = done_tx.send(source.run(&shutdown));
             })
             .context("starting the Kafka thread")?;
@@ -141,27 +151,6 @@ struct KafkaSource {
 }
 
 impl KafkaSource {
-    fn new(
-        settings: SourceServiceSettings,
-        key_groups: KeyGroups,
-        store: CommitStore,
-        pub_tx: mpsc::Sender<ToPublisher>,
-        metrics: Arc<Metrics>,
-        health: Arc<Health>,
-    ) -> Self {
-        Self {
-            settings,
-            key_groups,
-            store,
-            pub_tx,
-            metrics,
-            health,
-            buffers: BTreeMap::new(),
-            published: BTreeMap::new(),
-            committed: BTreeMap::new(),
-        }
-    }
-
     fn offset_key(p: i32) -> StateKey {
         StateKey::namespace(OFFSETS_NS).part(&p.to_be_bytes())
     }

@@ -1,9 +1,10 @@
 //! `sluice-stack`: a local distributed stack for development and the
 //! end-to-end check (`just up`, `just down`, `just e2e`).
 //!
-//! - `up ROOT [--data DIR] [--enrich N] [--window N]`: start nats-server,
-//!   tansu and the four services under ROOT and leave them running (their
-//!   logs in ROOT/logs, their pids in ROOT/pids);
+//! - `up ROOT [--data DIR] [--enrich N] [--window N] [--postgres]`: start
+//!   nats-server, tansu (and PostgreSQL, the sink mirroring into it) and the
+//!   four services under ROOT and leave them running (their logs in
+//!   ROOT/logs, their pids in ROOT/pids);
 //! - `down ROOT`: SIGTERM them, services upstream first;
 //! - `e2e DATA [ENRICH] [WINDOW]`: a fresh stack, DATA/sdk-events.tsv produced
 //!   into Kafka, wait until the sink covers every record, export into
@@ -18,7 +19,7 @@ use sluice_tests::stack::{Stack, StackConfig};
 
 fn usage() -> anyhow::Error {
     anyhow::anyhow!(
-        "usage: sluice-stack up ROOT [--data DIR] [--enrich N] [--window N] | down ROOT | e2e DATA [ENRICH] [WINDOW]"
+        "usage: sluice-stack up ROOT [--data DIR] [--enrich N] [--window N] [--postgres] | down ROOT | e2e DATA [ENRICH] [WINDOW]"
     )
 }
 
@@ -35,23 +36,21 @@ fn main() -> ExitCode {
 
 fn run(args: &[String]) -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
-        Some("e2e") => {
+        Some(command @ ("e2e" | "bench")) => {
             let data = PathBuf::from(args.get(1).ok_or_else(usage)?);
             let enrich = args.get(2).map_or(Ok(1), |s| s.parse()).context("ENRICH must be a number")?;
             let window = args.get(3).map_or(Ok(1), |s| s.parse()).context("WINDOW must be a number")?;
-            e2e(&data, enrich, window)
-        }
-        Some("bench") => {
-            let data = PathBuf::from(args.get(1).ok_or_else(usage)?);
-            let enrich = args.get(2).map_or(Ok(1), |s| s.parse()).context("ENRICH must be a number")?;
-            let window = args.get(3).map_or(Ok(1), |s| s.parse()).context("WINDOW must be a number")?;
-            bench(&data, enrich, window)
+            if command == "e2e" { e2e(&data, enrich, window) } else { bench(&data, enrich, window) }
         }
         Some("up") => {
             let root = PathBuf::from(args.get(1).ok_or_else(usage)?);
             let mut config = StackConfig::new(&root, &root.join("data"));
             let mut rest = args[2..].iter();
             while let Some(flag) = rest.next() {
+                if flag == "--postgres" {
+                    config.postgres = true;
+                    continue;
+                }
                 let value = rest.next().ok_or_else(usage)?;
                 match flag.as_str() {
                     "--data" => config.data = value.into(),
@@ -76,6 +75,12 @@ fn run(args: &[String]) -> anyhow::Result<()> {
                     p.log.display()
                 );
             }
+            if let Some(pg) = stack.postgres.take() {
+                println!("postgres   {}", pg.url());
+                if let Some(pid) = pg.detach() {
+                    text.push_str(&format!("postgres {pid}\n"));
+                }
+            }
             std::fs::write(&pids, text)?;
             println!("NATS {}  Kafka {}  sink {}", stack.nats_url, stack.brokers, stack.sink_url()?);
             // Leave them running: `down` stops them.
@@ -89,7 +94,7 @@ fn run(args: &[String]) -> anyhow::Result<()> {
                 .with_context(|| format!("no stack under {} ({} missing)", root.display(), pids.display()))?;
             let procs: Vec<(String, String)> =
                 text.lines().filter_map(|l| l.split_once(' ')).map(|(n, p)| (n.to_string(), p.to_string())).collect();
-            for stage in ["source", "enrich", "window", "sink", "kafka", "nats"] {
+            for stage in ["source", "enrich", "window", "sink", "postgres", "kafka", "nats"] {
                 for (name, pid) in procs.iter().filter(|(n, _)| n == stage || n.starts_with(&format!("{stage}-"))) {
                     let _ = std::process::Command::new("kill").args(["-TERM", pid]).status();
                     let started = Instant::now();
