@@ -3,8 +3,9 @@
 # missing: nats-server (Debian's package, 2.9), PostgreSQL (Debian's package,
 # for the sink's PostgreSQL mode; the tests run their own server from its
 # binaries in a temp dir) and the tansu Kafka-protocol broker (crates.io,
-# built from source with its in-memory and SQLite storage; about ten minutes
-# on two cores, once per machine).
+# built from source with its object-store storage, which includes the
+# in-memory store the tests use; several minutes on two cores, once per
+# machine).
 set -euo pipefail
 
 TANSU_VERSION=0.6.0
@@ -25,7 +26,7 @@ if ! command -v initdb >/dev/null && [ -z "$(pg_bin)" ]; then
 fi
 if ! command -v tansu >/dev/null && [ ! -x "$HOME/.cargo/bin/tansu" ]; then
   echo "building the tansu broker $TANSU_VERSION from crates.io (about ten minutes)"
-  cargo install --locked --quiet tansu --version "$TANSU_VERSION" --features dynostore,libsql
+  cargo install --locked --quiet tansu --version "$TANSU_VERSION" --features dynostore
 fi
 PATH="$PATH:/usr/sbin:$HOME/.cargo/bin"
 PATH="$PATH:$(pg_bin)"
