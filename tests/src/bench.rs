@@ -22,14 +22,8 @@ pub fn usage(pid: u32) -> anyhow::Result<(f64, u64)> {
     // utime and stime are fields 14 and 15 of the whole line: 12 and 13 here.
     let ticks: f64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0.0)
         + fields.get(12).and_then(|f| f.parse().ok()).unwrap_or(0.0);
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let hwm = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap_or(0);
     // USER_HZ is 100 on Linux.
-    Ok((ticks / 100.0, hwm * 1024))
+    Ok((ticks / 100.0, sluice_cli::embedded::peak_rss_bytes_of(&pid.to_string())))
 }
 
 /// Drain every partition of `topic` from the beginning with a plain

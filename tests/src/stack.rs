@@ -80,6 +80,10 @@ pub struct Stack {
     pub postgres: Option<crate::postgres::Postgres>,
 }
 
+/// The order a stack stops in: input first, so every service drains what
+/// its upstream sent before it stops; servers last.
+pub const STOP_ORDER: [&str; 7] = ["source", "enrich", "window", "sink", "postgres", "kafka", "nats"];
+
 /// A free loopback port (bound and released: another process could take it
 /// in between, which the readiness wait then reports).
 pub fn free_port() -> anyhow::Result<u16> {
@@ -355,7 +359,7 @@ impl Stack {
     /// required), then the servers.
     pub fn stop(mut self) -> anyhow::Result<()> {
         let mut failures = Vec::new();
-        for stage in ["source", "enrich", "window", "sink", "kafka", "nats"] {
+        for stage in STOP_ORDER {
             for p in self.processes.iter_mut().filter(|p| p.name == stage || p.name.starts_with(&format!("{stage}-"))) {
                 terminate(&mut p.child);
                 let started = Instant::now();

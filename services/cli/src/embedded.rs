@@ -91,7 +91,13 @@ pub struct RunReport {
 
 /// Peak resident set size of this process (`VmHWM`), in bytes; 0 when unknown.
 pub fn peak_rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    peak_rss_bytes_of("self")
+}
+
+/// Peak resident set size of process `pid` (a number, or `self`), in bytes;
+/// 0 when unknown (not Linux, or the process is gone).
+pub fn peak_rss_bytes_of(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()

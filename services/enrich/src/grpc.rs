@@ -108,7 +108,7 @@ impl EnrichApi {
             app: app.into(),
             dev: dev.into(),
             key_group: kg.0,
-            owner: usize::from(kg.0) % self.instances.max(1),
+            owner: KeyGroupSet::owner(kg, self.instances),
             instances: self.instances,
         })
     }

@@ -153,8 +153,6 @@ pub fn main(config: Option<&std::path::Path>) -> anyhow::Result<()> {
         DimensionSource::read(dir).with_context(|| format!("reading the dimension tables in {}", dir.display()))?;
     let tables = source.tables().with_context(|| format!("loading dimension tables from {}", dir.display()))?;
     let current = Arc::new(Mutex::new(source));
-    let key_groups =
-        KeyGroups::new(settings.pipeline.key_groups).context("pipeline.key_groups must be between 1 and 32768")?;
     let api_task = Arc::new(Mutex::new(None));
     let common = Common {
         pipeline: &settings.pipeline,
@@ -163,9 +161,10 @@ pub fn main(config: Option<&std::path::Path>) -> anyhow::Result<()> {
         state: &settings.state,
     };
     let launched = async {
-        let result = service::launch("enrich", common, |owned, _metrics, shutdown| {
-            let live = LiveEnricher::new(Enricher::new(Arc::new(tables), &settings.enrich).owning(owned.clone()));
-            let api = serve_api(settings.clone(), live.clone(), key_groups, owned.clone(), current, shutdown.clone());
+        let result = service::launch("enrich", common, |l| {
+            let live = LiveEnricher::new(Enricher::new(Arc::new(tables), &settings.enrich).owning(l.owned.clone()));
+            let api =
+                serve_api(settings.clone(), live.clone(), l.key_groups, l.owned.clone(), current, l.shutdown.clone());
             *api_task.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tokio::spawn(api));
             Ok((live, axum::Router::new()))
         })

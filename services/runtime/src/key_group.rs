@@ -88,8 +88,12 @@ impl KeyGroupSet {
     /// The share of instance `index` of `count` (0-based): key groups
     /// `index`, `index + count`, ... Panics never; an `index >= count` owns none.
     pub fn share(p: KeyGroups, index: usize, count: usize) -> Self {
-        let count = count.max(1);
-        Self { owned: (0..usize::from(p.count())).map(|kg| kg % count == index).collect() }
+        Self { owned: p.all().map(|kg| Self::owner(kg, count) == index).collect() }
+    }
+
+    /// The instance (of `count`) whose [`KeyGroupSet::share`] holds `kg`.
+    pub fn owner(kg: KeyGroup, count: usize) -> usize {
+        usize::from(kg.0) % count.max(1)
     }
 
     /// Whether `kg` is owned.

@@ -15,10 +15,12 @@
 //! - distributed mode: the JetStream [`hop`]s and [`nats`] transport, the
 //!   [`inbox`] (what a consumer applied), the [`publish_order`] that keeps
 //!   receivers' dedup sound, the consuming [`service`] loop, and what every
-//!   service exposes ([`metrics`], [`probe`]) and obeys ([`shutdown`]).
+//!   service exposes ([`metrics`], [`probe`]) and obeys ([`shutdown`]), and
+//!   the [`binary`] `main` they share.
 #![warn(missing_docs)]
 
 pub mod batch;
+pub mod binary;
 pub mod changelog;
 pub mod codec;
 pub mod event_time;

@@ -579,6 +579,18 @@ pub struct Common<'a> {
     pub state: &'a crate::state::StateSettings,
 }
 
+/// What [`launch`] hands the function that builds the stage.
+pub struct Launched<'a> {
+    /// P.
+    pub key_groups: KeyGroups,
+    /// The key groups this instance owns.
+    pub owned: &'a KeyGroupSet,
+    /// The service's metrics.
+    pub metrics: &'a Arc<Metrics>,
+    /// Cancelled on SIGTERM: the stage's own tasks end with it.
+    pub shutdown: &'a CancellationToken,
+}
+
 /// Start a consuming service: signals, metrics, probes (and `make`'s extra
 /// HTTP routes), the commit store, then [`run`] until SIGTERM and the drain.
 /// `make` builds the stage for the key groups this instance owns; it runs
@@ -587,7 +599,7 @@ pub struct Common<'a> {
 pub async fn launch<S, F>(name: &'static str, common: Common<'_>, make: F) -> Result<(), ServiceError>
 where
     S: ConsumingStage,
-    F: FnOnce(&KeyGroupSet, &Arc<Metrics>, &CancellationToken) -> Result<(S, axum::Router), ServiceError>,
+    F: FnOnce(Launched<'_>) -> Result<(S, axum::Router), ServiceError>,
 {
     let key_groups = KeyGroups::new(common.pipeline.key_groups)
         .ok_or_else(|| ServiceError::Setup("pipeline.key_groups must be between 1 and 32768".into()))?;
@@ -596,7 +608,7 @@ where
         crate::shutdown::on_signal().map_err(|e| ServiceError::Setup(format!("installing signal handlers: {e}")))?;
     let metrics = Metrics::new(name, common.service.instance);
     let health = Health::new();
-    let (stage, routes) = make(&owned, &metrics, &shutdown)?;
+    let (stage, routes) = make(Launched { key_groups, owned: &owned, metrics: &metrics, shutdown: &shutdown })?;
     let router = crate::probe::router(metrics.clone(), health.clone(), routes);
     let (addr, http) = crate::probe::serve(&common.service.listen, router, shutdown.clone())
         .await

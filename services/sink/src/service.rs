@@ -267,7 +267,7 @@ async fn serve(settings: &SinkServiceSettings) -> anyhow::Result<()> {
     };
     // The mirror ends when its input closes, not on the shutdown token: it
     // must first write what the stage's drain committed.
-    let launched = service::launch("sink", common, move |_owned, _metrics, _shutdown| {
+    let launched = service::launch("sink", common, move |_| {
         let reader = stage.reader();
         Ok((stage, routes(reader)))
     })

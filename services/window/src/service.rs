@@ -71,8 +71,7 @@ pub fn main(config: Option<&std::path::Path>) -> anyhow::Result<()> {
         nats: &settings.nats,
         state: &settings.state,
     };
-    let launched = service::launch("window", common, |owned, _metrics, _shutdown| {
-        Ok((Window::new().owning(owned.clone()), axum::Router::new()))
-    });
+    let launched =
+        service::launch("window", common, |l| Ok((Window::new().owning(l.owned.clone()), axum::Router::new())));
     Ok(service::block_on(launched).context("starting tokio")??)
 }

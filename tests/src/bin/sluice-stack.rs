@@ -94,7 +94,7 @@ fn run(args: &[String]) -> anyhow::Result<()> {
                 .with_context(|| format!("no stack under {} ({} missing)", root.display(), pids.display()))?;
             let procs: Vec<(String, String)> =
                 text.lines().filter_map(|l| l.split_once(' ')).map(|(n, p)| (n.to_string(), p.to_string())).collect();
-            for stage in ["source", "enrich", "window", "sink", "postgres", "kafka", "nats"] {
+            for stage in sluice_tests::stack::STOP_ORDER {
                 for (name, pid) in procs.iter().filter(|(n, _)| n == stage || n.starts_with(&format!("{stage}-"))) {
                     let _ = std::process::Command::new("kill").args(["-TERM", pid]).status();
                     let started = Instant::now();
