@@ -33,6 +33,9 @@ if ! python3 -c "import grpc, grpc_tools, grpc_health, grpc_reflection" 2>/dev/n
   python3 -m pip install --quiet --disable-pip-version-check grpcio grpcio-tools grpcio-health-checking grpcio-reflection
 fi
 
+# A fresh clone builds once: incremental caches would only cost disk.
+export CARGO_INCREMENTAL=0
+
 step "format"
 cargo fmt --all -- --check
 
