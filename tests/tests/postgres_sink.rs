@@ -7,17 +7,33 @@
 //! path) reach PostgreSQL, even when it was down while they were committed;
 //! a restart rewrites rows PostgreSQL lost or that were changed behind the
 //! sink's back (the full sync on start); and a SIGTERM drain writes
-//! everything before the sink exits.
+//! everything before the sink exits. Every row carries a positive
+//! `sluice_version`, and the restart's full sync a newer one than any
+//! before it.
+//!
+//! A second test runs the upsert and the mirror against hand-made tables:
+//! a table created before `sluice_version` existed gets the column, an
+//! older version changes nothing, and the same one again is a no-op.
 //!
 //! The server is started here (initdb into a temp dir, trust auth on
 //! 127.0.0.1, a free port; as the `postgres` user when running as root,
 //! since initdb refuses root). The test fails, never skips, when it cannot.
 
 use std::path::Path;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use serde_json::Value;
+use sluice_runtime::batch::RowBatch;
+use sluice_runtime::key_group::KeyGroup;
+use sluice_runtime::reject::RejectReason;
+use sluice_runtime::stage::Stage;
+use sluice_runtime::table::{PartialRow, RowKey, RowValue, Table};
+use sluice_sink::Sink;
+use sluice_sink::postgres::mirror::{Mirror, Work};
+use sluice_sink::postgres::schema::{VERSION_COLUMN, upsert_sql};
+use sluice_sink::postgres::{PostgresSettings, Target};
 use sluice_tests::postgres::Postgres;
 use sluice_tests::stack::{Stack, StackConfig, http_get, terminate};
 use sluice_tests::{DataSet, assert_tables_equal, scratch};
@@ -81,8 +97,9 @@ fn difference(pg: &Postgres, dir: &Path, table: &str) -> anyhow::Result<Option<S
     let path = dir.join(format!("{table}.jsonl"));
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let exported = canonical(text.lines())?;
-    // Column names are the export's field names: row_to_json gives the exported object.
-    let lines = pg.psql(&format!("SELECT row_to_json(t)::text FROM {SCHEMA}.{table} t"))?;
+    // Column names are the export's field names: the row as JSON is the
+    // exported object, once the version (not exported) is taken out.
+    let lines = pg.psql(&format!("SELECT (to_jsonb(t) - '{VERSION_COLUMN}')::text FROM {SCHEMA}.{table} t"))?;
     let mirrored = canonical(lines.iter().map(String::as_str))?;
     if exported == mirrored {
         return Ok(None);
@@ -124,6 +141,22 @@ fn wait_until_mirrored(pg: &Postgres, dir: &Path, what: &str) -> anyhow::Result<
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// The smallest and largest `sluice_version` over every row of every
+/// table; fails when a row has none, or one below 1 (the sink's versions
+/// start at 1).
+fn version_range(pg: &Postgres) -> anyhow::Result<(i64, i64)> {
+    let union: Vec<String> = TABLES.iter().map(|t| format!("SELECT {VERSION_COLUMN} AS v FROM {SCHEMA}.{t}")).collect();
+    let lines = pg.psql(&format!(
+        "SELECT count(*), count(*) FILTER (WHERE v IS NULL OR v < 1), min(v), max(v) FROM ({}) AS versions",
+        union.join(" UNION ALL ")
+    ))?;
+    let fields: Vec<&str> = lines.first().map(|l| l.split('|').collect()).unwrap_or_default();
+    let [rows, bad, min, max] = fields[..] else { bail!("unexpected answer {lines:?}") };
+    ensure!(rows != "0", "no rows in PostgreSQL");
+    ensure!(bad == "0", "{bad} of {rows} rows have a {VERSION_COLUMN} below 1");
+    Ok((min.parse()?, max.parse()?))
 }
 
 /// SIGTERM `sink-0`, require a clean exit, and start it again (with the
@@ -177,6 +210,7 @@ fn the_postgresql_tables_equal_the_export() -> anyhow::Result<()> {
     assert_tables_equal(&set.expected(), &got)?;
     pg.run()?;
     wait_until_mirrored(&pg, &got, "rows written after each commit, across an outage")?;
+    version_range(&pg)?;
 
     // Real tables, with their keys as primary keys.
     let keys = pg.psql(&format!(
@@ -194,11 +228,94 @@ fn the_postgresql_tables_equal_the_export() -> anyhow::Result<()> {
          UPDATE {SCHEMA}.sessions_per_device SET buckets = '[]'"
     ))?;
     ensure!(!differences(&pg, &got)?.is_empty(), "spoiling the PostgreSQL tables changed nothing");
+    let (_, newest_before) = version_range(&pg)?;
     restart_sink(&mut stack)?;
     stack.wait_for_sink(records, Duration::from_secs(300))?;
     stack.stop()?;
     let diffs = differences(&pg, &got)?;
     ensure!(diffs.is_empty(), "after a restart and a drain, PostgreSQL differs from the export:\n{}", diffs.join("\n"));
+    // The full sync wrote every row at the restored commit count + 1,
+    // beyond any version of the run before.
+    let (oldest_after, _) = version_range(&pg)?;
+    ensure!(
+        oldest_after > newest_before,
+        "after the restart a row has {VERSION_COLUMN} {oldest_after}, not above {newest_before} from before it"
+    );
+    Ok(())
+}
+
+/// A sink whose tables hold one row, `rejects` `duplicate` = `count`, at
+/// version 1 (a new state).
+fn sink_with_duplicates(count: u64) -> anyhow::Result<Sink> {
+    let mut sink = Sink::new();
+    let row = PartialRow { version: 1, key: RowKey::Rejects(RejectReason::Duplicate), value: RowValue::Rejects(count) };
+    sink.batch(RowBatch { key_group: KeyGroup(0), rows: vec![row], covered: 0 }, &mut Vec::new())?;
+    Ok(sink)
+}
+
+/// Run the mirror of `sink` into schema `schema`: connect (which creates
+/// or upgrades the tables), write every row once, finish.
+fn mirror_once(rt: &tokio::runtime::Runtime, pg: &Postgres, schema: &str, sink: Sink) -> anyhow::Result<()> {
+    let settings = PostgresSettings { url: pg.url(), schema: schema.into() };
+    let target = Target::from_settings(&settings)?.context("the mirror is off")?;
+    rt.block_on(async {
+        let mirror = Mirror::connect(target, Arc::new(RwLock::new(sink)), DEADLINE).await?;
+        let (feed, queue) = tokio::sync::mpsc::channel(1);
+        feed.send(Work::Everything).await.context("the mirror stopped")?;
+        drop(feed);
+        mirror.run(queue).await;
+        Ok(())
+    })
+}
+
+#[test]
+fn older_versions_change_nothing_and_old_tables_get_the_column() -> anyhow::Result<()> {
+    let pg = Postgres::start()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    // A database written before sluice_version existed: one table, one row.
+    pg.psql(
+        "CREATE SCHEMA old; \
+         CREATE TABLE old.rejects (reason text NOT NULL, count bigint NOT NULL, PRIMARY KEY (reason)); \
+         INSERT INTO old.rejects VALUES ('duplicate', 7)",
+    )?;
+    mirror_once(&rt, &pg, "old", Sink::new())?;
+    let columns = pg.psql(&format!(
+        "SELECT table_name FROM information_schema.columns WHERE table_schema = 'old' \
+         AND column_name = '{VERSION_COLUMN}' AND data_type = 'bigint' AND is_nullable = 'NO' ORDER BY 1"
+    ))?;
+    ensure!(
+        columns == ["custom_events", "daily", "minute", "rejects", "sessions_per_device"],
+        "tables with a NOT NULL bigint {VERSION_COLUMN}: {columns:?}"
+    );
+    let row = || pg.psql("SELECT count, sluice_version FROM old.rejects WHERE reason = 'duplicate'");
+    ensure!(row()? == ["7|0"], "the old row got {:?}, not version 0", row()?);
+    // A new sink (version 1) replaces the row of version 0.
+    mirror_once(&rt, &pg, "old", sink_with_duplicates(3)?)?;
+    ensure!(row()? == ["3|1"], "after the mirror wrote version 1: {:?}", row()?);
+
+    // The upsert itself, as the mirror prepares it: `(count, version)` in,
+    // `count|version|changed` out, where `changed` says whether the row was
+    // rewritten (its xmin moved).
+    let upsert = upsert_sql("old", Table::Rejects);
+    let apply = |count: u64, version: i64| -> anyhow::Result<String> {
+        let lines = pg.psql(&format!(
+            "CREATE TEMP TABLE before AS SELECT xmin::text AS x FROM old.rejects WHERE reason = 'duplicate'; \
+             PREPARE up(text, bigint) AS {upsert}; \
+             EXECUTE up('[{{\"reason\":\"duplicate\",\"count\":{count}}}]', {version}); \
+             SELECT count, sluice_version, xmin::text <> (SELECT x FROM before) \
+             FROM old.rejects WHERE reason = 'duplicate'"
+        ))?;
+        lines.into_iter().next().context("the row is gone")
+    };
+    ensure!(apply(100, 0)? == "3|1|f", "an older version changed the row");
+    ensure!(apply(3, 1)? == "3|1|f", "the same write again rewrote the row");
+    ensure!(apply(4, 1)? == "4|1|t", "the same version with another value must replace it");
+    ensure!(apply(4, 2)? == "4|2|t", "a newer version must be recorded");
+    ensure!(apply(5, 1)? == "4|2|f", "an older version changed the row");
+    // A late writer: a sink whose tables are at version 1 (e.g. a second
+    // process on an older state) changes nothing through the mirror either.
+    mirror_once(&rt, &pg, "old", sink_with_duplicates(9)?)?;
+    ensure!(row()? == ["4|2"], "an older sink overwrote a newer row: {:?}", row()?);
     Ok(())
 }
 

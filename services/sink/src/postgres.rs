@@ -3,9 +3,17 @@
 //!
 //! The sink's own state stays the source of truth; PostgreSQL holds a copy
 //! kept by idempotent upserts of absolute rows (rows never disappear from
-//! sluice tables, so nothing is ever deleted). What is written when:
-//! - on start, once the state is restored, every row of every table (a
-//!   restart repairs whatever a crash or an outage left out);
+//! sluice tables, so nothing is ever deleted). Each row carries, in the
+//! column `sluice_version`, the version of the sink's tables it was read
+//! from ([`crate::Sink::version`], persisted with the sink's commits, so it
+//! only grows); an upsert replaces a row only with an equal or newer
+//! version, so a late or repeated write never undoes a newer one. What is
+//! written when:
+//! - on start, once the state is restored, every row of every table, at a
+//!   version at least as new as any an earlier run wrote (a restart repairs
+//!   whatever a crash or an outage left out, and replaces what a crashed
+//!   run wrote from partials it never committed; the price is that every
+//!   row is rewritten once per restart, its version having moved on);
 //! - after every commit of the stage, the rows whose table key that commit
 //!   changed (a minute block stands for the minute rows of its app-hour).
 //!

@@ -3,7 +3,7 @@
 use sluice_runtime::batch::RowBatch;
 use sluice_runtime::reject::RejectReason;
 use sluice_runtime::stage::{Stage, StageError};
-use sluice_runtime::state::{CommitBatch, CommitStore};
+use sluice_runtime::state::{self, CommitBatch, CommitStore, StateKey};
 use sluice_runtime::table::{
     AppDay, CustomKey, CustomValue, DailyKey, DailyValue, MinuteBlockKey, MinuteCell, MinuteKey, RowKey, RowValue,
     Table, add_minute,
@@ -25,7 +25,15 @@ pub struct Sink {
     /// unless [`Sink::track_changes`] turned tracking on (the PostgreSQL
     /// mirror), so that nothing accumulates when no one takes them.
     changed: Option<Vec<RowKey>>,
+    /// Commits staged so far by every run on this state: written into each
+    /// commit's batch, restored by [`Stage::start`], so it never goes back.
+    commits: u64,
+    /// The tables' version as they read now; see [`Sink::version`].
+    version: u64,
 }
+
+/// Where [`Sink`] keeps its commit count in the store.
+const COMMITS_KEY: &str = "sink/commits";
 
 impl Default for Sink {
     fn default() -> Self {
@@ -65,7 +73,26 @@ impl Sink {
             rejects: TableStore::new("sink/rejects"),
             covered: TableStore::new("sink/covered"),
             changed: None,
+            commits: 0,
+            version: 1,
         }
+    }
+
+    /// The version of the tables as they read now, for the PostgreSQL
+    /// mirror's `sluice_version` column: one more than the number of this
+    /// state's commits known to be durable. It is at least 1, and only
+    /// grows, across restarts too, so a row read later never carries an
+    /// older version than one read earlier.
+    ///
+    /// Why "known durable", not the count staged: the runner makes a
+    /// commit's batch durable before it asks for the next commit, and
+    /// stops for good if it cannot; so after a crash the restored count
+    /// is at least every version the last run used minus one, and the
+    /// first rows the new run writes (its full sync) carry at least the
+    /// newest of them. They therefore replace whatever the last run wrote,
+    /// even rows read from partials it applied and never committed.
+    pub fn version(&self) -> u64 {
+        self.version
     }
 
     /// Remember the keys of every commit from now on, for
@@ -185,6 +212,11 @@ impl Stage for Sink {
         self.minute.restore(store)?;
         self.rejects.restore(store)?;
         self.covered.restore(store)?;
+        self.commits = match store.get(&StateKey::namespace(COMMITS_KEY))? {
+            Some(bytes) => state::decode("sink commits", &bytes)?,
+            None => 0,
+        };
+        self.version = self.commits.saturating_add(1);
         Ok(())
     }
 
@@ -218,6 +250,10 @@ impl Stage for Sink {
         let minute = self.minute.commit(tx)?;
         let rejects = self.rejects.commit(tx)?;
         self.covered.commit(tx)?;
+        // Being asked to commit again means the last commit is durable.
+        self.version = self.commits.saturating_add(1);
+        self.commits = self.version;
+        tx.put(&StateKey::namespace(COMMITS_KEY), state::encode("sink commits", &self.commits)?);
         if let Some(changed) = &mut self.changed {
             changed.extend(daily.into_iter().map(RowKey::Daily));
             changed.extend(sessions.into_iter().map(RowKey::SessionsPerDevice));
@@ -278,6 +314,41 @@ mod tests {
             vec![(custom("x"), RowValue::CustomEvents(CustomValue { count: 2, devices: 1 }))]
         );
         assert!(sink.rows_of(&custom("nope")).is_empty());
+    }
+
+    #[test]
+    fn the_version_grows_with_each_commit_and_across_restarts() -> Result<(), StageError> {
+        let dir = tempfile::tempdir().map_err(|e| StageError::Setup(e.to_string()))?;
+        let store = CommitStore::open(dir.path(), &Default::default())?;
+        let mut sink = Sink::new();
+        sink.start(&store)?;
+        assert_eq!(sink.version(), 1, "a new state");
+        let durable_commit = |sink: &mut Sink| -> Result<(), StageError> {
+            let mut tx = CommitBatch::default();
+            sink.commit(&mut Vec::new(), &mut tx)?;
+            Ok(store.commit(tx)?)
+        };
+        durable_commit(&mut sink)?;
+        // Commit 1 is staged, not yet known durable: the version stays.
+        assert_eq!(sink.version(), 1);
+        durable_commit(&mut sink)?;
+        durable_commit(&mut sink)?;
+        assert_eq!(sink.version(), 3);
+
+        // A restart (after 3 durable commits) goes on from there.
+        let mut restarted = Sink::new();
+        restarted.start(&store)?;
+        assert_eq!(restarted.version(), 4);
+        // A crash after a commit was staged and before it was durable: the
+        // versions that run used are at most the one the next run starts at.
+        let mut tx = CommitBatch::default();
+        restarted.commit(&mut Vec::new(), &mut tx)?;
+        let lost_run = restarted.version();
+        drop(tx);
+        let mut again = Sink::new();
+        again.start(&store)?;
+        assert!(again.version() >= lost_run, "{} < {lost_run}", again.version());
+        Ok(())
     }
 
     #[test]

@@ -6,7 +6,11 @@
 //! full sync absorbs any key, and a key changed by many commits is written
 //! once, with the values the tables hold when it is written. Values are
 //! absolute, so writing a row again, or a newer value than the last commit,
-//! is harmless: the next write converges.
+//! is harmless: the next write converges. Every batch of rows is written
+//! with the version of the tables it was read from ([`Sink::version`],
+//! read under the same lock as the rows), and PostgreSQL keeps a row's
+//! newest version ([`super::schema`]): a write that arrives late cannot
+//! replace a newer one.
 //!
 //! Failures are classified by what happens next ([`refused`]): PostgreSQL
 //! refusing a row's data (SQLSTATE classes 22 and 23) will not change on a
@@ -23,7 +27,7 @@ use sluice_runtime::table::{RowKey, RowValue, Table, write_row};
 use tokio::sync::mpsc;
 use tokio_postgres::{Client, NoTls, Statement};
 
-use super::schema::{create_sql, json_array, upsert_sql};
+use super::schema::{VERSIONED_TABLES_SQL, create_sql, json_array, upgrade_sql, upsert_sql};
 use super::{PostgresError, Target};
 use crate::Sink;
 
@@ -149,6 +153,18 @@ impl Connection {
         });
         let mut conn = Self { client, upserts: Vec::new(), driver };
         conn.client.batch_execute(&create_sql(&target.schema)).await?;
+        let versioned: Vec<String> = conn
+            .client
+            .query(VERSIONED_TABLES_SQL, &[&target.schema])
+            .await?
+            .iter()
+            .map(|row| row.try_get(0))
+            .collect::<Result<_, _>>()?;
+        let upgrade = upgrade_sql(&target.schema, &versioned);
+        if !upgrade.is_empty() {
+            tracing::info!(schema = %target.schema, "PostgreSQL mirror: adding sluice_version to tables created without it");
+            conn.client.batch_execute(&upgrade).await?;
+        }
         for table in Table::ALL {
             let statement = conn.client.prepare(&upsert_sql(&target.schema, table)).await?;
             conn.upserts.push((table, statement));
@@ -156,10 +172,10 @@ impl Connection {
         Ok(conn)
     }
 
-    async fn upsert(&self, table: Table, rows_json: &str) -> Result<u64, tokio_postgres::Error> {
+    async fn upsert(&self, table: Table, version: i64, rows_json: &str) -> Result<u64, tokio_postgres::Error> {
         // Every table was prepared in `open`.
         let Some((_, statement)) = self.upserts.iter().find(|(t, _)| *t == table) else { return Ok(0) };
-        self.client.execute(statement, &[&rows_json]).await
+        self.client.execute(statement, &[&rows_json, &version]).await
     }
 }
 
@@ -282,31 +298,33 @@ impl Mirror {
         if pending.everything {
             let mut total = 0;
             for table in Table::ALL {
-                let rows = self.read(move |sink| render(&sink.rows(table))).await?;
-                self.upsert(table, &rows).await;
+                let (version, rows) = self.read(move |sink| (sink.version(), render(&sink.rows(table)))).await?;
+                self.upsert(table, version, &rows).await;
                 total += rows.len();
             }
             tracing::info!(rows = total, took = ?started.elapsed(), "PostgreSQL mirror: every row written (full sync)");
         } else {
             let keys: Vec<RowKey> = pending.keys.into_iter().collect();
-            let by_table = self.read(move |sink| rows_by_table(sink, &keys)).await?;
+            let (version, by_table) = self.read(move |sink| (sink.version(), rows_by_table(sink, &keys))).await?;
             for (table, rows) in by_table {
-                self.upsert(table, &rows).await;
+                self.upsert(table, version, &rows).await;
             }
             tracing::debug!(took = ?started.elapsed(), "PostgreSQL mirror: changed rows written");
         }
         Ok(())
     }
 
-    /// Write `rows` (exported JSON objects, distinct keys) of `table`.
-    async fn upsert(&mut self, table: Table, rows: &[String]) {
+    /// Write `rows` (exported JSON objects, distinct keys) of `table`, read
+    /// from the tables at `version`.
+    async fn upsert(&mut self, table: Table, version: u64, rows: &[String]) {
+        let version = pg_version(version);
         for chunk in rows.chunks(UPSERT_ROWS) {
             let batch = json_array(chunk.iter().map(String::as_str));
             let mut refused_rows = 0u64;
-            if let Err(e) = self.execute(table, &batch).await {
+            if let Err(e) = self.execute(table, version, &batch).await {
                 tracing::warn!(%table, rows = chunk.len(), error = %chain(&e), "PostgreSQL mirror: a batch was refused; writing its rows one by one");
                 for row in chunk {
-                    if let Err(e) = self.execute(table, &json_array([row.as_str()])).await {
+                    if let Err(e) = self.execute(table, version, &json_array([row.as_str()])).await {
                         tracing::error!(%table, row = %row, error = %chain(&e), "PostgreSQL mirror: PostgreSQL refused this row; it is not mirrored");
                         refused_rows += 1;
                     }
@@ -320,11 +338,11 @@ impl Mirror {
 
     /// Run the upsert of `table` over `batch`, retrying until it is written
     /// or PostgreSQL refuses its data (the error returned).
-    async fn execute(&mut self, table: Table, batch: &str) -> Result<(), tokio_postgres::Error> {
+    async fn execute(&mut self, table: Table, version: i64, batch: &str) -> Result<(), tokio_postgres::Error> {
         loop {
             self.ensure_connected().await;
             let Some(conn) = &self.conn else { continue };
-            match conn.upsert(table, batch).await {
+            match conn.upsert(table, version, batch).await {
                 Ok(_) => {
                     if self.failures > 0 {
                         tracing::info!(failures = self.failures, "PostgreSQL mirror: writing again");
@@ -360,6 +378,12 @@ impl Mirror {
             }
         }
     }
+}
+
+/// `version` as PostgreSQL's `bigint`. A commit count never gets near
+/// 2^63; were it ever beyond, saturating keeps versions from going back.
+fn pg_version(version: u64) -> i64 {
+    i64::try_from(version).unwrap_or(i64::MAX)
 }
 
 fn render(rows: &[(RowKey, RowValue)]) -> Vec<String> {
@@ -423,6 +447,13 @@ mod tests {
         assert!(!refused(Some("42P01"))); // undefined table: re-created on reconnect
         assert!(!refused(Some("57P01"))); // admin shutdown
         assert!(!refused(None)); // I/O, closed connection
+    }
+
+    #[test]
+    fn versions_fit_bigint_without_going_back() {
+        assert_eq!(pg_version(1), 1);
+        assert_eq!(pg_version(i64::MAX as u64), i64::MAX);
+        assert_eq!(pg_version(u64::MAX), i64::MAX);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! cannot disagree.
 //!
 //! Column names are the field names of the export (SPEC §3), so a row read
-//! back with `row_to_json` is the exported object. Types:
+//! back with `to_jsonb(t) - 'sluice_version'` is the exported object. Types:
 //! - `text` for strings, including `day` and `minute`: SPEC accepts
 //!   timestamps far outside what `date`/`timestamp` hold, and a row
 //!   PostgreSQL refuses would never be mirrored; the ISO text still sorts by
@@ -13,10 +13,20 @@
 //! - `jsonb` for arrays and objects (histograms, bucket counts, revenue per
 //!   currency; jsonb numbers are `numeric`, so big sums stay exact).
 //!
-//! The upsert takes one parameter, a JSON array of exported rows, and
-//! unpacks it with `jsonb_to_recordset`: one statement (one implicit
-//! transaction) writes a whole batch, and no number passes through a 64-bit
-//! or floating-point type on the way.
+//! The upsert takes two parameters, a JSON array of exported rows and their
+//! version, and unpacks the rows with `jsonb_to_recordset`: one statement
+//! (one implicit transaction) writes a whole batch, and no number passes
+//! through a 64-bit or floating-point type on the way.
+//!
+//! Beside the exported fields every table has one more column,
+//! [`VERSION_COLUMN`] (`sluice_version bigint NOT NULL`): the version of
+//! the sink's tables the row was read from ([`crate::Sink::version`]), which
+//! only grows, across restarts too. The upsert overwrites a row only with a
+//! version at least as new as the one it holds, so a late writer (a retried
+//! flush, a second sink process left running) holding an older value
+//! changes nothing, and writing the same row at the same version again is
+//! a no-op. Tables created before the column existed get it on the next
+//! connection ([`upgrade_sql`]), at version 0, older than any write.
 
 use sluice_runtime::table::Table;
 
@@ -116,47 +126,92 @@ fn list<'a>(columns: impl Iterator<Item = &'a Column>, f: impl Fn(&Column) -> St
     columns.map(f).collect::<Vec<_>>().join(", ")
 }
 
+/// The column that holds each row's version ([`crate::Sink::version`]);
+/// not an exported field, so it cannot clash with one.
+pub const VERSION_COLUMN: &str = "sluice_version";
+
+/// Its definition, the same when a table is created and when an older
+/// table is upgraded, so that both end up alike. The default only serves
+/// rows that predate the column (and hand-written inserts): 0 is older
+/// than any version the sink writes, so its next write replaces them.
+const VERSION_DEFINITION: &str = "bigint NOT NULL DEFAULT 0";
+
 /// The statements that create `schema` and its tables when missing;
-/// idempotent, run on every connection.
+/// idempotent, run on every connection. A table that exists is left as it
+/// is: one created before [`VERSION_COLUMN`] existed is upgraded by
+/// [`upgrade_sql`].
 pub fn create_sql(schema: &str) -> String {
     let mut sql = format!("CREATE SCHEMA IF NOT EXISTS {};\n", quote(schema));
     for table in Table::ALL {
         let cols = columns(table);
         sql.push_str(&format!(
-            "CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}));\n",
+            "CREATE TABLE IF NOT EXISTS {} ({}, {} {VERSION_DEFINITION}, PRIMARY KEY ({}));\n",
             qualified(schema, table),
             list(cols.iter(), |c| format!("{} {} NOT NULL", quote(c.name), c.ty.sql())),
+            quote(VERSION_COLUMN),
             list(cols.iter().filter(|c| c.key), |c| quote(c.name)),
         ));
     }
     sql
 }
 
-/// The upsert of `table`: `$1` is a JSON array of rows as exported. A key
-/// already present gets the new values; a row whose values did not change
-/// is left alone (no dead tuple), which keeps a full resync cheap. A batch
-/// must not hold a key twice (PostgreSQL refuses to update a row twice in
-/// one statement).
+/// The names of the tables of schema `$1` that have [`VERSION_COLUMN`]
+/// (one `text` column), to find those [`upgrade_sql`] must alter.
+///
+/// Asked first, rather than altering every table every time: `ALTER TABLE`
+/// takes an exclusive lock even when `IF NOT EXISTS` makes it a no-op, and
+/// would queue behind (and then block) every dashboard query on the table.
+pub const VERSIONED_TABLES_SQL: &str = "SELECT table_name::text FROM information_schema.columns \
+     WHERE table_schema::text = $1 AND column_name = 'sluice_version'";
+
+/// The statements that add [`VERSION_COLUMN`] to the tables of `schema`
+/// not in `versioned` (the answer of [`VERSIONED_TABLES_SQL`]): tables
+/// created before the column existed. Empty when there are none.
+/// `IF NOT EXISTS` keeps it harmless when two sinks upgrade at once.
+pub fn upgrade_sql(schema: &str, versioned: &[String]) -> String {
+    let mut sql = String::new();
+    for table in Table::ALL {
+        if !versioned.iter().any(|name| name == table.name()) {
+            sql.push_str(&format!(
+                "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {VERSION_DEFINITION};\n",
+                qualified(schema, table),
+                quote(VERSION_COLUMN),
+            ));
+        }
+    }
+    sql
+}
+
+/// The upsert of `table`: `$1` is a JSON array of rows as exported (a key
+/// at most once: PostgreSQL refuses to update a row twice in one
+/// statement), `$2` (`bigint`) their version.
+///
+/// A key already present gets the new values and version only when `$2` is
+/// at least its version: an older version changes nothing (a late writer
+/// cannot undo a newer one), and the same version overwrites (a restarted
+/// sink's first rows may carry the newest version of the run before it,
+/// and must replace what that run wrote from partials it never committed,
+/// see [`crate::Sink::version`]). A row whose values and version
+/// are both unchanged is left alone (no dead tuple): re-applying a write
+/// is a no-op.
 pub fn upsert_sql(schema: &str, table: Table) -> String {
     let cols = columns(table);
     let names = list(cols.iter(), |c| quote(c.name));
-    let values: Vec<&Column> = cols.iter().filter(|c| !c.key).collect();
-    let on_conflict = if values.is_empty() {
-        "DO NOTHING".to_owned()
-    } else {
-        format!(
-            "DO UPDATE SET {} WHERE ({}) IS DISTINCT FROM ({})",
-            list(values.iter().copied(), |c| format!("{0} = EXCLUDED.{0}", quote(c.name))),
-            list(values.iter().copied(), |c| format!("t.{}", quote(c.name))),
-            list(values.iter().copied(), |c| format!("EXCLUDED.{}", quote(c.name))),
-        )
-    };
+    let version = quote(VERSION_COLUMN);
+    // What a write at a new enough version replaces: the values and the version.
+    let updated: Vec<String> = cols.iter().filter(|c| !c.key).map(|c| quote(c.name)).chain([version.clone()]).collect();
+    let joined = |f: &dyn Fn(&String) -> String| updated.iter().map(f).collect::<Vec<_>>().join(", ");
     format!(
-        "INSERT INTO {} AS t ({names}) SELECT {names} FROM jsonb_to_recordset($1::text::jsonb) AS r({}) \
-         ON CONFLICT ({}) {on_conflict}",
+        "INSERT INTO {} AS t ({names}, {version}) SELECT {names}, $2::bigint \
+         FROM jsonb_to_recordset($1::text::jsonb) AS r({}) \
+         ON CONFLICT ({}) DO UPDATE SET {} \
+         WHERE t.{version} <= EXCLUDED.{version} AND ({}) IS DISTINCT FROM ({})",
         qualified(schema, table),
         list(cols.iter(), |c| format!("{} {}", quote(c.name), c.ty.sql())),
         list(cols.iter().filter(|c| c.key), |c| quote(c.name)),
+        joined(&|c| format!("{c} = EXCLUDED.{c}")),
+        joined(&|c| format!("t.{c}")),
+        joined(&|c| format!("EXCLUDED.{c}")),
     )
 }
 
@@ -246,22 +301,52 @@ mod tests {
         assert!(ddl.starts_with("CREATE SCHEMA IF NOT EXISTS \"sluice\";\n"));
         assert!(ddl.contains(
             "CREATE TABLE IF NOT EXISTS \"sluice\".\"rejects\" (\"reason\" text NOT NULL, \"count\" bigint NOT NULL, \
-             PRIMARY KEY (\"reason\"));"
+             \"sluice_version\" bigint NOT NULL DEFAULT 0, PRIMARY KEY (\"reason\"));"
         ));
         assert!(ddl.contains("\"playtime_s\" numeric NOT NULL"));
         assert!(ddl.contains("\"revenue\" jsonb NOT NULL"));
         assert!(ddl.contains("PRIMARY KEY (\"app\", \"day\", \"os\", \"channel\", \"country\")"));
         assert_eq!(ddl.matches("CREATE TABLE").count(), 5);
+        assert_eq!(ddl.matches("\"sluice_version\" bigint NOT NULL DEFAULT 0, PRIMARY KEY").count(), 5);
         assert_eq!(
             upsert_sql("sluice", Table::Rejects),
-            "INSERT INTO \"sluice\".\"rejects\" AS t (\"reason\", \"count\") SELECT \"reason\", \"count\" \
+            "INSERT INTO \"sluice\".\"rejects\" AS t (\"reason\", \"count\", \"sluice_version\") \
+             SELECT \"reason\", \"count\", $2::bigint \
              FROM jsonb_to_recordset($1::text::jsonb) AS r(\"reason\" text, \"count\" bigint) \
-             ON CONFLICT (\"reason\") DO UPDATE SET \"count\" = EXCLUDED.\"count\" \
-             WHERE (t.\"count\") IS DISTINCT FROM (EXCLUDED.\"count\")"
+             ON CONFLICT (\"reason\") DO UPDATE SET \"count\" = EXCLUDED.\"count\", \
+             \"sluice_version\" = EXCLUDED.\"sluice_version\" \
+             WHERE t.\"sluice_version\" <= EXCLUDED.\"sluice_version\" \
+             AND (t.\"count\", t.\"sluice_version\") IS DISTINCT FROM (EXCLUDED.\"count\", EXCLUDED.\"sluice_version\")"
         );
         let minute = upsert_sql("s", Table::Minute);
         assert!(minute.contains("ON CONFLICT (\"app\", \"minute\") DO UPDATE SET \"events\" = EXCLUDED.\"events\", "));
         assert!(minute.contains("\"revenue_cny\" numeric)"));
+        for table in Table::ALL {
+            let upsert = upsert_sql("s", table);
+            assert_eq!(upsert.matches("WHERE t.\"sluice_version\" <= EXCLUDED.\"sluice_version\" AND").count(), 1);
+            assert!(upsert.contains("\"sluice_version\" = EXCLUDED.\"sluice_version\" WHERE"), "{table}");
+        }
+    }
+
+    #[test]
+    fn the_version_column_is_added_to_tables_that_lack_it() {
+        let all: Vec<String> = Table::ALL.iter().map(|t| t.name().to_owned()).collect();
+        assert_eq!(upgrade_sql("sluice", &all), "");
+        let old = upgrade_sql("sluice", &[]);
+        assert_eq!(old.matches("ALTER TABLE").count(), 5);
+        assert!(old.contains(
+            "ALTER TABLE \"sluice\".\"daily\" ADD COLUMN IF NOT EXISTS \"sluice_version\" bigint NOT NULL DEFAULT 0;\n"
+        ));
+        let some = upgrade_sql("s", &["daily".to_owned(), "minute".to_owned(), "elsewhere".to_owned()]);
+        assert_eq!(
+            some,
+            "ALTER TABLE \"s\".\"sessions_per_device\" ADD COLUMN IF NOT EXISTS \"sluice_version\" bigint NOT NULL DEFAULT 0;\n\
+             ALTER TABLE \"s\".\"custom_events\" ADD COLUMN IF NOT EXISTS \"sluice_version\" bigint NOT NULL DEFAULT 0;\n\
+             ALTER TABLE \"s\".\"rejects\" ADD COLUMN IF NOT EXISTS \"sluice_version\" bigint NOT NULL DEFAULT 0;\n"
+        );
+        // The query asks for the column by the name the DDL gives it, which no exported field has.
+        assert!(Table::ALL.iter().all(|t| columns(*t).iter().all(|c| c.name != VERSION_COLUMN)));
+        assert!(VERSIONED_TABLES_SQL.contains(&format!("column_name = '{VERSION_COLUMN}'")));
     }
 
     #[test]
