@@ -24,9 +24,8 @@ pub struct KafkaSettings {
     /// The topic of SDK uploads.
     pub topic: String,
     /// Consumer group the offsets are mirrored to (for lag tools and
-    /// autoscalers). It is also read at start: the source resumes from the
-    /// furthest of its own stored offset and the group's, so the group must
-    /// belong to this pipeline alone.
+    /// autoscalers). Never read back: the source resumes from the offsets in
+    /// its own state.
     pub group_id: String,
     /// librdkafka `fetch.wait.max.ms`: how long the broker may hold a fetch
     /// waiting for data. Low, because some brokers (tansu) hold every fetch
@@ -78,23 +77,16 @@ pub fn partitions_of(count: i32, instance: usize, instances: usize) -> Vec<i32> 
     (0..count).filter(|p| (*p as usize) % instances.max(1) == instance).collect()
 }
 
-/// Where to start reading each partition: the furthest of the offset in
-/// the instance's own store and the group's committed offset. Both are
-/// positions whose records were all published, so either is safe; a start
-/// before the true position only republishes records that enrich drops by
-/// lineage. `None`: from the beginning.
-pub fn start_offsets(
-    partitions: &[i32],
-    stored: &BTreeMap<i32, i64>,
-    group: &BTreeMap<i32, i64>,
-) -> BTreeMap<i32, Option<i64>> {
-    partitions
-        .iter()
-        .map(|p| {
-            let best = [stored.get(p), group.get(p)].into_iter().flatten().copied().filter(|o| *o >= 0).max();
-            (*p, best)
-        })
-        .collect()
+/// Where to start reading each partition: the offset in the instance's own
+/// store, committed only after every record before it was published; `None`
+/// (never committed): from the beginning. The consumer group's committed
+/// offsets are deliberately not used: they are a mirror for lag tools, and
+/// another process (a zombie instance, another pipeline misconfigured with
+/// the same group) may have moved them past records this instance never
+/// published. Starting before the true position is always safe: what is
+/// published again is dropped downstream by lineage.
+pub fn start_offsets(partitions: &[i32], stored: &BTreeMap<i32, i64>) -> BTreeMap<i32, Option<i64>> {
+    partitions.iter().map(|p| (*p, stored.get(p).copied().filter(|o| *o >= 0))).collect()
 }
 
 #[cfg(test)]
@@ -109,10 +101,9 @@ mod tests {
     }
 
     #[test]
-    fn starts_at_the_furthest_known_position() {
-        let stored = BTreeMap::from([(0, 100), (1, 5)]);
-        let group = BTreeMap::from([(1, 50), (2, 7), (3, -1001)]);
-        let got = start_offsets(&[0, 1, 2, 3, 4], &stored, &group);
-        assert_eq!(got, BTreeMap::from([(0, Some(100)), (1, Some(50)), (2, Some(7)), (3, None), (4, None)]));
+    fn starts_at_the_stored_position_or_the_beginning() {
+        let stored = BTreeMap::from([(0, 100), (1, 5), (3, -1001)]);
+        let got = start_offsets(&[0, 1, 2, 3], &stored);
+        assert_eq!(got, BTreeMap::from([(0, Some(100)), (1, Some(5)), (2, None), (3, None)]));
     }
 }

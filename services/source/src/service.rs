@@ -203,22 +203,7 @@ impl KafkaSource {
                 stored.insert(*p, state::decode::<i64>("Kafka offset", &bytes)?);
             }
         }
-        let mut tpl = TopicPartitionList::new();
-        for p in &parts {
-            tpl.add_partition(&k.topic, *p);
-        }
-        let mut group = BTreeMap::new();
-        match consumer.committed_offsets(tpl, Duration::from_secs(10)) {
-            Ok(list) => {
-                for e in list.elements() {
-                    if let Offset::Offset(o) = e.offset() {
-                        group.insert(e.partition(), o);
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "reading the group's committed offsets; using the stored ones"),
-        }
-        let starts = kafka::start_offsets(&parts, &stored, &group);
+        let starts = kafka::start_offsets(&parts, &stored);
         let mut assign = TopicPartitionList::new();
         for (p, start) in &starts {
             let offset = start.map_or(Offset::Beginning, Offset::Offset);
