@@ -63,6 +63,15 @@ pub enum Command {
         /// Partitions of the topic when it is created.
         #[arg(long, default_value_t = 4)]
         partitions: i32,
+        /// At most this many records per second (0: as fast as the broker takes them).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// Skip the first N records of the file.
+        #[arg(long, default_value_t = 0)]
+        skip: u64,
+        /// Produce at most N records (after --skip).
+        #[arg(long)]
+        limit: Option<u64>,
     },
     /// Wait until a running sink's tables account for RECORDS input records.
     Wait {
@@ -109,8 +118,9 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Export { .. } => anyhow::bail!("give --state or --sink"),
-        Command::Produce { data, brokers, topic, partitions } => {
-            let n = crate::remote::produce(&data, &brokers, &topic, partitions)?;
+        Command::Produce { data, brokers, topic, partitions, rate, skip, limit } => {
+            let end = limit.map_or(u64::MAX, |l| skip.saturating_add(l));
+            let n = crate::remote::produce(&data, &brokers, &topic, partitions, rate, skip..end)?;
             println!("produced {n}");
             Ok(())
         }

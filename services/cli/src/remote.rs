@@ -7,12 +7,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use rdkafka::ClientConfig;
+use rdkafka::ClientContext;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::message::DeliveryResult;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use sluice_runtime::table::Table;
 use sluice_source::framing::{lines, split_record};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::progress::si;
 
@@ -35,25 +38,68 @@ fn ensure_topic(brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<(
     Ok(())
 }
 
+/// Counts the records the broker refused after librdkafka's retries: a
+/// produce that lost records must not report success.
+#[derive(Default)]
+struct Deliveries {
+    failed: AtomicU64,
+    first_error: std::sync::Mutex<Option<String>>,
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut first) = self.first_error.lock() {
+                first.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+}
+
 /// Load `data/sdk-events.tsv` into `topic`, one record a line (KEY, VALUE
-/// split at the first TAB, as the embedded source reads it), keyed by KEY.
-/// Returns the number of records produced.
-pub fn produce(data: &Path, brokers: &str, topic: &str, partitions: i32) -> anyhow::Result<u64> {
+/// split at the first TAB, as the embedded source reads it), keyed by KEY,
+/// at most `rate` records per second (0: as fast as the broker takes them);
+/// only the `range` of lines (by index), so a load can be split in parts.
+/// The producer is idempotent (librdkafka's retries do not double records)
+/// and fails when any record was not delivered. Returns the number of
+/// records produced.
+pub fn produce(
+    data: &Path,
+    brokers: &str,
+    topic: &str,
+    partitions: i32,
+    rate: u64,
+    range: std::ops::Range<u64>,
+) -> anyhow::Result<u64> {
     let input = data.join("sdk-events.tsv");
     let bytes = std::fs::read(&input).with_context(|| format!("reading {}", input.display()))?;
     ensure_topic(brokers, topic, partitions)?;
-    let producer: BaseProducer = ClientConfig::new()
+    let producer: BaseProducer<Deliveries> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.kbytes", "262144")
         .set("message.max.bytes", "16777216")
-        .create()
+        .create_with_context(Deliveries::default())
         .context("creating a Kafka producer")?;
     let started = Instant::now();
     let (mut sent, mut last_print) = (0u64, Instant::now());
     let mut err = std::io::stderr().lock();
-    for line in lines(&bytes) {
+    let (skip, take) = (range.start as usize, range.end.saturating_sub(range.start) as usize);
+    for line in lines(&bytes).skip(skip).take(take) {
+        if rate > 0 {
+            // Pace: record `sent` is due at sent / rate seconds.
+            let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                producer.poll(wait);
+            }
+        }
         let (key, value) = split_record(line);
         let mut record = BaseRecord::to(topic).key(key).payload(value);
         loop {
@@ -74,7 +120,12 @@ pub fn produce(data: &Path, brokers: &str, topic: &str, partitions: i32) -> anyh
             last_print = Instant::now();
         }
     }
-    producer.flush(Duration::from_secs(120)).context("flushing the producer (are all records acknowledged?)")?;
+    producer.flush(Duration::from_secs(300)).context("flushing the producer (are all records acknowledged?)")?;
+    let failed = producer.context().failed.load(Ordering::Relaxed);
+    if failed > 0 {
+        let first = producer.context().first_error.lock().ok().and_then(|f| f.clone()).unwrap_or_default();
+        bail!("{failed} of {sent} records were not delivered to {topic} (first error: {first})");
+    }
     let rate = sent as f64 / started.elapsed().as_secs_f64().max(1e-9);
     let _ = writeln!(
         err,
