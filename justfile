@@ -75,3 +75,12 @@ bench-embedded DIR="/tmp/sluice-bench" RUNS="3":
 [group('bench')]
 bench-distributed DIR="/tmp/sluice-bench" RUNS="3" ENRICH="1" WINDOW="1":
     bash scripts/bench-distributed.sh {{DIR}} {{RUNS}} {{ENRICH}} {{WINDOW}}
+
+# The fault harness: `just e2e` (2 enrich, 2 window) while KILLS random
+# SIGKILLs hit the services and both servers restart; tables into DATA/got/,
+# compared with oracle.py; report in DATA/chaos.json.
+[group('test')]
+chaos DATA KILLS="20" SEED="":
+    bash scripts/servers.sh
+    cargo build -q --release --workspace --bins
+    PATH="$PATH:/usr/sbin:$HOME/.cargo/bin" target/release/sluice-stack chaos {{DATA}} {{KILLS}} {{SEED}}

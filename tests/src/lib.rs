@@ -27,6 +27,7 @@ use sluice_cli::settings::Settings;
 use tempfile::TempDir;
 
 pub mod bench;
+pub mod chaos;
 pub mod postgres;
 pub mod stack;
 

@@ -35,6 +35,18 @@ pub struct StackConfig {
     pub env: Vec<(String, String)>,
     /// Start a PostgreSQL server too, and have the sink mirror its tables into it.
     pub postgres: bool,
+    /// Where the Kafka broker keeps its records.
+    pub kafka_storage: KafkaStorage,
+}
+
+/// The Kafka broker's storage engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KafkaStorage {
+    /// tansu's in-memory store: fastest; lost when the broker stops.
+    Memory,
+    /// tansu's SQLite store under the stack's root: survives a broker restart
+    /// (the fault harness restarts it), several times slower.
+    Sqlite,
 }
 
 impl StackConfig {
@@ -48,6 +60,7 @@ impl StackConfig {
             key_groups: 64,
             env: Vec::new(),
             postgres: false,
+            kafka_storage: KafkaStorage::Memory,
         }
     }
 }
@@ -64,6 +77,8 @@ pub struct Process {
     pub http: Option<String>,
     /// Its gRPC address (enrich only).
     pub grpc: Option<String>,
+    /// For a service: its stage, instance index and instance count.
+    pub instance: Option<(String, usize, usize)>,
 }
 
 /// A running stack. Dropping it kills whatever still runs.
@@ -171,32 +186,8 @@ impl Stack {
             stack.config.env.push(("SLUICE_POSTGRES__URL".into(), pg.url()));
             stack.postgres = Some(pg);
         }
-        // nats-server with JetStream; max_payload above the batches' limit.
-        let nats_conf = root.join("nats.conf");
-        std::fs::write(
-            &nats_conf,
-            format!(
-                "listen: 127.0.0.1:{nats_port}\nmax_payload: 8MB\njetstream {{\n  store_dir: \"{}\"\n}}\n",
-                root.join("nats").display()
-            ),
-        )?;
-        let mut cmd = Command::new(server_binary("nats-server")?);
-        cmd.arg("-c").arg(&nats_conf);
-        stack.spawn("nats", cmd, None)?;
-        let mut cmd = Command::new(server_binary("tansu")?);
-        let url = format!("tcp://127.0.0.1:{kafka_port}");
-        cmd.args([
-            "broker",
-            "--listener-url",
-            &url,
-            "--advertised-listener-url",
-            &url,
-            "--storage-engine",
-            "memory://tansu/",
-        ]);
-        stack.spawn("kafka", cmd, None)?;
-        wait_for_port(&format!("127.0.0.1:{nats_port}"), "nats-server", READY_DEADLINE)?;
-        wait_for_port(&format!("127.0.0.1:{kafka_port}"), "tansu", READY_DEADLINE)?;
+        stack.start_server("nats")?;
+        stack.start_server("kafka")?;
 
         let (e, w) = (config.enrich, config.window);
         for (stage, instances) in [("sink", 1), ("window", w), ("enrich", e), ("source", 1)] {
@@ -215,18 +206,149 @@ impl Stack {
         Ok(stack)
     }
 
+    /// Start (or restart) a server: `nats` or `kafka`, on the stack's port
+    /// and data directory, and wait until it listens.
+    pub fn start_server(&mut self, name: &str) -> anyhow::Result<()> {
+        let root = self.config.root.clone();
+        match name {
+            "nats" => {
+                // nats-server with JetStream; max_payload above the batches' limit.
+                let addr = self.nats_url.trim_start_matches("nats://").to_string();
+                let nats_conf = root.join("nats.conf");
+                std::fs::write(
+                    &nats_conf,
+                    format!(
+                        "listen: {addr}\nmax_payload: 8MB\njetstream {{\n  store_dir: \"{}\"\n}}\n",
+                        root.join("nats").display()
+                    ),
+                )?;
+                let mut cmd = Command::new(server_binary("nats-server")?);
+                cmd.arg("-c").arg(&nats_conf);
+                self.processes.retain(|p| p.name != name);
+                self.spawn("nats", cmd, None)?;
+                wait_for_port(&addr, "nats-server", READY_DEADLINE)
+            }
+            "kafka" => {
+                let url = format!("tcp://{}", self.brokers);
+                let storage = match self.config.kafka_storage {
+                    KafkaStorage::Memory => "memory://tansu/".to_string(),
+                    KafkaStorage::Sqlite => "sqlite://tansu.db".to_string(),
+                };
+                let dir = root.join("kafka");
+                std::fs::create_dir_all(&dir)?;
+                let mut cmd = Command::new(server_binary("tansu")?);
+                // The SQLite path is relative to the working directory.
+                cmd.current_dir(&dir).args([
+                    "broker",
+                    "--listener-url",
+                    &url,
+                    "--advertised-listener-url",
+                    &url,
+                    "--storage-engine",
+                    &storage,
+                ]);
+                self.processes.retain(|p| p.name != name);
+                self.spawn("kafka", cmd, None)?;
+                wait_for_port(&self.brokers, "tansu", READY_DEADLINE)
+            }
+            _ => bail!("no server named {name}"),
+        }
+    }
+
+    /// SIGTERM a server (`nats`, `kafka`), wait for it, start it again with
+    /// its data kept.
+    pub fn restart_server(&mut self, name: &str) -> anyhow::Result<()> {
+        let p = self.processes.iter_mut().find(|p| p.name == name).with_context(|| format!("no server {name}"))?;
+        terminate(&mut p.child);
+        let started = Instant::now();
+        while p.child.try_wait()?.is_none() {
+            if started.elapsed() > Duration::from_secs(30) {
+                let _ = p.child.kill();
+                let _ = p.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.start_server(name)
+    }
+
+    /// SIGKILL a process of the stack (`source-0`, `nats`, ...) and reap it.
+    pub fn kill(&mut self, name: &str) -> anyhow::Result<()> {
+        let p = self.processes.iter_mut().find(|p| p.name == name).with_context(|| format!("no process {name}"))?;
+        p.child.kill().with_context(|| format!("killing {name}"))?;
+        p.child.wait().with_context(|| format!("reaping {name}"))?;
+        Ok(())
+    }
+
+    /// Start a service again as it was (same instance, state directory and
+    /// share), on a new HTTP port.
+    pub fn restart_service(&mut self, name: &str) -> anyhow::Result<()> {
+        let (stage, i, n) = self
+            .processes
+            .iter()
+            .find(|p| p.name == name)
+            .and_then(|p| p.instance.clone())
+            .with_context(|| format!("no service {name}"))?;
+        self.start_service(&stage, i, n)
+    }
+
+    /// The names of the services, in start order.
+    pub fn services(&self) -> Vec<String> {
+        self.processes.iter().filter(|p| p.instance.is_some()).map(|p| p.name.clone()).collect()
+    }
+
+    /// Whether a service answers `/readyz` with 200.
+    pub fn is_ready(&self, name: &str) -> bool {
+        self.http(name).is_ok_and(|addr| matches!(http_get(addr, "/readyz"), Ok((200, _))))
+    }
+
+    /// Input records the sink's tables account for (0 while it does not answer).
+    pub fn covered(&self) -> u64 {
+        self.http("sink-0")
+            .ok()
+            .and_then(|addr| http_get(addr, "/progress").ok())
+            .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
+            .and_then(|v| v.get("covered_records").and_then(serde_json::Value::as_u64))
+            .unwrap_or(0)
+    }
+
+    /// Start `sluice produce` in the background for the records `range` (by
+    /// line), at most `rate` records/s (0: unlimited); its stdout is piped
+    /// (`produced N` at the end).
+    pub fn spawn_producer(&self, data: &Path, rate: u64, range: std::ops::Range<u64>) -> anyhow::Result<Child> {
+        let log = self.config.root.join("logs").join("produce.log");
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let (skip, limit) = (range.start.to_string(), range.end.saturating_sub(range.start).to_string());
+        Command::new(binary("sluice")?)
+            .args(["produce", "--brokers", &self.brokers, "--rate", &rate.to_string()])
+            .args(["--skip", &skip, "--limit", &limit, "--data"])
+            .arg(data)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(file)
+            .spawn()
+            .context("starting sluice produce")
+    }
+
     fn spawn(&mut self, name: &str, mut cmd: Command, http: Option<String>) -> anyhow::Result<()> {
         let log = self.config.root.join("logs").join(format!("{name}.log"));
         let file = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
         cmd.stdin(Stdio::null()).stdout(file.try_clone()?).stderr(file);
         let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
-        self.processes.push(Process { name: name.into(), child, log, http, grpc: None });
+        self.processes.push(Process { name: name.into(), child, log, http, grpc: None, instance: None });
         Ok(())
     }
 
     /// Start instance `i` of `n` of `stage` (also used to restart one).
     pub fn start_service(&mut self, stage: &str, i: usize, n: usize) -> anyhow::Result<()> {
-        let name = format!("{stage}-{i}");
+        self.start_named(&format!("{stage}-{i}"), stage, i, n)
+    }
+
+    /// Start instance `i` of `n` of `stage` as process `name`, with the state
+    /// directory of that name: a second process of one instance (a zombie)
+    /// when `name` is not `stage-i`.
+    pub fn start_named(&mut self, name: &str, stage: &str, i: usize, n: usize) -> anyhow::Result<()> {
+        let name = name.to_string();
         let http = format!("127.0.0.1:{}", free_port()?);
         let state = self.config.root.join("state").join(&name);
         let mut cmd = Command::new(binary(&format!("sluice-{stage}"))?);
@@ -263,6 +385,7 @@ impl Stack {
         self.spawn(&name, cmd, Some(http))?;
         if let Some(p) = self.processes.last_mut() {
             p.grpc = grpc;
+            p.instance = Some((stage.to_string(), i, n));
         }
         Ok(())
     }
@@ -309,17 +432,13 @@ impl Stack {
 
     /// Wait until the sink's tables account for `records` input records.
     pub fn wait_for_sink(&mut self, records: u64, deadline: Duration) -> anyhow::Result<()> {
-        let addr = self.http("sink-0")?.to_string();
+        self.http("sink-0")?;
         let started = Instant::now();
         loop {
             if let Some(dead) = self.exited()? {
                 bail!("{dead} while waiting for the sink; see its log");
             }
-            let covered = http_get(&addr, "/progress")
-                .ok()
-                .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
-                .and_then(|v| v.get("covered_records").and_then(serde_json::Value::as_u64))
-                .unwrap_or(0);
+            let covered = self.covered();
             if covered >= records {
                 ensure!(covered == records, "the sink covers {covered} records, more than the {records} produced");
                 return Ok(());

@@ -8,7 +8,11 @@
 //! - `down ROOT`: SIGTERM them, services upstream first;
 //! - `e2e DATA [ENRICH] [WINDOW]`: a fresh stack, DATA/sdk-events.tsv produced
 //!   into Kafka, wait until the sink covers every record, export into
-//!   DATA/got/, stop the stack; exit 0, or non-zero with the reason.
+//!   DATA/got/, stop the stack; exit 0, or non-zero with the reason;
+//! - `chaos DATA KILLS [SEED]`: what `e2e` does (2 enrich, 2 window) while
+//!   the fault harness (`sluice_tests::chaos`) makes KILLS SIGKILLs and
+//!   restarts both servers; compares DATA/got/ with oracle.py's tables
+//!   (DATA/expected/, computed when missing) and writes DATA/chaos.json.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -19,7 +23,7 @@ use sluice_tests::stack::{Stack, StackConfig};
 
 fn usage() -> anyhow::Error {
     anyhow::anyhow!(
-        "usage: sluice-stack up ROOT [--data DIR] [--enrich N] [--window N] [--postgres] | down ROOT | e2e DATA [ENRICH] [WINDOW]"
+        "usage: sluice-stack up ROOT [--data DIR] [--enrich N] [--window N] [--postgres] | down ROOT | e2e DATA [ENRICH] [WINDOW] | chaos DATA KILLS [SEED]"
     )
 }
 
@@ -41,6 +45,15 @@ fn run(args: &[String]) -> anyhow::Result<()> {
             let enrich = args.get(2).map_or(Ok(1), |s| s.parse()).context("ENRICH must be a number")?;
             let window = args.get(3).map_or(Ok(1), |s| s.parse()).context("WINDOW must be a number")?;
             if command == "e2e" { e2e(&data, enrich, window) } else { bench(&data, enrich, window) }
+        }
+        Some("chaos") => {
+            let data = PathBuf::from(args.get(1).ok_or_else(usage)?);
+            let kills = args.get(2).ok_or_else(usage)?.parse().context("KILLS must be a number")?;
+            let seed = match args.get(3) {
+                Some(s) => s.parse().context("SEED must be a number")?,
+                None => std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
+            };
+            chaos(&data, kills, seed)
         }
         Some("up") => {
             let root = PathBuf::from(args.get(1).ok_or_else(usage)?);
@@ -128,6 +141,29 @@ fn e2e(data: &std::path::Path, enrich: usize, window: usize) -> anyhow::Result<(
     stack.export(&out)?;
     eprintln!("tables in {} ({:.1}s end to end)", out.display(), started.elapsed().as_secs_f64());
     stack.stop()?;
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}
+
+fn chaos(data: &std::path::Path, kills: usize, seed: u64) -> anyhow::Result<()> {
+    let expected = data.join("expected");
+    if !expected.join("daily.jsonl").is_file() {
+        eprintln!("computing the expected tables with oracle.py");
+        sluice_tests::oracle(data)?;
+    }
+    let root = std::env::temp_dir().join(format!("sluice-chaos-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let config = sluice_tests::chaos::ChaosConfig::new(data, &root, kills, seed);
+    let started = Instant::now();
+    let out = data.join("got");
+    let report = sluice_tests::chaos::run(&config, &out, move |line| {
+        eprintln!("[{:7.1}s] {line}", started.elapsed().as_secs_f64());
+    })?;
+    let json = data.join("chaos.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&report.to_json())? + "\n")?;
+    eprintln!("{}", report.summary());
+    sluice_tests::assert_tables_equal(&expected, &out)?;
+    eprintln!("tables in {} equal oracle.py's; report in {}", out.display(), json.display());
     let _ = std::fs::remove_dir_all(&root);
     Ok(())
 }
