@@ -95,6 +95,9 @@ pub struct Stack {
     pub postgres: Option<crate::postgres::Postgres>,
 }
 
+/// How long a service may take to drain and exit after SIGTERM.
+pub const SERVICE_STOP_DEADLINE: Duration = Duration::from_secs(10);
+
 /// The order a stack stops in: input first, so every service drains what
 /// its upstream sent before it stops; servers last.
 pub const STOP_ORDER: [&str; 7] = ["source", "enrich", "window", "sink", "postgres", "kafka", "nats"];
@@ -474,31 +477,35 @@ impl Stack {
         Ok(None)
     }
 
-    /// SIGTERM the services, upstream first, each waited for (exit 0
-    /// required), then the servers.
+    /// SIGTERM the services, upstream first, each waited for (exit 0 within
+    /// [`SERVICE_STOP_DEADLINE`] required), then the servers.
     pub fn stop(mut self) -> anyhow::Result<()> {
         let mut failures = Vec::new();
         for stage in STOP_ORDER {
             for p in self.processes.iter_mut().filter(|p| p.name == stage || p.name.starts_with(&format!("{stage}-"))) {
                 terminate(&mut p.child);
+                let is_service = p.http.is_some();
+                // Services must drain and exit within 10 s (their default
+                // drain timeout is 8 s); servers get longer.
+                let deadline = if is_service { SERVICE_STOP_DEADLINE } else { Duration::from_secs(30) };
                 let started = Instant::now();
                 let status = loop {
                     if let Some(s) = p.child.try_wait()? {
                         break Some(s);
                     }
-                    if started.elapsed() > Duration::from_secs(30) {
+                    if started.elapsed() > deadline {
                         let _ = p.child.kill();
+                        let _ = p.child.wait();
                         break None;
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 };
-                let is_service = p.http.is_some();
                 match status {
                     Some(s) if s.success() || !is_service => {}
                     Some(s) => {
                         failures.push(format!("{} exited with {s} on SIGTERM (log {})", p.name, p.log.display()))
                     }
-                    None => failures.push(format!("{} did not stop within 30 s of SIGTERM", p.name)),
+                    None => failures.push(format!("{} did not stop within {deadline:?} of SIGTERM", p.name)),
                 }
             }
         }

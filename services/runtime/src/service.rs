@@ -74,7 +74,7 @@ impl Default for ServiceSettings {
             listen: "0.0.0.0:9090".into(),
             commit_interval: Duration::from_secs(1),
             intake_queue: 256,
-            drain_timeout: Duration::from_secs(25),
+            drain_timeout: Duration::from_secs(8),
         }
     }
 }
