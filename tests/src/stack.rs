@@ -259,7 +259,8 @@ impl Stack {
     }
 
     /// SIGTERM a server (`nats`, `kafka`), wait for it, start it again with
-    /// its data kept.
+    /// its data kept (for `kafka`, only with [`KafkaStorage::Sqlite`]: the
+    /// in-memory store starts empty).
     pub fn restart_server(&mut self, name: &str) -> anyhow::Result<()> {
         let p = self.processes.iter_mut().find(|p| p.name == name).with_context(|| format!("no server {name}"))?;
         terminate(&mut p.child);
