@@ -14,7 +14,8 @@
 //! - the [`stage`] lifecycle trait and layered [`settings`];
 //! - distributed mode: the JetStream [`hop`]s and [`nats`] transport, the
 //!   [`inbox`] (what a consumer applied), the [`publish_order`] that keeps
-//!   receivers' dedup sound, the consuming [`service`] loop, and what every
+//!   receivers' dedup sound, the [`credit`] decisions of flow control, the
+//!   consuming [`service`] loop, and what every
 //!   service exposes ([`metrics`], [`probe`]) and obeys ([`shutdown`]), and
 //!   the [`binary`] `main` they share.
 #![warn(missing_docs)]
@@ -23,6 +24,7 @@ pub mod batch;
 pub mod binary;
 pub mod changelog;
 pub mod codec;
+pub mod credit;
 pub mod event_time;
 pub mod exit;
 pub mod hop;
