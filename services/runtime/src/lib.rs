@@ -25,6 +25,7 @@ pub mod binary;
 pub mod changelog;
 pub mod codec;
 pub mod credit;
+pub mod delivery_order;
 pub mod event_time;
 pub mod exit;
 pub mod hop;

@@ -178,16 +178,44 @@ pub async fn ensure_stream(
     js.get_or_create_stream(config).await.map_err(|e| js_err(format!("creating stream {name}"))(Box::new(e)))
 }
 
-/// A message delivered to a consuming stage.
+/// A message delivered to a consuming stage: what the protocol needs of it,
+/// taken out of the JetStream message by [`consume`]. It holds no client
+/// handle, so the stage thread (and its crash model, which runs the protocol
+/// against a fake stream) never needs a live server.
+#[derive(Debug, Clone)]
 pub struct Delivery {
     /// The key group (from the consumer it came through).
     pub key_group: KeyGroup,
     /// Its stream sequence.
     pub stream_seq: u64,
+    /// Its number on its consumer (1 for the first since the consumer was
+    /// created, redeliveries included): a gap means a delivery went missing
+    /// (see [`crate::delivery_order`]).
+    pub consumer_seq: u64,
     /// Messages of its consumer not delivered yet (the consumer's lag).
     pub pending: u64,
-    /// The message (kept to acknowledge it).
-    pub message: jetstream::Message,
+    /// The encoded batch.
+    pub payload: Bytes,
+    /// How to acknowledge it once the commit that applied it is durable
+    /// (`None`: the server asked for no acknowledgement).
+    pub ack: Option<AckToken>,
+}
+
+/// How to acknowledge one delivered message: its reply subject. Publishing
+/// `+ACK` to it ([`run_acker`]) removes the message from the work-queue stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AckToken(async_nats::Subject);
+
+impl AckToken {
+    /// The token of a message whose reply subject is `reply`.
+    pub fn new(reply: impl Into<async_nats::Subject>) -> Self {
+        Self(reply.into())
+    }
+
+    /// The reply subject.
+    pub fn subject(&self) -> &str {
+        self.0.as_str()
+    }
 }
 
 /// Open the consumers of `key_groups` on `hop`, re-created so that they
@@ -235,12 +263,29 @@ pub async fn consume(
         let deliveries = messages.map(move |m| {
             let message = m.map_err(|e| js_err(format!("receiving from consumer {name}"))(Box::new(e)))?;
             let info = message.info().map_err(|e| js_err(format!("reading a message of {name}"))(e))?;
-            let (stream_seq, pending) = (info.stream_sequence, info.pending);
-            Ok(Delivery { key_group: kg, stream_seq, pending, message })
+            let (stream_seq, consumer_seq, pending) = (info.stream_sequence, info.consumer_sequence, info.pending);
+            let jetstream::Message { message, .. } = message;
+            let ack = message.reply.map(AckToken);
+            Ok(Delivery { key_group: kg, stream_seq, consumer_seq, pending, payload: message.payload, ack })
         });
         all.push(deliveries.boxed());
     }
     Ok(futures_util::stream::select_all(all).boxed())
+}
+
+/// Acknowledge the deliveries `rx` hands over (those of one commit at a
+/// time, sent only once it is durable), until `rx` closes. A failed
+/// acknowledgement is harmless: the message is delivered again and the inbox
+/// drops it by its stream sequence.
+pub async fn run_acker(client: async_nats::Client, mut rx: mpsc::Receiver<Vec<AckToken>>) {
+    while let Some(tokens) = rx.recv().await {
+        for token in tokens {
+            if let Err(e) = client.publish(token.0, Bytes::from_static(b"+ACK")).await {
+                tracing::debug!(error = %e, "acknowledging failed");
+            }
+        }
+        let _ = client.flush().await;
+    }
 }
 
 /// A message to publish.

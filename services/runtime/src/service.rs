@@ -16,14 +16,20 @@
 //! - the **publisher** publishes outputs in per-subject order
 //!   ([`crate::nats::run_publisher`]), and an **acker** acknowledges.
 //!
-//! Outputs follow one of two policies ([`OutputPolicy`]); docs/architecture.md
-//! says why each is exactly-once.
+//! Outputs follow one of two policies ([`OutputPolicy`]); docs/exactly-once.md
+//! says why each is exactly-once and walks every crash point.
+//!
+//! The protocol is kept apart from the servers, so that it can be crashed
+//! at every step in a unit test: `recovery` restores an instance from its
+//! store alone, and the `stage_thread` does every effect through a small
+//! trait (`StageIo`) instead of a NATS client. `crash_model` runs both
+//! against a fake JetStream and a real store and kills the process before
+//! each effect in turn.
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
@@ -34,10 +40,20 @@ use crate::hop::Hop;
 use crate::inbox::Inbox;
 use crate::key_group::{KeyGroup, KeyGroupSet, KeyGroups};
 use crate::metrics::Metrics;
-use crate::nats::{self, NatsSettings, Outgoing, ToPublisher, TransportError};
+use crate::nats::{self, AckToken, NatsSettings, ToPublisher, TransportError};
 use crate::probe::Health;
 use crate::stage::{Stage, StageError};
 use crate::state::{self, CommitBatch, CommitStore, StateError, StateKey};
+
+mod outbox;
+mod recovery;
+mod stage_thread;
+
+#[cfg(test)]
+mod crash_model;
+
+use recovery::recover;
+use stage_thread::{Channels, Intake, OutputShape, StageThread};
 
 /// Settings of a service instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,6 +149,10 @@ pub enum ServiceError {
         #[source]
         source: CodecError,
     },
+    /// A delivery went missing in transit: stop before applying anything
+    /// after it; the next start delivers in order.
+    #[error(transparent)]
+    DeliveryGap(#[from] crate::delivery_order::DeliveryGap),
     /// Configuration or environment.
     #[error("{0}")]
     Setup(String),
@@ -185,21 +205,16 @@ pub trait ConsumingStage: Stage<Input: Send, Output: Send> + Send + 'static {
 }
 
 const ASSIGNMENT_KEY: &str = "service/assignment";
+/// The commit counter: outbox message ids derive from it.
 const EPOCH_KEY: &str = "service/epoch";
-const OUTBOX_NS: &str = "service/outbox";
+/// The namespace of the [`Inbox`] positions.
+const INBOX_NS: &str = "service/inbox";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Assignment {
     key_groups: u16,
     instance: usize,
     instances: usize,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct OutboxEntry {
-    subject: String,
-    id: String,
-    payload: Vec<u8>,
 }
 
 /// Refuse a state built for another share of the key groups: moving key
@@ -249,31 +264,13 @@ pub struct ServiceContext {
     pub shutdown: CancellationToken,
 }
 
-enum Intake {
-    Delivery(Box<nats::Delivery>),
-    Tick,
-}
-
 /// Run `stage` as a service until `ctx.shutdown`, then drain and commit.
 pub async fn run<S>(mut stage: S, store: CommitStore, ctx: ServiceContext) -> Result<(), ServiceError>
 where
     S: ConsumingStage,
 {
-    let owned = ctx.settings.key_groups(ctx.key_groups)?;
-    check_assignment(&store, ctx.key_groups, &ctx.settings)?;
-    stage.start(&store)?;
-    let mut inbox = Inbox::new("service/inbox");
-    inbox.restore(&store, |kg| owned.contains(kg))?;
-    let epoch: u64 = match store.get(&StateKey::namespace(EPOCH_KEY))? {
-        Some(b) => state::decode("epoch", &b)?,
-        None => 0,
-    };
-    let mut outbox = Vec::new();
-    for item in store.scan(&StateKey::namespace(OUTBOX_NS)) {
-        let (key, value) = item?;
-        let entry: OutboxEntry = state::decode("outbox entry", &value)?;
-        outbox.push((StateKey::from_bytes(key.to_vec()), entry));
-    }
+    let recovered = recover(&mut stage, &store, ctx.key_groups, &ctx.settings)?;
+    let epoch = recovered.epoch;
 
     let js = nats::connect(&ctx.nats, &format!("sluice-{}-{}", stage.name(), ctx.settings.instance)).await?;
     let input = nats::ensure_stream(&js, &ctx.nats, S::INPUT).await?;
@@ -282,34 +279,12 @@ where
     }
     let (pub_tx, pub_rx) = mpsc::channel::<ToPublisher>(1024);
     let publisher = tokio::spawn(nats::run_publisher(js.clone(), ctx.nats.clone(), pub_rx, ctx.metrics.clone()));
-    // Outputs committed by the last run and perhaps never published.
-    let pending_outbox: Vec<StateKey> = outbox.iter().map(|(k, _)| k.clone()).collect();
-    if !outbox.is_empty() {
-        tracing::info!(messages = outbox.len(), "publishing the outbox of the last run");
-    }
-    for (_, e) in outbox {
-        let out = Outgoing { subject: e.subject, id: e.id, payload: Bytes::from(e.payload) };
-        if pub_tx.send(ToPublisher::Publish(out)).await.is_err() {
-            break;
-        }
-    }
 
-    let kgs: Vec<KeyGroup> = ctx.key_groups.all().filter(|kg| owned.contains(*kg)).collect();
+    let kgs: Vec<KeyGroup> = ctx.key_groups.all().filter(|kg| recovered.owned.contains(*kg)).collect();
     let mut deliveries = nats::consume(&input, &ctx.nats, S::INPUT, kgs.iter().copied()).await?;
     let (intake_tx, mut intake_rx) = mpsc::channel::<Intake>(ctx.settings.intake_queue.max(1));
-    let (ack_tx, mut ack_rx) = mpsc::channel::<Vec<async_nats::Subject>>(64);
-    let client = js.client();
-    let acker = tokio::spawn(async move {
-        while let Some(replies) = ack_rx.recv().await {
-            for reply in replies {
-                if let Err(e) = client.publish(reply, Bytes::from_static(b"+ACK")).await {
-                    // Harmless: the message is redelivered and dropped by the inbox.
-                    tracing::debug!(error = %e, "acknowledging failed");
-                }
-            }
-            let _ = client.flush().await;
-        }
-    });
+    let (ack_tx, ack_rx) = mpsc::channel::<Vec<AckToken>>(64);
+    let acker = tokio::spawn(nats::run_acker(js.client(), ack_rx));
 
     let shutdown = ctx.shutdown.clone();
     let metrics = ctx.metrics.clone();
@@ -342,30 +317,17 @@ where
     ctx.health.set_ready(true);
     tracing::info!(stage = stage.name(), instance = ctx.settings.instance, key_groups = kgs.len(), epoch, "consuming");
 
-    let (max_bytes, metrics, health, cancel) =
-        (ctx.nats.max_batch_bytes, ctx.metrics.clone(), ctx.health.clone(), ctx.shutdown.clone());
-    let prefix = ctx.nats.prefix.clone();
+    let shape = OutputShape { prefix: ctx.nats.prefix.clone(), max_bytes: ctx.nats.max_batch_bytes };
+    let (metrics, health, cancel) = (ctx.metrics.clone(), ctx.health.clone(), ctx.shutdown.clone());
     let state_dir = ctx.settings.state_dir.clone();
     let thread = std::thread::Builder::new()
         .name(format!("sluice-{}", stage.name()))
         .spawn(move || {
-            let mut worker = StageThread {
-                stage,
-                store,
-                inbox,
-                epoch,
-                prefix,
-                max_bytes,
-                metrics,
-                pub_tx,
-                ack_tx,
-                acks: Vec::new(),
-                pending_outbox,
-                uncommitted: false,
-            };
+            let io = Channels { publisher: pub_tx, acker: ack_tx };
+            let mut worker = StageThread::resume(stage, store, recovered, io, shape, metrics.clone())?;
             let result = worker.run(&mut intake_rx);
-            let bytes = worker.store.size_on_disk().unwrap_or(0);
-            worker.metrics.state_bytes.set(bytes as i64);
+            let bytes = worker.state_bytes();
+            metrics.state_bytes.set(bytes as i64);
             tracing::info!(state_dir = %state_dir.display(), state_bytes = bytes, "stage thread stopped");
             result
         })
@@ -401,170 +363,6 @@ where
     intake_result?;
     publish_result?;
     Ok(())
-}
-
-struct StageThread<S: ConsumingStage> {
-    stage: S,
-    store: CommitStore,
-    inbox: Inbox,
-    epoch: u64,
-    prefix: String,
-    max_bytes: usize,
-    metrics: Arc<Metrics>,
-    pub_tx: mpsc::Sender<ToPublisher>,
-    ack_tx: mpsc::Sender<Vec<async_nats::Subject>>,
-    /// Reply subjects of the messages delivered since the last commit:
-    /// acknowledged (which removes them from the work-queue stream) after it.
-    acks: Vec<async_nats::Subject>,
-    /// Outbox entries published and to be deleted in the next commit.
-    pending_outbox: Vec<StateKey>,
-    uncommitted: bool,
-}
-
-impl<S: ConsumingStage> StageThread<S> {
-    fn run(&mut self, rx: &mut mpsc::Receiver<Intake>) -> Result<(), ServiceError> {
-        let mut outputs = Vec::new();
-        while let Some(next) = rx.blocking_recv() {
-            match next {
-                Intake::Tick => {
-                    if self.uncommitted || !self.pending_outbox.is_empty() {
-                        self.commit()?;
-                    }
-                }
-                Intake::Delivery(d) => {
-                    let t0 = Instant::now();
-                    self.deliver(*d, &mut outputs)?;
-                    let spent = t0.elapsed();
-                    self.metrics.processing_duration.observe(spent.as_secs_f64());
-                    self.metrics.busy(spent);
-                }
-            }
-        }
-        // Input closed: the drain. Commit what was applied; then, once the
-        // outbox it wrote is stored, a last commit deletes the outbox.
-        self.commit()?;
-        if !self.pending_outbox.is_empty() {
-            self.commit()?;
-        }
-        Ok(())
-    }
-
-    fn deliver(&mut self, d: nats::Delivery, outputs: &mut Vec<S::Output>) -> Result<(), ServiceError> {
-        let (kg, seq) = (d.key_group, d.stream_seq);
-        let fresh = self.inbox.admit_delivery(kg, seq);
-        let payload = d.message.payload.clone();
-        if let Some(reply) = d.message.reply.clone() {
-            self.acks.push(reply);
-        }
-        self.metrics.batches_received.inc();
-        if !fresh {
-            self.metrics.duplicates_dropped.inc();
-            return Ok(());
-        }
-        self.uncommitted = true;
-        let input = S::decode(&payload).map_err(|source| ServiceError::Undecodable {
-            hop: S::INPUT.name(),
-            key_group: kg,
-            seq,
-            source,
-        })?;
-        self.metrics.records_received.inc_by(S::records_in(&input));
-        let mut dropped = 0;
-        let admitted = S::admit(&mut self.inbox, input, &mut dropped);
-        if dropped > 0 {
-            self.metrics.duplicates_dropped.inc_by(dropped);
-        }
-        let Some(input) = admitted else { return Ok(()) };
-        self.stage.batch(input, outputs)?;
-        if S::POLICY == OutputPolicy::Immediate {
-            for (i, out) in outputs.drain(..).enumerate() {
-                S::count_rejects(&out, &self.metrics);
-                // Deterministic: the same input message yields the same ids on a replay.
-                let id = format!("{}-{}-{}-{}", self.stage.name(), kg.0, seq, i);
-                self.publish(&out, &id)?;
-            }
-        }
-        Ok(())
-    }
-
-    fn publish(&self, out: &S::Output, id: &str) -> Result<(), ServiceError> {
-        let Some(hop) = S::OUTPUT else { return Ok(()) };
-        let (kg, parts) = S::encode(out, self.max_bytes);
-        let subject = hop.subject(&self.prefix, kg);
-        for (part, (bytes, records)) in parts.into_iter().enumerate() {
-            self.metrics.records_sent.inc_by(records);
-            let out = Outgoing { subject: subject.clone(), id: format!("{id}-{part}"), payload: Bytes::from(bytes) };
-            self.pub_tx.blocking_send(ToPublisher::Publish(out)).map_err(|_| self.publisher_gone())?;
-        }
-        Ok(())
-    }
-
-    fn publisher_gone(&self) -> ServiceError {
-        ServiceError::Setup("the publisher stopped (see its error)".into())
-    }
-
-    /// Wait until everything published so far is stored.
-    fn barrier(&self) -> Result<(), ServiceError> {
-        let t0 = Instant::now();
-        let (tx, rx) = oneshot::channel();
-        self.pub_tx.blocking_send(ToPublisher::Barrier(tx)).map_err(|_| self.publisher_gone())?;
-        rx.blocking_recv().map_err(|_| self.publisher_gone())?;
-        self.metrics.backpressured_seconds.inc_by(t0.elapsed().as_secs_f64());
-        Ok(())
-    }
-
-    fn commit(&mut self) -> Result<(), ServiceError> {
-        // Whatever was published before this commit must be stored first:
-        // Immediate outputs of the input this commit covers, and the outbox
-        // of the previous commit (whose entries this commit then deletes).
-        self.barrier()?;
-        let t0 = Instant::now();
-        let mut tx = CommitBatch::default();
-        let mut outputs = Vec::new();
-        self.stage.commit(&mut outputs, &mut tx)?;
-        self.inbox.stage(&mut tx)?;
-        for key in self.pending_outbox.drain(..) {
-            tx.delete(&key);
-        }
-        self.epoch += 1;
-        tx.put(&StateKey::namespace(EPOCH_KEY), state::encode("epoch", &self.epoch)?);
-        let mut to_publish = Vec::new();
-        if let Some(hop) = S::OUTPUT {
-            for (i, out) in outputs.iter().enumerate() {
-                S::count_rejects(out, &self.metrics);
-                let (kg, parts) = S::encode(out, self.max_bytes);
-                let subject = hop.subject(&self.prefix, kg);
-                for (part, (bytes, records)) in parts.into_iter().enumerate() {
-                    // Unique per stream: instances share the stream's id space.
-                    let id = format!("{}-{}-{}-{}-{part}", self.stage.name(), kg.0, self.epoch, i);
-                    let key = StateKey::namespace(OUTBOX_NS)
-                        .part(&self.epoch.to_be_bytes())
-                        .part(&(i as u64).to_be_bytes())
-                        .part(&(part as u64).to_be_bytes());
-                    let entry = OutboxEntry { subject: subject.clone(), id, payload: bytes };
-                    tx.put(&key, state::encode("outbox entry", &entry)?);
-                    self.metrics.records_sent.inc_by(records);
-                    to_publish.push((key, entry));
-                }
-            }
-        }
-        self.store.commit(tx)?;
-        self.metrics.batches_committed.inc();
-        self.metrics.commit_duration.observe(t0.elapsed().as_secs_f64());
-        self.metrics.busy(t0.elapsed());
-        self.uncommitted = false;
-        // Durable: now acknowledge the input and publish the outbox.
-        if !self.acks.is_empty() {
-            // The acker ends only after this thread: a failed send means shutdown.
-            let _ = self.ack_tx.blocking_send(std::mem::take(&mut self.acks));
-        }
-        for (key, entry) in to_publish {
-            let out = Outgoing { subject: entry.subject, id: entry.id, payload: Bytes::from(entry.payload) };
-            self.pub_tx.blocking_send(ToPublisher::Publish(out)).map_err(|_| self.publisher_gone())?;
-            self.pending_outbox.push(key);
-        }
-        Ok(())
-    }
 }
 
 /// The settings every consuming service shares.
