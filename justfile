@@ -84,3 +84,8 @@ chaos DATA KILLS="20" SEED="":
     bash scripts/servers.sh
     cargo build -q --release --workspace --bins
     PATH="$PATH:/usr/sbin:$HOME/.cargo/bin" target/release/sluice-stack chaos {{DATA}} {{KILLS}} {{SEED}}
+
+# A/B of another build (its release bin dir) against this checkout on the distributed benchmark.
+[group('bench')]
+bench-ab A_BIN_DIR DIR="/tmp/sluice-bench" RUNS="3":
+    bash scripts/bench-ab.sh {{A_BIN_DIR}} {{DIR}} {{RUNS}}
