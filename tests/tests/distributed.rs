@@ -9,11 +9,16 @@ use sluice_tests::stack::{Stack, StackConfig, http_get};
 use sluice_tests::{DataSet, assert_tables_equal, scratch};
 
 fn run(enrich: usize, window: usize) -> anyhow::Result<()> {
+    run_with(enrich, window, &[])
+}
+
+fn run_with(enrich: usize, window: usize, env: &[(&str, &str)]) -> anyhow::Result<()> {
     let set = DataSet::small()?;
     let dir = scratch()?;
     let mut config = StackConfig::new(&dir.path().join("stack"), &set.data());
     config.enrich = enrich;
     config.window = window;
+    config.env.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     let mut stack = Stack::start(config)?;
     let records = stack.produce(&set.data())?;
     stack.wait_for_sink(records, Duration::from_secs(300))?;
@@ -97,6 +102,23 @@ fn a_zombie_source_cannot_corrupt_the_tables() -> anyhow::Result<()> {
 #[test]
 fn one_instance_of_each_service_equals_the_oracle() -> anyhow::Result<()> {
     run(1, 1)
+}
+
+/// Flow control at its tightest: one batch in flight per channel and no
+/// floating pool, so every sender waits for a grant before each batch. The
+/// pipeline must neither stall nor lose or double a record.
+#[test]
+fn one_batch_of_credit_per_channel_still_equals_the_oracle() -> anyhow::Result<()> {
+    run_with(
+        2,
+        2,
+        &[
+            ("SLUICE_NATS__CREDIT_BATCHES", "1"),
+            ("SLUICE_NATS__CREDIT_BYTES", "1"),
+            ("SLUICE_NATS__CREDIT_FLOATING_BATCHES", "0"),
+            ("SLUICE_NATS__CREDIT_FLOATING_BYTES", "0"),
+        ],
+    )
 }
 
 #[test]

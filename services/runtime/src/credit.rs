@@ -263,9 +263,52 @@ impl Ledger {
     }
 }
 
+/// The header every credited batch carries: its sender run and the sender's
+/// running total on the channel, including this batch.
+pub const STAMP_HEADER: &str = "Sluice-Credit";
+
+/// The stamp of a batch: `<sender name> <epoch> <batches> <bytes>`.
+pub fn stamp(sender: &Sender, total: Usage) -> String {
+    format!("{} {} {} {}", sender.name, sender.epoch, total.batches, total.bytes)
+}
+
+/// Read a stamp; `None` when it is not one (a batch from a sender without
+/// credits, or garbage: such batches are applied and simply not counted).
+pub fn parse_stamp(text: &str) -> Option<(Sender, Usage)> {
+    let mut parts = text.split(' ');
+    let name = parts.next().filter(|n| !n.is_empty())?.to_string();
+    let epoch = parts.next()?.parse().ok()?;
+    let batches = parts.next()?.parse().ok()?;
+    let bytes = parts.next()?.parse().ok()?;
+    if parts.next().is_some() {
+        return None;
+    }
+    Some((Sender { name, epoch }, Usage::new(batches, bytes)))
+}
+
+/// The subject a hop's senders report their status on (core NATS, not
+/// JetStream: a lost report is repaired by the next).
+pub fn status_subject(prefix: &str, hop: crate::hop::Hop) -> String {
+    format!("{}.credit.{}.status", prefix.to_ascii_lowercase(), hop.name())
+}
+
+/// The subject a receiver announces `sender`'s limits on.
+pub fn grant_subject(prefix: &str, hop: crate::hop::Hop, sender: &str) -> String {
+    format!("{}.credit.{}.grant.{sender}", prefix.to_ascii_lowercase(), hop.name())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stamps_round_trip_and_garbage_is_none() {
+        let s = sender("enrich-1", 42);
+        assert_eq!(parse_stamp(&stamp(&s, Usage::new(3, 4096))), Some((s, Usage::new(3, 4096))));
+        for bad in ["", "a 1 2", "a x 2 3", "a 1 2 3 4", " 1 2 3"] {
+            assert_eq!(parse_stamp(bad), None, "{bad:?}");
+        }
+    }
 
     const POLICY: CreditPolicy = CreditPolicy { exclusive: Usage::new(4, 4000), floating: Usage::new(8, 8000) };
 

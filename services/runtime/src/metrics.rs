@@ -22,6 +22,9 @@
 //! | `sluice_publish_retries_total` | counter | publishes retried |
 //! | `sluice_consumer_lag` | gauge | input not yet delivered (Kafka records, or NATS messages) |
 //! | `sluice_state_bytes` | gauge | size of the state directory on disk |
+//! | `sluice_credit_available_bytes` | gauge | sender: credit left over its output channels |
+//! | `sluice_credit_backlog_bytes` | gauge | sender: bytes handed to the publisher and not yet stored (waiting for credit or the server) |
+//! | `sluice_credit_granted_bytes` | gauge | receiver: credit granted to its senders and not yet used |
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,7 +40,7 @@ use crate::reject::{RejectCounts, RejectReason};
 
 /// The name of every metric a service exposes (as exposed: counters end in
 /// `_total`), for tests that check a service exposes them all.
-pub const NAMES: [&str; 14] = [
+pub const NAMES: [&str; 17] = [
     "sluice_records_received_total",
     "sluice_records_sent_total",
     "sluice_batches_received_total",
@@ -52,6 +55,9 @@ pub const NAMES: [&str; 14] = [
     "sluice_publish_retries_total",
     "sluice_consumer_lag",
     "sluice_state_bytes",
+    "sluice_credit_available_bytes",
+    "sluice_credit_backlog_bytes",
+    "sluice_credit_granted_bytes",
 ];
 
 /// The `reason` label of rejects.
@@ -92,6 +98,12 @@ pub struct Metrics {
     pub consumer_lag: Gauge,
     /// State directory size.
     pub state_bytes: Gauge,
+    /// Sender: credit left over its output channels, bytes.
+    pub credit_available: Gauge,
+    /// Sender: bytes in the publisher not yet stored.
+    pub credit_backlog: Gauge,
+    /// Receiver: credit granted and not yet used, bytes.
+    pub credit_granted: Gauge,
 }
 
 impl Metrics {
@@ -114,6 +126,9 @@ impl Metrics {
             publish_retries: Counter::default(),
             consumer_lag: Gauge::default(),
             state_bytes: Gauge::default(),
+            credit_available: Gauge::default(),
+            credit_backlog: Gauge::default(),
+            credit_granted: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("records_received", "Input records", m.records_received.clone());
@@ -159,6 +174,25 @@ impl Metrics {
             prometheus_client::registry::Unit::Bytes,
             m.state_bytes.clone(),
         );
+        let bytes = || prometheus_client::registry::Unit::Bytes;
+        registry.register_with_unit(
+            "credit_available",
+            "Sender: credit left over its output channels",
+            bytes(),
+            m.credit_available.clone(),
+        );
+        registry.register_with_unit(
+            "credit_backlog",
+            "Sender: bytes handed to the publisher and not yet stored",
+            bytes(),
+            m.credit_backlog.clone(),
+        );
+        registry.register_with_unit(
+            "credit_granted",
+            "Receiver: credit granted to its senders and not yet used",
+            bytes(),
+            m.credit_granted.clone(),
+        );
         // Every reason from the start, at 0: a series that appears only at
         // its first reject breaks rate() over the first scrape interval.
         for reason in RejectReason::ALL {
@@ -201,6 +235,10 @@ impl crate::nats::PublishReport for Arc<Metrics> {
     }
     fn retried(&self) {
         self.publish_retries.inc();
+    }
+    fn credit(&self, available: u64, buffered: u64) {
+        self.credit_available.set(available as i64);
+        self.credit_backlog.set(buffered as i64);
     }
 }
 

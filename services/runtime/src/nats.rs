@@ -16,7 +16,7 @@
 //! Works with nats-server 2.9 (Debian's): the client is built without the
 //! 2.10+ features, consumers filter on one subject each.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
@@ -26,6 +26,7 @@ use futures_util::stream::{BoxStream, FuturesUnordered};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::credit;
 use crate::hop::Hop;
 use crate::key_group::KeyGroup;
 use crate::publish_order::PublishOrder;
@@ -59,6 +60,36 @@ pub struct NatsSettings {
     /// exits, to be restarted from its last commit).
     #[serde(with = "humantime_serde")]
     pub publish_timeout: Duration,
+    /// Flow control: credits between every sender instance and receiver key
+    /// group (see [`crate::credit`]). Off: senders publish without limit.
+    pub credit: bool,
+    /// Batches each channel (sender instance → receiver key group) may
+    /// always have in flight: its exclusive share.
+    pub credit_batches: u64,
+    /// Bytes of the exclusive share.
+    pub credit_bytes: u64,
+    /// Batches a receiver instance shares among the channels whose senders
+    /// report a backlog (the floating pool).
+    pub credit_floating_batches: u64,
+    /// Bytes of the floating pool.
+    pub credit_floating_bytes: u64,
+    /// How often receivers announce limits and blocked senders report.
+    #[serde(with = "humantime_serde")]
+    pub credit_interval: Duration,
+    /// Bytes a publisher holds waiting for credit or for the server; beyond
+    /// it the stage stops handing over outputs, and so stops taking input.
+    pub publish_buffer_bytes: u64,
+}
+
+impl NatsSettings {
+    /// The credit sizes of these settings.
+    pub fn credit_policy(&self) -> crate::credit::CreditPolicy {
+        use crate::credit::{CreditPolicy, Usage};
+        CreditPolicy {
+            exclusive: Usage::new(self.credit_batches, self.credit_bytes),
+            floating: Usage::new(self.credit_floating_batches, self.credit_floating_bytes),
+        }
+    }
 }
 
 impl Default for NatsSettings {
@@ -72,6 +103,13 @@ impl Default for NatsSettings {
             max_ack_pending: 1024,
             pull_batch: 64,
             publish_timeout: Duration::from_secs(60),
+            credit: true,
+            credit_batches: 8,
+            credit_bytes: 4 << 20,
+            credit_floating_batches: 64,
+            credit_floating_bytes: 32 << 20,
+            credit_interval: Duration::from_millis(100),
+            publish_buffer_bytes: 32 << 20,
         }
     }
 }
@@ -114,6 +152,9 @@ pub enum TransportError {
         /// The client's error.
         why: String,
     },
+    /// A setting cannot work.
+    #[error("{0}")]
+    Invalid(String),
     /// A message could not be published within `publish_timeout`.
     #[error("publishing {id} to {subject} failed for {waited:?}: {last}")]
     Publish {
@@ -199,6 +240,8 @@ pub struct Delivery {
     /// How to acknowledge it once the commit that applied it is durable
     /// (`None`: the server asked for no acknowledgement).
     pub ack: Option<AckToken>,
+    /// Its sender's credit stamp (sender run, running total), if any.
+    pub credit: Option<(credit::Sender, credit::Usage)>,
 }
 
 /// How to acknowledge one delivered message: its reply subject. Publishing
@@ -265,12 +308,78 @@ pub async fn consume(
             let info = message.info().map_err(|e| js_err(format!("reading a message of {name}"))(e))?;
             let (stream_seq, consumer_seq, pending) = (info.stream_sequence, info.consumer_sequence, info.pending);
             let jetstream::Message { message, .. } = message;
+            let credit = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(credit::STAMP_HEADER))
+                .and_then(|v| credit::parse_stamp(v.as_str()));
             let ack = message.reply.map(AckToken);
-            Ok(Delivery { key_group: kg, stream_seq, consumer_seq, pending, payload: message.payload, ack })
+            Ok(Delivery { key_group: kg, stream_seq, consumer_seq, pending, payload: message.payload, ack, credit })
         });
         all.push(deliveries.boxed());
     }
     Ok(futures_util::stream::select_all(all).boxed())
+}
+
+/// The receiving side of flow control for one instance: take the status
+/// reports of the senders to its key groups on `hop`, and announce every
+/// channel's limit from `ledger` (which the stage thread feeds with what it
+/// consumed): at once to a sender that reports, every `credit_interval` for
+/// the limits that changed, and every ten intervals all of them (repairing
+/// lost announcements). Ends with `shutdown`.
+pub async fn run_credit_receiver(
+    client: async_nats::Client,
+    settings: NatsSettings,
+    hop: Hop,
+    owned: crate::key_group::KeyGroupSet,
+    ledger: std::sync::Arc<std::sync::Mutex<credit::Ledger>>,
+    granted: impl Fn(u64) + Send + 'static,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<(), TransportError> {
+    let subject = credit::status_subject(&settings.prefix, hop);
+    let mut statuses = client
+        .subscribe(subject.clone())
+        .await
+        .map_err(|e| js_err(format!("subscribing to {subject}"))(Box::new(e)))?;
+    let mut tick = tokio::time::interval(settings.credit_interval.max(Duration::from_millis(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut announced: HashMap<(KeyGroup, credit::Sender), credit::Usage> = HashMap::new();
+    let mut ticks = 0u64;
+    let announce = |grant: &credit::Grant| {
+        let subject = credit::grant_subject(&settings.prefix, hop, &grant.sender.name);
+        (subject, serde_json::to_vec(grant).unwrap_or_default())
+    };
+    loop {
+        let due: Vec<credit::Grant> = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            msg = statuses.next() => {
+                let Some(msg) = msg else { return Ok(()) };
+                let Ok(status) = serde_json::from_slice::<credit::Status>(&msg.payload) else { continue };
+                if !owned.contains(status.key_group) {
+                    continue;
+                }
+                let mut l = ledger.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                l.status(&status);
+                l.grants().into_iter().filter(|g| g.key_group == status.key_group && g.sender == status.sender).collect()
+            }
+            _ = tick.tick() => {
+                ticks += 1;
+                let l = ledger.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                granted(l.outstanding().bytes);
+                let all = ticks.is_multiple_of(10);
+                l.grants()
+                    .into_iter()
+                    .filter(|g| all || announced.get(&(g.key_group, g.sender.clone())) != Some(&g.limit))
+                    .collect()
+            }
+        };
+        for grant in due {
+            let (subject, body) = announce(&grant);
+            announced.insert((grant.key_group, grant.sender.clone()), grant.limit);
+            // Lost announcements are repaired by the next ones.
+            let _ = client.publish(subject, body.into()).await;
+        }
+    }
 }
 
 /// Acknowledge the deliveries `rx` hands over (those of one commit at a
@@ -314,6 +423,9 @@ pub trait PublishReport: Send + 'static {
     fn stored(&self, bytes: usize, duplicate: bool);
     /// A publish failed and will be retried.
     fn retried(&self);
+    /// Flow control: credit left over all channels and bytes waiting in
+    /// the publisher, both in bytes.
+    fn credit(&self, _available: u64, _buffered: u64) {}
 }
 
 impl PublishReport for () {
@@ -330,15 +442,19 @@ enum Attempt {
     TooLarge(String),
 }
 
-type InFlight = std::pin::Pin<Box<dyn std::future::Future<Output = (u64, Outgoing, Result<bool, Attempt>)> + Send>>;
+type InFlight =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (u64, Outgoing, Option<String>, Result<bool, Attempt>)> + Send>>;
 
-fn send(js: &jetstream::Context, seq: u64, msg: Outgoing, delay: Duration) -> InFlight {
+fn send(js: &jetstream::Context, seq: u64, msg: Outgoing, stamp: Option<String>, delay: Duration) -> InFlight {
     let js = js.clone();
     Box::pin(async move {
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
-        let publish = jetstream::message::PublishMessage::build().message_id(&msg.id).payload(msg.payload.clone());
+        let mut publish = jetstream::message::PublishMessage::build().message_id(&msg.id).payload(msg.payload.clone());
+        if let Some(stamp) = &stamp {
+            publish = publish.header(credit::STAMP_HEADER, stamp.as_str());
+        }
         let result = match js.send_publish(msg.subject.clone(), publish).await {
             Ok(ack) => match ack.await {
                 Ok(ack) => Ok(ack.duplicate),
@@ -349,27 +465,143 @@ fn send(js: &jetstream::Context, seq: u64, msg: Outgoing, delay: Duration) -> In
             }
             Err(e) => Err(Attempt::Retry(e.to_string())),
         };
-        (seq, msg, result)
+        (seq, msg, stamp, result)
     })
+}
+
+/// What a publisher needs to take part in flow control: who it is, on
+/// which hop, and where limits come from.
+#[derive(Debug, Clone)]
+pub struct PublisherCredit {
+    /// This sender run.
+    pub sender: credit::Sender,
+    /// The hop it publishes to.
+    pub hop: Hop,
+}
+
+/// The sending side of flow control inside the publisher: a channel per
+/// subject, the heads waiting for credit, and reports.
+struct Gate {
+    sender: credit::Sender,
+    hop: Hop,
+    prefix: String,
+    initial: credit::Usage,
+    channels: HashMap<String, credit::Outbound>,
+    /// Per subject, the next message, waiting for credit.
+    blocked: HashMap<String, (u64, Outgoing)>,
+    client: async_nats::Client,
+}
+
+impl Gate {
+    /// Send `out` now if its channel has credit (stamped), else hold it.
+    fn offer(&mut self, js: &jetstream::Context, seq: u64, out: Outgoing) -> Option<InFlight> {
+        let channel = self.channels.entry(out.subject.clone()).or_insert_with(|| credit::Outbound::new(self.initial));
+        if channel.may_send() {
+            let total = channel.sent(out.payload.len() as u64);
+            let stamp = credit::stamp(&self.sender, total);
+            Some(send(js, seq, out, Some(stamp), Duration::ZERO))
+        } else {
+            self.blocked.insert(out.subject.clone(), (seq, out));
+            None
+        }
+    }
+
+    /// A limit arrived: the held message of its subject goes if it may now.
+    fn grant(&mut self, js: &jetstream::Context, grant: credit::Grant) -> Option<InFlight> {
+        if grant.sender != self.sender {
+            return None; // for an earlier run of this sender
+        }
+        let subject = self.hop.subject(&self.prefix, grant.key_group);
+        self.channels.entry(subject.clone()).or_insert_with(|| credit::Outbound::new(self.initial)).grant(grant.limit);
+        let (seq, out) = self.blocked.remove(&subject)?;
+        self.offer(js, seq, out)
+    }
+
+    /// Report every blocked channel, with what waits behind it.
+    async fn report(&self, queued: &HashMap<String, (u64, u64)>) {
+        let subject = credit::status_subject(&self.prefix, self.hop);
+        for (s, (_, head)) in &self.blocked {
+            let Some(kg) = s.rsplit('.').next().and_then(|k| k.parse().ok()).map(KeyGroup) else { continue };
+            let (batches, bytes) = queued.get(s).copied().unwrap_or((0, 0));
+            let status = credit::Status {
+                sender: self.sender.clone(),
+                key_group: kg,
+                sent: self.channels.get(s).map_or(credit::Usage::ZERO, |c| c.sent),
+                backlog: credit::Usage::new(batches + 1, bytes + head.payload.len() as u64),
+            };
+            if let Ok(body) = serde_json::to_vec(&status) {
+                let _ = self.client.publish(subject.clone(), body.into()).await;
+            }
+        }
+    }
+
+    /// Credit left over all channels, bytes.
+    fn available_bytes(&self) -> u64 {
+        self.channels.values().map(|c| c.available().bytes).sum()
+    }
 }
 
 /// Publish everything `rx` hands over, keeping each subject's messages in
 /// order (see [`crate::publish_order`]), until `rx` closes and everything is
 /// stored. A failing publish is retried under the same id with backoff for
 /// up to `publish_timeout`, then the publisher fails (fatal for the stage).
+///
+/// With `credit`, each subject's messages also wait for credit from the
+/// receiving key group ([`crate::credit`]): limits arrive on this sender's
+/// grant subject, blocked channels are reported every `credit_interval`, and
+/// once `publish_buffer_bytes` wait here the publisher stops taking messages,
+/// so the stage blocks handing over outputs and stops taking input.
 pub async fn run_publisher(
     js: jetstream::Context,
     settings: NatsSettings,
     mut rx: mpsc::Receiver<ToPublisher>,
     report: impl PublishReport,
+    credit: Option<PublisherCredit>,
 ) -> Result<(), TransportError> {
     let mut order: PublishOrder<(u64, Outgoing)> = PublishOrder::default();
     let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
     let mut unstored: BTreeSet<u64> = BTreeSet::new();
     let mut barriers: Vec<(u64, oneshot::Sender<()>)> = Vec::new();
-    let mut failing_since: std::collections::HashMap<u64, (tokio::time::Instant, u32)> = Default::default();
+    let mut failing_since: HashMap<u64, (tokio::time::Instant, u32)> = Default::default();
+    // Bytes handed over and not stored yet; per subject, what waits behind
+    // its head (batches, bytes).
+    let mut buffered: u64 = 0;
+    let mut queued: HashMap<String, (u64, u64)> = HashMap::new();
     let mut next_seq = 0u64;
     let mut open = true;
+    let mut gate = match &credit {
+        Some(c) if settings.credit => {
+            if settings.credit_batches == 0 || settings.credit_bytes == 0 {
+                return Err(TransportError::Invalid(
+                    "nats.credit_batches and nats.credit_bytes must be above 0".into(),
+                ));
+            }
+            Some(Gate {
+                sender: c.sender.clone(),
+                hop: c.hop,
+                prefix: settings.prefix.clone(),
+                initial: settings.credit_policy().exclusive,
+                channels: HashMap::new(),
+                blocked: HashMap::new(),
+                client: js.client(),
+            })
+        }
+        _ => None,
+    };
+    let mut grants = match &gate {
+        Some(g) => {
+            let subject = credit::grant_subject(&settings.prefix, g.hop, &g.sender.name);
+            let sub = js
+                .client()
+                .subscribe(subject.clone())
+                .await
+                .map_err(|e| js_err(format!("subscribing to {subject}"))(Box::new(e)))?;
+            Some(sub)
+        }
+        None => None,
+    };
+    let mut tick = tokio::time::interval(settings.credit_interval.max(Duration::from_millis(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         // Answer the barriers whose messages are all stored.
         let lowest = unstored.first().copied().unwrap_or(u64::MAX);
@@ -378,30 +610,66 @@ pub async fn run_publisher(
         for (_, tx) in done {
             let _ = tx.send(());
         }
-        if !open && in_flight.is_empty() {
+        if !open && in_flight.is_empty() && gate.as_ref().is_none_or(|g| g.blocked.is_empty()) {
             return Ok(());
         }
+        if let Some(g) = &gate {
+            report.credit(g.available_bytes(), buffered);
+        }
+        let room = buffered < settings.publish_buffer_bytes;
         tokio::select! {
-            msg = rx.recv(), if open => match msg {
+            msg = rx.recv(), if open && room => match msg {
                 Some(ToPublisher::Publish(out)) => {
                     let seq = next_seq;
                     next_seq += 1;
                     unstored.insert(seq);
+                    buffered += out.payload.len() as u64;
                     let subject = out.subject.clone();
-                    if let Some((seq, out)) = order.offer(&subject, (seq, out)) {
-                        in_flight.push(send(&js, seq, out, Duration::ZERO));
+                    let len = out.payload.len() as u64;
+                    match order.offer(&subject, (seq, out)) {
+                        Some((seq, out)) => {
+                            let sent = match gate.as_mut() {
+                                Some(g) => g.offer(&js, seq, out),
+                                None => Some(send(&js, seq, out, None, Duration::ZERO)),
+                            };
+                            in_flight.extend(sent);
+                        }
+                        None => {
+                            let q = queued.entry(subject).or_default();
+                            q.0 += 1;
+                            q.1 += len;
+                        }
                     }
                 }
                 Some(ToPublisher::Barrier(tx)) => barriers.push((next_seq, tx)),
                 None => open = false,
             },
-            Some((seq, out, result)) = in_flight.next() => match result {
+            Some(grant) = async { match grants.as_mut() { Some(s) => s.next().await, None => None } } => {
+                if let (Some(g), Ok(grant)) = (gate.as_mut(), serde_json::from_slice::<credit::Grant>(&grant.payload)) {
+                    in_flight.extend(g.grant(&js, grant));
+                }
+            },
+            _ = tick.tick(), if gate.as_ref().is_some_and(|g| !g.blocked.is_empty()) => {
+                if let Some(g) = &gate {
+                    g.report(&queued).await;
+                }
+            },
+            Some((seq, out, stamp, result)) = in_flight.next() => match result {
                 Ok(duplicate) => {
                     report.stored(out.payload.len(), duplicate);
                     unstored.remove(&seq);
                     failing_since.remove(&seq);
+                    buffered = buffered.saturating_sub(out.payload.len() as u64);
                     if let Some((seq, next)) = order.stored(&out.subject) {
-                        in_flight.push(send(&js, seq, next, Duration::ZERO));
+                        if let Some(q) = queued.get_mut(&out.subject) {
+                            q.0 = q.0.saturating_sub(1);
+                            q.1 = q.1.saturating_sub(next.payload.len() as u64);
+                        }
+                        let sent = match gate.as_mut() {
+                            Some(g) => g.offer(&js, seq, next),
+                            None => Some(send(&js, seq, next, None, Duration::ZERO)),
+                        };
+                        in_flight.extend(sent);
                     }
                 }
                 Err(Attempt::TooLarge(why)) => {
@@ -421,7 +689,8 @@ pub async fn run_publisher(
                     tracing::warn!(subject = %out.subject, id = %out.id, error = %last, "publish failed; retrying");
                     failing_since.insert(seq, (since, attempts + 1));
                     let delay = Duration::from_millis(20u64 << attempts.min(6));
-                    in_flight.push(send(&js, seq, out, delay));
+                    // The same stamp: a retry is the same batch.
+                    in_flight.push(send(&js, seq, out, stamp, delay));
                 }
             },
         }

@@ -27,7 +27,7 @@
 //! each effect in turn.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -36,6 +36,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::CodecError;
+use crate::credit;
 use crate::hop::Hop;
 use crate::inbox::Inbox;
 use crate::key_group::{KeyGroup, KeyGroupSet, KeyGroups};
@@ -264,6 +265,22 @@ pub struct ServiceContext {
     pub shutdown: CancellationToken,
 }
 
+const RUN_KEY: &str = "service/run";
+
+/// Count this start in `store` (written and flushed): every run of an
+/// instance gets a larger number than the runs before it, crashed or not.
+/// Flow control tells a sender's runs apart by it ([`credit::Sender`]).
+pub fn next_run(store: &CommitStore) -> Result<u64, StateError> {
+    let last: u64 = match store.get(&StateKey::namespace(RUN_KEY))? {
+        Some(b) => state::decode("run", &b)?,
+        None => 0,
+    };
+    let mut tx = CommitBatch::default();
+    tx.put(&StateKey::namespace(RUN_KEY), state::encode("run", &(last + 1))?);
+    store.commit(tx)?;
+    Ok(last + 1)
+}
+
 /// Run `stage` as a service until `ctx.shutdown`, then drain and commit.
 pub async fn run<S>(mut stage: S, store: CommitStore, ctx: ServiceContext) -> Result<(), ServiceError>
 where
@@ -277,8 +294,29 @@ where
     if let Some(out) = S::OUTPUT {
         nats::ensure_stream(&js, &ctx.nats, out).await?;
     }
+    let name = format!("{}-{}", stage.name(), ctx.settings.instance);
+    let sender_credit = S::OUTPUT
+        .map(|hop| nats::PublisherCredit { sender: credit::Sender { name: name.clone(), epoch: recovered.run }, hop });
     let (pub_tx, pub_rx) = mpsc::channel::<ToPublisher>(1024);
-    let publisher = tokio::spawn(nats::run_publisher(js.clone(), ctx.nats.clone(), pub_rx, ctx.metrics.clone()));
+    let publisher =
+        tokio::spawn(nats::run_publisher(js.clone(), ctx.nats.clone(), pub_rx, ctx.metrics.clone(), sender_credit));
+    // The receiving side of flow control: the stage thread notes what it
+    // consumed, this task announces limits.
+    let ledger = ctx.nats.credit.then(|| Arc::new(Mutex::new(credit::Ledger::new(ctx.nats.credit_policy()))));
+    let credit_task = ledger.clone().map(|ledger| {
+        let metrics = ctx.metrics.clone();
+        tokio::spawn(nats::run_credit_receiver(
+            js.client(),
+            ctx.nats.clone(),
+            S::INPUT,
+            recovered.owned.clone(),
+            ledger,
+            move |bytes| {
+                metrics.credit_granted.set(bytes as i64);
+            },
+            ctx.shutdown.clone(),
+        ))
+    });
 
     let kgs: Vec<KeyGroup> = ctx.key_groups.all().filter(|kg| recovered.owned.contains(*kg)).collect();
     let mut deliveries = nats::consume(&input, &ctx.nats, S::INPUT, kgs.iter().copied()).await?;
@@ -323,7 +361,7 @@ where
     let thread = std::thread::Builder::new()
         .name(format!("sluice-{}", stage.name()))
         .spawn(move || {
-            let io = Channels { publisher: pub_tx, acker: ack_tx };
+            let io = Channels { publisher: pub_tx, acker: ack_tx, ledger };
             let mut worker = StageThread::resume(stage, store, recovered, io, shape, metrics.clone())?;
             let result = worker.run(&mut intake_rx);
             let bytes = worker.state_bytes();
@@ -359,6 +397,9 @@ where
     let intake_result = intake.await.map_err(|e| ServiceError::Setup(format!("intake task: {e}")))?;
     let publish_result = publisher.await.map_err(|e| ServiceError::Setup(format!("publisher task: {e}")))?;
     let _ = acker.await;
+    if let Some(task) = credit_task {
+        task.await.map_err(|e| ServiceError::Setup(format!("credit task: {e}")))??;
+    }
     result?;
     intake_result?;
     publish_result?;

@@ -83,8 +83,14 @@ async fn run(settings: SourceServiceSettings) -> anyhow::Result<()> {
         .with_context(|| format!("opening state at {}", settings.service.state_dir.display()))?;
     let js = nats::connect(&settings.nats, &format!("sluice-source-{}", settings.service.instance)).await?;
     nats::ensure_stream(&js, &settings.nats, Hop::Raw).await?;
+    // Flow control: this run's sender identity on the raw hop.
+    let run = sluice_runtime::service::next_run(&store)?;
+    let credit = nats::PublisherCredit {
+        sender: sluice_runtime::credit::Sender { name: format!("source-{}", settings.service.instance), epoch: run },
+        hop: Hop::Raw,
+    };
     let (pub_tx, pub_rx) = mpsc::channel::<ToPublisher>(1024);
-    let publisher = tokio::spawn(nats::run_publisher(js, settings.nats.clone(), pub_rx, metrics.clone()));
+    let publisher = tokio::spawn(nats::run_publisher(js, settings.nats.clone(), pub_rx, metrics.clone(), Some(credit)));
 
     let (done_tx, done_rx) = oneshot::channel();
     {

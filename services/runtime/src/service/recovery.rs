@@ -26,6 +26,9 @@ pub(super) struct Recovered {
     pub(super) epoch: u64,
     /// Outputs committed by the last run and perhaps never stored.
     pub(super) outbox: Vec<(StateKey, Outgoing)>,
+    /// This run's number (one more than the last start's): the sender
+    /// epoch of flow control.
+    pub(super) run: u64,
 }
 
 /// Check that the store belongs to this share of the key groups, restore
@@ -46,5 +49,6 @@ pub(super) fn recover<S: ConsumingStage>(
         None => 0,
     };
     let outbox = outbox::load(store)?;
-    Ok(Recovered { owned, inbox, epoch, outbox })
+    let run = super::next_run(store)?;
+    Ok(Recovered { owned, inbox, epoch, outbox, run })
 }

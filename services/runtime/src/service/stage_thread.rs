@@ -10,13 +10,15 @@
 //! JetStream that can kill the process before any one of these effects,
 //! which is how every crash point is tested without a server.
 
-use crate::delivery_order::DeliveryOrder;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::credit;
+use crate::delivery_order::DeliveryOrder;
 use crate::inbox::Inbox;
+use crate::key_group::KeyGroup;
 use crate::metrics::Metrics;
 use crate::nats::{AckToken, Delivery, Outgoing, ToPublisher};
 use crate::state::{self, CommitBatch, CommitStore, StateKey};
@@ -46,6 +48,10 @@ pub(super) trait StageIo {
     /// Acknowledge deliveries a durable commit covers (the work queue
     /// deletes them).
     fn acknowledge(&mut self, tokens: Vec<AckToken>) -> Result<(), ServiceError>;
+
+    /// Flow control: a batch stamped by `sender` with its running `total`
+    /// was taken off `key_group`'s stream (applied or dropped).
+    fn consumed(&mut self, _key_group: KeyGroup, _sender: &credit::Sender, _total: credit::Usage) {}
 }
 
 /// The service's [`StageIo`]: channels to the publisher
@@ -53,6 +59,8 @@ pub(super) trait StageIo {
 pub(super) struct Channels {
     pub(super) publisher: mpsc::Sender<ToPublisher>,
     pub(super) acker: mpsc::Sender<Vec<AckToken>>,
+    /// The credit ledger the receiver task announces limits from.
+    pub(super) ledger: Option<Arc<Mutex<credit::Ledger>>>,
 }
 
 fn publisher_gone() -> ServiceError {
@@ -74,6 +82,12 @@ impl StageIo for Channels {
         // The acker ends only after this thread: a failed send means shutdown.
         let _ = self.acker.blocking_send(tokens);
         Ok(())
+    }
+
+    fn consumed(&mut self, key_group: KeyGroup, sender: &credit::Sender, total: credit::Usage) {
+        if let Some(ledger) = &self.ledger {
+            ledger.lock().unwrap_or_else(std::sync::PoisonError::into_inner).consumed(key_group, sender, total);
+        }
     }
 }
 
@@ -126,7 +140,7 @@ impl<S: ConsumingStage, I: StageIo> StageThread<S, I> {
         shape: OutputShape,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ServiceError> {
-        let Recovered { inbox, epoch, outbox, owned: _ } = recovered;
+        let Recovered { inbox, epoch, outbox, owned: _, run: _ } = recovered;
         let mut thread = Self {
             stage,
             store,
@@ -205,10 +219,14 @@ impl<S: ConsumingStage, I: StageIo> StageThread<S, I> {
     }
 
     fn apply(&mut self, d: Delivery) -> Result<(), ServiceError> {
-        let Delivery { key_group: kg, stream_seq: seq, consumer_seq, payload, ack, pending: _ } = d;
+        let Delivery { key_group: kg, stream_seq: seq, consumer_seq, payload, ack, pending: _, credit } = d;
         // Before anything else: a delivery after a missing one must not be
         // applied (the missing one would then be dropped as old).
         self.order.observe(kg, consumer_seq)?;
+        // Off the stream, whatever happens to it next: its sender may send more.
+        if let Some((sender, total)) = &credit {
+            self.io.consumed(kg, sender, *total);
+        }
         let fresh = self.inbox.admit_delivery(kg, seq);
         if let Some(ack) = ack {
             self.acks.push(ack);

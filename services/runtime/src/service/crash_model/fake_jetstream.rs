@@ -137,6 +137,7 @@ impl FakeStream {
             pending,
             payload: m.payload.clone(),
             ack: Some(AckToken::new(format!("{ACK_PREFIX}{seq}"))),
+            credit: None,
         })
     }
 
