@@ -6,7 +6,9 @@
 # Build A first, e.g.:
 #   git worktree add /tmp/sluice-a <commit>
 #   (cd /tmp/sluice-a && CARGO_TARGET_DIR=/tmp/sluice-a-target cargo build --release --workspace --bins)
-# Usage: scripts/bench-ab.sh A_BIN_DIR [BENCH_DIR] [RUNS]
+# Settings for A only: A_ENV="SLUICE_NATS__CREDIT=false" (A_BIN_DIR may then
+# be this checkout's target/release: the same build with other settings).
+# Usage: [A_ENV="K=V ..."] scripts/bench-ab.sh A_BIN_DIR [BENCH_DIR] [RUNS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 a="${1:?usage: scripts/bench-ab.sh A_BIN_DIR [BENCH_DIR] [RUNS]}"
@@ -22,9 +24,11 @@ export SLUICE_SOURCE__CHUNK_BYTES="${SLUICE_SOURCE__CHUNK_BYTES:-8388608}"
 declare -A rates
 for i in $(seq 1 "$runs"); do
   for v in A B; do
-    bin=$a; [ "$v" = B ] && bin=$b
+    bin=$a; extra="${A_ENV:-}"
+    [ "$v" = B ] && { bin=$b; extra=""; }
     rm -rf "$dir/got"
-    out=$(SLUICE_BIN_DIR=$bin "$bin/sluice-stack" bench "$dir" 1 1 2>>"$dir/bench-ab.log")
+    # shellcheck disable=SC2086 # A_ENV is a list of K=V words
+    out=$(env $extra SLUICE_BIN_DIR="$bin" "$bin/sluice-stack" bench "$dir" 1 1 2>>"$dir/bench-ab.log")
     rate=$(grep -o 'events_per_s=[0-9]*' <<<"$out" | cut -d= -f2)
     rates[$v]="${rates[$v]:-} $rate"
     echo "$v run $i: $rate accepted events/s"
