@@ -37,6 +37,15 @@ pub enum StateError {
         #[source]
         source: sled::Error,
     },
+    /// The store's directory could not be prepared.
+    #[error("state directory {path}: {source}")]
+    Io {
+        /// The store's directory.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
     /// A record could not be encoded.
     #[error("encoding a {what} record: {source}")]
     Encode {
@@ -71,6 +80,34 @@ impl Default for StateSettings {
     }
 }
 
+/// Delete the snapshot files sled was still writing when its process died.
+///
+/// sled 0.34 writes a snapshot to `snap.<lsn>.generating`, fsyncs it and
+/// renames it to `snap.<lsn>`; only then may it reclaim the log the snapshot
+/// covers. But on open it takes the last `snap.*` file by name, `.generating`
+/// ones included, so a process killed while writing one leaves a store that
+/// refuses to open ("Read corrupted data at file offset None"; sled issues
+/// #1527, #1533; our SIGKILL test hit it). A `.generating` file is never
+/// needed: the snapshot before it and the log it did not yet replace are
+/// still on disk, and sled recovers from them.
+fn remove_unfinished_snapshots(path: &Path) -> std::io::Result<()> {
+    let entries = match std::fs::read_dir(path) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            tracing::warn!(file = %entry.path().display(), "removing a snapshot sled did not finish writing");
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
 /// A stage's durable state: one sled tree, written only in atomic commits.
 pub struct CommitStore {
     path: PathBuf,
@@ -80,6 +117,7 @@ pub struct CommitStore {
 impl CommitStore {
     /// Open (or create) the store in directory `path`.
     pub fn open(path: &Path, settings: &StateSettings) -> Result<Self, StateError> {
+        remove_unfinished_snapshots(path).map_err(|e| StateError::Io { path: path.to_owned(), source: e })?;
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(settings.cache_capacity_bytes)
@@ -225,6 +263,26 @@ pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_snapshot_left_half_written_does_not_stop_the_store_opening() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let key = StateKey::namespace("test/kept");
+        {
+            let store = CommitStore::open(dir.path(), &StateSettings::default())?;
+            let mut tx = CommitBatch::default();
+            tx.put(&key, b"v".to_vec());
+            store.commit(tx)?;
+        }
+        // What a process killed while sled wrote a snapshot leaves behind:
+        // a later-named, truncated `.generating` file. (Without the removal
+        // sled refuses to open: checked when this test was written.)
+        std::fs::write(dir.path().join("snap.FFFFFFFFFFFFFFF0.generating"), b"half")?;
+        let store = CommitStore::open(dir.path(), &StateSettings::default())?;
+        assert_eq!(store.get(&key)?.as_deref(), Some(&b"v"[..]));
+        assert!(!dir.path().join("snap.FFFFFFFFFFFFFFF0.generating").exists());
+        Ok(())
+    }
 
     #[test]
     fn commit_is_durable_and_scannable() -> Result<(), StateError> {
