@@ -80,6 +80,11 @@ pub struct ServiceSettings {
     /// exits non-zero (as safe as a crash). Keep under the pod's grace period.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// For tests and demos of back-pressure: wait this long before handing
+    /// each input batch to the stage, which makes the stage that slow.
+    /// 0 (the default): no wait.
+    #[serde(with = "humantime_serde")]
+    pub batch_delay: Duration,
 }
 
 impl Default for ServiceSettings {
@@ -92,6 +97,7 @@ impl Default for ServiceSettings {
             commit_interval: Duration::from_secs(1),
             intake_queue: 256,
             drain_timeout: Duration::from_secs(8),
+            batch_delay: Duration::ZERO,
         }
     }
 }
@@ -267,18 +273,23 @@ pub struct ServiceContext {
 
 const RUN_KEY: &str = "service/run";
 
-/// Count this start in `store` (written and flushed): every run of an
+/// Number this start in `store` (written and flushed): every run of an
 /// instance gets a larger number than the runs before it, crashed or not.
-/// Flow control tells a sender's runs apart by it ([`credit::Sender`]).
+/// Flow control tells a sender's runs apart by it ([`credit::Sender`]). It
+/// is the wall clock in milliseconds, or one more than the last run's when
+/// the clock is behind: so a sender whose state was lost still starts above
+/// its earlier runs (receivers ignore reports of older runs).
 pub fn next_run(store: &CommitStore) -> Result<u64, StateError> {
     let last: u64 = match store.get(&StateKey::namespace(RUN_KEY))? {
         Some(b) => state::decode("run", &b)?,
         None => 0,
     };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let run = now.max(last + 1);
     let mut tx = CommitBatch::default();
-    tx.put(&StateKey::namespace(RUN_KEY), state::encode("run", &(last + 1))?);
+    tx.put(&StateKey::namespace(RUN_KEY), state::encode("run", &run)?);
     store.commit(tx)?;
-    Ok(last + 1)
+    Ok(run)
 }
 
 /// Run `stage` as a service until `ctx.shutdown`, then drain and commit.
@@ -327,6 +338,7 @@ where
     let shutdown = ctx.shutdown.clone();
     let metrics = ctx.metrics.clone();
     let interval = ctx.settings.commit_interval;
+    let batch_delay = ctx.settings.batch_delay;
     let intake = tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -340,6 +352,9 @@ where
                     Some(Ok(d)) => {
                         lag.insert(d.key_group, d.pending);
                         metrics.consumer_lag.set(lag.values().sum::<u64>() as i64);
+                        if !batch_delay.is_zero() {
+                            tokio::time::sleep(batch_delay).await;
+                        }
                         Intake::Delivery(Box::new(d))
                     }
                     Some(Err(e)) => return Err(e),
@@ -471,4 +486,34 @@ where
 /// Run `future` on a new multi-threaded tokio runtime (a service's `main`).
 pub fn block_on<T>(future: impl std::future::Future<Output = T>) -> std::io::Result<T> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(future))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_only_grow_even_when_the_clock_is_behind() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let store = CommitStore::open(dir.path(), &Default::default())?;
+        let first = next_run(&store)?;
+        assert!(next_run(&store)? > first);
+        // A run stored from a clock far ahead: the next is still above it.
+        let ahead = first + 10_000_000;
+        let mut tx = CommitBatch::default();
+        tx.put(&StateKey::namespace(RUN_KEY), state::encode("run", &ahead)?);
+        store.commit(tx)?;
+        assert_eq!(next_run(&store)?, ahead + 1);
+        Ok(())
+    }
+
+    #[test]
+    fn settings_refuse_what_cannot_work() {
+        let ok = ServiceSettings::default();
+        assert!(ok.validate().is_ok());
+        let bad = ServiceSettings { instance: 2, instances: 2, ..ServiceSettings::default() };
+        assert!(bad.validate().is_err());
+        let bad = ServiceSettings { commit_interval: Duration::ZERO, ..ServiceSettings::default() };
+        assert!(bad.validate().is_err());
+    }
 }
