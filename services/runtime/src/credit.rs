@@ -163,60 +163,69 @@ impl Outbound {
 struct Inbound {
     /// The highest running total taken off the stream.
     consumed: Usage,
-    /// The sender's last reported total and backlog.
-    reported_sent: Usage,
+    /// The sender's last reported backlog.
     backlog: Usage,
     /// Whether a batch of this sender run was seen (else `consumed` is
     /// taken from its report).
     seen_batch: bool,
+    /// The ledger's tick when the channel was last heard of.
+    heard: u64,
 }
 
 /// A receiver instance's credit ledger over all its channels.
+///
+/// A channel is one sender *run*: a restarted sender is a new channel, and
+/// two processes claiming one sender name (a zombie beside its successor)
+/// are two channels, each with its own credit, so neither starves the other.
+/// Channels not heard of (no batch, no report) for `idle_ticks` ticks are
+/// forgotten; a sender heard of again later starts a channel afresh, from the
+/// total it stamps or reports.
 #[derive(Debug, Clone)]
 pub struct Ledger {
     policy: CreditPolicy,
-    channels: BTreeMap<(KeyGroup, String), (u64, Inbound)>,
+    channels: BTreeMap<(KeyGroup, Sender), Inbound>,
+    tick: u64,
+    idle_ticks: u64,
 }
 
 impl Ledger {
-    /// An empty ledger sized by `policy`.
-    pub fn new(policy: CreditPolicy) -> Self {
-        Self { policy, channels: BTreeMap::new() }
+    /// An empty ledger sized by `policy`, forgetting channels idle for
+    /// `idle_ticks` of [`Ledger::tick`].
+    pub fn new(policy: CreditPolicy, idle_ticks: u64) -> Self {
+        Self { policy, channels: BTreeMap::new(), tick: 0, idle_ticks: idle_ticks.max(1) }
     }
 
-    /// The channel of (`key_group`, `sender`), reset when the sender started
-    /// a new run; `None` for a report of an older run than the one known.
-    fn channel(&mut self, key_group: KeyGroup, sender: &Sender) -> Option<&mut Inbound> {
-        let entry = self.channels.entry((key_group, sender.name.clone())).or_insert((sender.epoch, Inbound::default()));
-        if sender.epoch < entry.0 {
-            return None;
-        }
-        if sender.epoch > entry.0 {
-            *entry = (sender.epoch, Inbound::default());
-        }
-        Some(&mut entry.1)
+    fn channel(&mut self, key_group: KeyGroup, sender: &Sender) -> &mut Inbound {
+        let tick = self.tick;
+        let c = self.channels.entry((key_group, sender.clone())).or_default();
+        c.heard = tick;
+        c
+    }
+
+    /// Time passes (one announcement interval): forget idle channels.
+    pub fn tick(&mut self) {
+        self.tick += 1;
+        let (now, idle) = (self.tick, self.idle_ticks);
+        self.channels.retain(|_, c| now.saturating_sub(c.heard) <= idle);
     }
 
     /// A batch stamped with the running total `total` of `sender` was taken
     /// off `key_group`'s stream.
     pub fn consumed(&mut self, key_group: KeyGroup, sender: &Sender, total: Usage) {
-        if let Some(c) = self.channel(key_group, sender) {
-            c.consumed = c.consumed.max(total);
-            c.seen_batch = true;
-        }
+        let c = self.channel(key_group, sender);
+        c.consumed = c.consumed.max(total);
+        c.seen_batch = true;
     }
 
     /// A sender's status for a channel.
     pub fn status(&mut self, status: &Status) {
-        if let Some(c) = self.channel(status.key_group, &status.sender) {
-            c.reported_sent = c.reported_sent.max(status.sent);
-            c.backlog = status.backlog;
-            if !c.seen_batch {
-                // Heard of, never seen a batch of: take what it sent as
-                // consumed (a restarted receiver lost its notes; waiting for
-                // a batch could wait forever if the sender has no credit).
-                c.consumed = c.consumed.max(status.sent);
-            }
+        let c = self.channel(status.key_group, &status.sender);
+        c.backlog = status.backlog;
+        if !c.seen_batch {
+            // Heard of, never seen a batch of: take what it sent as consumed
+            // (a restarted receiver lost its notes; waiting for a batch could
+            // wait forever if the sender has no credit).
+            c.consumed = c.consumed.max(status.sent);
         }
     }
 
@@ -224,10 +233,10 @@ impl Ledger {
     /// exclusive share plus a share of the floating pool in proportion to
     /// the channel's reported backlog (never more than the backlog).
     pub fn grants(&self) -> Vec<Grant> {
-        let total_backlog: u128 = self.channels.values().map(|(_, c)| u128::from(c.backlog.bytes)).sum();
+        let total_backlog: u128 = self.channels.values().map(|c| u128::from(c.backlog.bytes)).sum();
         self.channels
             .iter()
-            .map(|((kg, name), (epoch, c))| {
+            .map(|((kg, sender), c)| {
                 let floating = if total_backlog == 0 || c.backlog.is_zero() {
                     Usage::ZERO
                 } else {
@@ -240,7 +249,7 @@ impl Ledger {
                     Usage::new(batches, bytes)
                 };
                 Grant {
-                    sender: Sender { name: name.clone(), epoch: *epoch },
+                    sender: sender.clone(),
                     key_group: *kg,
                     limit: c.consumed.plus(self.policy.exclusive).plus(floating),
                 }
@@ -251,15 +260,14 @@ impl Ledger {
     /// Credit granted and not used yet, over all channels (for metrics).
     pub fn outstanding(&self) -> Usage {
         self.grants().iter().fold(Usage::ZERO, |acc, g| {
-            let consumed =
-                self.channels.get(&(g.key_group, g.sender.name.clone())).map_or(Usage::ZERO, |(_, c)| c.consumed);
+            let consumed = self.channels.get(&(g.key_group, g.sender.clone())).map_or(Usage::ZERO, |c| c.consumed);
             acc.plus(g.limit.minus(consumed))
         })
     }
 
     /// Backlog reported by all senders (for metrics).
     pub fn backlog(&self) -> Usage {
-        self.channels.values().fold(Usage::ZERO, |acc, (_, c)| acc.plus(c.backlog))
+        self.channels.values().fold(Usage::ZERO, |acc, c| acc.plus(c.backlog))
     }
 }
 
@@ -345,7 +353,7 @@ mod tests {
 
     #[test]
     fn limits_follow_consumption_and_a_lost_grant_is_repaired_by_the_next() {
-        let mut ledger = Ledger::new(POLICY);
+        let mut ledger = Ledger::new(POLICY, 100);
         let s = sender("enrich-0", 1);
         ledger.consumed(KeyGroup(3), &s, Usage::new(2, 2000));
         assert_eq!(limit_of(&ledger, 3, "enrich-0"), Some(Usage::new(6, 6000)));
@@ -363,7 +371,7 @@ mod tests {
 
     #[test]
     fn floating_credit_goes_to_the_backlog_in_proportion() {
-        let mut ledger = Ledger::new(POLICY);
+        let mut ledger = Ledger::new(POLICY, 100);
         let (a, b, c) = (sender("a", 1), sender("b", 1), sender("c", 1));
         for (s, backlog) in [(&a, Usage::new(30, 3000)), (&b, Usage::new(10, 1000)), (&c, Usage::ZERO)] {
             ledger.status(&Status { sender: s.clone(), key_group: KeyGroup(0), sent: Usage::ZERO, backlog });
@@ -377,7 +385,7 @@ mod tests {
 
     #[test]
     fn in_flight_is_bounded_by_the_pools() {
-        let mut ledger = Ledger::new(POLICY);
+        let mut ledger = Ledger::new(POLICY, 100);
         for i in 0..5u16 {
             let s = sender(&format!("s{i}"), 1);
             ledger.status(&Status {
@@ -402,19 +410,27 @@ mod tests {
         while out.may_send() {
             out.sent(1000);
         }
-        let mut fresh = Ledger::new(POLICY);
+        let mut fresh = Ledger::new(POLICY, 100);
         fresh.status(&Status { sender: s, key_group: KeyGroup(9), sent: out.sent, backlog: Usage::new(1, 1000) });
         out.grant(limit_of(&fresh, 9, "enrich-0").unwrap_or_default());
         assert!(out.may_send(), "not stuck");
     }
 
     #[test]
-    fn a_new_sender_run_resets_its_channels_and_old_reports_are_ignored() {
-        let mut ledger = Ledger::new(POLICY);
+    fn runs_of_one_sender_are_separate_channels_and_idle_ones_are_forgotten() {
+        let mut ledger = Ledger::new(POLICY, 3);
+        // A zombie (run 1) beside its successor (run 2): each has its own credit.
         ledger.consumed(KeyGroup(1), &sender("w", 1), Usage::new(50, 50_000));
         ledger.consumed(KeyGroup(1), &sender("w", 2), Usage::new(1, 100));
-        assert_eq!(limit_of(&ledger, 1, "w"), Some(Usage::new(5, 4100)));
-        ledger.consumed(KeyGroup(1), &sender("w", 1), Usage::new(60, 60_000));
-        assert_eq!(limit_of(&ledger, 1, "w"), Some(Usage::new(5, 4100)), "a report of the old run changes nothing");
+        let limit = |l: &Ledger, run| l.grants().into_iter().find(|g| g.sender == sender("w", run)).map(|g| g.limit);
+        assert_eq!(limit(&ledger, 1), Some(Usage::new(54, 54_000)));
+        assert_eq!(limit(&ledger, 2), Some(Usage::new(5, 4100)));
+        // Run 1 goes quiet; run 2 keeps sending: run 1 is forgotten.
+        for i in 0..4 {
+            ledger.tick();
+            ledger.consumed(KeyGroup(1), &sender("w", 2), Usage::new(2 + i, 200));
+        }
+        assert_eq!(limit(&ledger, 1), None);
+        assert!(limit(&ledger, 2).is_some());
     }
 }

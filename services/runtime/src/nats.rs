@@ -364,10 +364,18 @@ pub async fn run_credit_receiver(
             }
             _ = tick.tick() => {
                 ticks += 1;
-                let l = ledger.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut l = ledger.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                l.tick();
                 granted(l.outstanding().bytes);
                 let all = ticks.is_multiple_of(10);
-                l.grants()
+                let grants = l.grants();
+                if all {
+                    // Forget what was announced to channels the ledger forgot.
+                    let live: std::collections::HashSet<_> =
+                        grants.iter().map(|g| (g.key_group, g.sender.clone())).collect();
+                    announced.retain(|k, _| live.contains(k));
+                }
+                grants
                     .into_iter()
                     .filter(|g| all || announced.get(&(g.key_group, g.sender.clone())) != Some(&g.limit))
                     .collect()

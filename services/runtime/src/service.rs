@@ -313,7 +313,10 @@ where
         tokio::spawn(nats::run_publisher(js.clone(), ctx.nats.clone(), pub_rx, ctx.metrics.clone(), sender_credit));
     // The receiving side of flow control: the stage thread notes what it
     // consumed, this task announces limits.
-    let ledger = ctx.nats.credit.then(|| Arc::new(Mutex::new(credit::Ledger::new(ctx.nats.credit_policy()))));
+    // A channel silent for a minute is forgotten (a sender that left).
+    let idle_ticks = (Duration::from_secs(60).as_millis() / ctx.nats.credit_interval.as_millis().max(1)) as u64;
+    let ledger =
+        ctx.nats.credit.then(|| Arc::new(Mutex::new(credit::Ledger::new(ctx.nats.credit_policy(), idle_ticks))));
     let credit_task = ledger.clone().map(|ledger| {
         let metrics = ctx.metrics.clone();
         tokio::spawn(nats::run_credit_receiver(
