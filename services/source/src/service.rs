@@ -122,10 +122,16 @@ async fn run(settings: SourceServiceSettings) -> anyhow::Result<()> {
             Err(anyhow::anyhow!("the drain did not finish within {drain:?}"))
         }
     };
+    shutdown.cancel();
     if result.is_err() {
         health.set_failed();
+        // Whatever the publisher still holds (say, batches no receiver gives
+        // credit for) is republished by the next start from the committed
+        // offsets: do not wait for it.
+        publisher.abort();
+        let _ = http.await;
+        return result;
     }
-    shutdown.cancel();
     let published = publisher.await.context("publisher task")?;
     let _ = http.await;
     result?;
