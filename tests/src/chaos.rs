@@ -285,6 +285,16 @@ impl Harness {
         self.stack.restart_service(name)
     }
 
+    /// Supervise until `producer` exits; count what it produced.
+    fn finish_producer(&mut self, mut producer: Child) -> anyhow::Result<()> {
+        while producer.try_wait()?.is_none() {
+            self.supervise()?;
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.report.records_in += producer_result(producer)?;
+        Ok(())
+    }
+
     fn restart_server(&mut self, name: &str) -> anyhow::Result<()> {
         (self.log)(&format!("restarting {name} (data kept)"));
         self.stack.restart_server(name)?;
@@ -293,11 +303,12 @@ impl Harness {
     }
 }
 
-/// Count the lines of DATA/sdk-events.tsv (the records produce will send).
+/// The records of DATA/sdk-events.tsv, framed as `sluice produce` frames
+/// them (so the count is what it will send).
 fn count_records(data: &Path) -> anyhow::Result<u64> {
-    let path = data.join("sdk-events.tsv");
+    let path = data.join(crate::INPUT_FILE);
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count() as u64)
+    Ok(sluice_source::framing::lines(&bytes).count() as u64)
 }
 
 /// Wait for the producer; the number it reports.
@@ -352,13 +363,9 @@ pub fn run(config: &ChaosConfig, out: &Path, log: impl FnMut(&str) + 'static) ->
             h.restart_server("nats")?;
         }
         if k == kafka_at && config.kills > 0 {
-            if let Some(mut p) = producer.take() {
+            if let Some(p) = producer.take() {
                 (h.log)("waiting for the first part of the input before restarting the broker");
-                while p.try_wait()?.is_none() {
-                    h.supervise()?;
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                h.report.records_in += producer_result(p)?;
+                h.finish_producer(p)?;
             }
             h.settle()?;
             h.restart_server("kafka")?;
@@ -400,13 +407,9 @@ pub fn run(config: &ChaosConfig, out: &Path, log: impl FnMut(&str) + 'static) ->
         }
     }
     h.settle()?;
-    if let Some(mut p) = producer.take() {
+    if let Some(p) = producer.take() {
         (h.log)("kills done; waiting for the producer");
-        while p.try_wait()?.is_none() {
-            h.supervise()?;
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        h.report.records_in += producer_result(p)?;
+        h.finish_producer(p)?;
     }
     ensure!(h.report.records_in == records, "produced {} records, expected {records}", h.report.records_in);
     (h.log)(&format!("all {records} records produced; waiting for the sink"));

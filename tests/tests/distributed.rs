@@ -44,26 +44,26 @@ fn check_probes_and_metrics(stack: &Stack) -> anyhow::Result<()> {
             ensure!(text.contains(m), "{}: {m} missing from /metrics", p.name);
         }
         ensure!(text.contains(&format!("stage=\"{stage}\"")), "{}: no stage label", p.name);
-        let received = text
-            .lines()
-            .find(|l| l.starts_with("sluice_records_received_total{"))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0);
+        let received = metric_value(&text, "sluice_records_received_total");
         ensure!(received > 0.0, "{}: no input counted in /metrics", p.name);
     }
     Ok(())
 }
 
-/// The value of the unlabelled-by-reason counter `name` in a service's metrics.
-fn counter(stack: &Stack, process: &str, name: &str) -> anyhow::Result<f64> {
-    let (_, text) = http_get(stack.http(process)?, "/metrics")?;
-    Ok(text
-        .lines()
+/// The value of the first series of metric `name` in exposition `text` (0
+/// when absent).
+fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
         .find(|l| l.starts_with(&format!("{name}{{")))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0))
+        .unwrap_or(0.0)
+}
+
+/// The value of metric `name` in a service's `/metrics`.
+fn counter(stack: &Stack, process: &str, name: &str) -> anyhow::Result<f64> {
+    let (_, text) = http_get(stack.http(process)?, "/metrics")?;
+    Ok(metric_value(&text, name))
 }
 
 /// A zombie source — a second process reading the same partitions, with

@@ -233,41 +233,38 @@ impl Ledger {
     /// exclusive share plus a share of the floating pool in proportion to
     /// the channel's reported backlog (never more than the backlog).
     pub fn grants(&self) -> Vec<Grant> {
-        let total_backlog: u128 = self.channels.values().map(|c| u128::from(c.backlog.bytes)).sum();
-        self.channels
-            .iter()
-            .map(|((kg, sender), c)| {
-                let floating = if total_backlog == 0 || c.backlog.is_zero() {
-                    Usage::ZERO
-                } else {
-                    let share = |pool: u64| -> u64 {
-                        // u128: pool × backlog cannot overflow.
-                        (u128::from(pool) * u128::from(c.backlog.bytes) / total_backlog) as u64
-                    };
-                    let bytes = share(self.policy.floating.bytes).min(c.backlog.bytes);
-                    let batches = share(self.policy.floating.batches).min(c.backlog.batches);
-                    Usage::new(batches, bytes)
-                };
-                Grant {
-                    sender: sender.clone(),
-                    key_group: *kg,
-                    limit: c.consumed.plus(self.policy.exclusive).plus(floating),
-                }
+        self.credit()
+            .map(|(kg, sender, c, credit)| Grant {
+                sender: sender.clone(),
+                key_group: kg,
+                limit: c.consumed.plus(credit),
             })
             .collect()
     }
 
     /// Credit granted and not used yet, over all channels (for metrics).
     pub fn outstanding(&self) -> Usage {
-        self.grants().iter().fold(Usage::ZERO, |acc, g| {
-            let consumed = self.channels.get(&(g.key_group, g.sender.clone())).map_or(Usage::ZERO, |c| c.consumed);
-            acc.plus(g.limit.minus(consumed))
-        })
+        self.credit().fold(Usage::ZERO, |acc, (.., credit)| acc.plus(credit))
     }
 
-    /// Backlog reported by all senders (for metrics).
-    pub fn backlog(&self) -> Usage {
-        self.channels.values().fold(Usage::ZERO, |acc, c| acc.plus(c.backlog))
+    /// Per channel, the credit beyond what it consumed: the exclusive share
+    /// plus its share of the floating pool.
+    fn credit(&self) -> impl Iterator<Item = (KeyGroup, &Sender, &Inbound, Usage)> {
+        let total_backlog: u128 = self.channels.values().map(|c| u128::from(c.backlog.bytes)).sum();
+        self.channels.iter().map(move |((kg, sender), c)| {
+            let floating = if total_backlog == 0 || c.backlog.is_zero() {
+                Usage::ZERO
+            } else {
+                let share = |pool: u64| -> u64 {
+                    // u128: pool × backlog cannot overflow.
+                    (u128::from(pool) * u128::from(c.backlog.bytes) / total_backlog) as u64
+                };
+                let bytes = share(self.policy.floating.bytes).min(c.backlog.bytes);
+                let batches = share(self.policy.floating.batches).min(c.backlog.batches);
+                Usage::new(batches, bytes)
+            };
+            (*kg, sender, c, self.policy.exclusive.plus(floating))
+        })
     }
 }
 

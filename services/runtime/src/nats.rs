@@ -549,6 +549,15 @@ impl Gate {
     }
 }
 
+/// Send a subject's next message: through the credit gate when there is
+/// one (it may hold the message), else at once.
+fn dispatch(gate: Option<&mut Gate>, js: &jetstream::Context, seq: u64, out: Outgoing) -> Option<InFlight> {
+    match gate {
+        Some(g) => g.offer(js, seq, out),
+        None => Some(send(js, seq, out, None, Duration::ZERO)),
+    }
+}
+
 /// Publish everything `rx` hands over, keeping each subject's messages in
 /// order (see [`crate::publish_order`]), until `rx` closes and everything is
 /// stored. A failing publish is retried under the same id with backoff for
@@ -635,13 +644,7 @@ pub async fn run_publisher(
                     let subject = out.subject.clone();
                     let len = out.payload.len() as u64;
                     match order.offer(&subject, (seq, out)) {
-                        Some((seq, out)) => {
-                            let sent = match gate.as_mut() {
-                                Some(g) => g.offer(&js, seq, out),
-                                None => Some(send(&js, seq, out, None, Duration::ZERO)),
-                            };
-                            in_flight.extend(sent);
-                        }
+                        Some((seq, out)) => in_flight.extend(dispatch(gate.as_mut(), &js, seq, out)),
                         None => {
                             let q = queued.entry(subject).or_default();
                             q.0 += 1;
@@ -673,11 +676,7 @@ pub async fn run_publisher(
                             q.0 = q.0.saturating_sub(1);
                             q.1 = q.1.saturating_sub(next.payload.len() as u64);
                         }
-                        let sent = match gate.as_mut() {
-                            Some(g) => g.offer(&js, seq, next),
-                            None => Some(send(&js, seq, next, None, Duration::ZERO)),
-                        };
-                        in_flight.extend(sent);
+                        in_flight.extend(dispatch(gate.as_mut(), &js, seq, next));
                     }
                 }
                 Err(Attempt::TooLarge(why)) => {
