@@ -28,6 +28,7 @@ pub mod credit;
 pub mod delivery_order;
 pub mod event_time;
 pub mod exit;
+pub mod handoff;
 pub mod hop;
 pub mod inbox;
 pub mod json;

@@ -25,6 +25,11 @@
 //! | `sluice_credit_available_bytes` | gauge | sender: credit left over its output channels |
 //! | `sluice_credit_backlog_bytes` | gauge | sender: bytes handed to the publisher and not yet stored (waiting for credit or the server) |
 //! | `sluice_credit_granted_bytes` | gauge | receiver: credit granted to its senders and not yet used |
+//! | `sluice_time_share{state}` | gauge | share of the last second spent `busy`, `backpressured` (waiting for credit or the server) or `idle` (waiting for input) |
+//! | `sluice_input_paused` | gauge | source: 1 while its Kafka partitions are paused for want of credit |
+//! | `sluice_input_pauses_total` | counter | source: times its Kafka partitions were paused |
+//! | `sluice_resident_memory_bytes` | gauge | the process's resident memory (RSS) |
+//! | `sluice_memory_limit_bytes` | gauge | `service.memory_limit_bytes`, the memory it is sized for |
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,7 +45,7 @@ use crate::reject::{RejectCounts, RejectReason};
 
 /// The name of every metric a service exposes (as exposed: counters end in
 /// `_total`), for tests that check a service exposes them all.
-pub const NAMES: [&str; 17] = [
+pub const NAMES: [&str; 22] = [
     "sluice_records_received_total",
     "sluice_records_sent_total",
     "sluice_batches_received_total",
@@ -58,6 +63,11 @@ pub const NAMES: [&str; 17] = [
     "sluice_credit_available_bytes",
     "sluice_credit_backlog_bytes",
     "sluice_credit_granted_bytes",
+    "sluice_time_share",
+    "sluice_input_paused",
+    "sluice_input_pauses_total",
+    "sluice_resident_memory_bytes",
+    "sluice_memory_limit_bytes",
 ];
 
 /// The `reason` label of rejects.
@@ -66,6 +76,15 @@ pub struct ReasonLabel {
     /// The reject reason's name.
     pub reason: &'static str,
 }
+
+/// The `state` label of the time shares.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    /// `busy`, `backpressured` or `idle`.
+    pub state: &'static str,
+}
+
+type FloatGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
 
 /// One service's metrics.
 pub struct Metrics {
@@ -104,6 +123,16 @@ pub struct Metrics {
     pub credit_backlog: Gauge,
     /// Receiver: credit granted and not yet used, bytes.
     pub credit_granted: Gauge,
+    /// Share of the last second busy, back-pressured and idle.
+    pub time_share: Family<StateLabel, FloatGauge>,
+    /// Source: 1 while its Kafka partitions are paused.
+    pub input_paused: Gauge,
+    /// Source: pauses of its Kafka partitions.
+    pub input_pauses: Counter,
+    /// Resident memory, bytes.
+    pub resident_memory: Gauge,
+    /// `service.memory_limit_bytes`.
+    pub memory_limit: Gauge,
 }
 
 impl Metrics {
@@ -129,6 +158,11 @@ impl Metrics {
             credit_available: Gauge::default(),
             credit_backlog: Gauge::default(),
             credit_granted: Gauge::default(),
+            time_share: Family::default(),
+            input_paused: Gauge::default(),
+            input_pauses: Counter::default(),
+            resident_memory: Gauge::default(),
+            memory_limit: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("records_received", "Input records", m.records_received.clone());
@@ -193,6 +227,23 @@ impl Metrics {
             bytes(),
             m.credit_granted.clone(),
         );
+        registry.register(
+            "time_share",
+            "Share of the last second spent busy, back-pressured (waiting for credit or the server) or idle",
+            m.time_share.clone(),
+        );
+        registry.register("input_paused", "Source: 1 while its Kafka partitions are paused", m.input_paused.clone());
+        registry.register("input_pauses", "Source: pauses of its Kafka partitions", m.input_pauses.clone());
+        registry.register_with_unit("resident_memory", "Resident memory (RSS)", bytes(), m.resident_memory.clone());
+        registry.register_with_unit(
+            "memory_limit",
+            "The memory the instance is sized for (service.memory_limit_bytes)",
+            bytes(),
+            m.memory_limit.clone(),
+        );
+        for (state, share) in [("busy", 0.0), ("backpressured", 0.0), ("idle", 1.0)] {
+            m.time_share.get_or_create(&StateLabel { state }).set(share);
+        }
         // Every reason from the start, at 0: a series that appears only at
         // its first reject breaks rate() over the first scrape interval.
         for reason in RejectReason::ALL {
@@ -220,12 +271,90 @@ impl Metrics {
         self.busy_seconds.inc_by(d.as_secs_f64());
     }
 
+    /// Set the time shares and the resident memory from what was counted
+    /// since `last`; called once a second by [`observe_every_second`].
+    pub fn observe(&self, last: &mut Observation) {
+        let now = Observation::now(self);
+        let elapsed = now.at.duration_since(last.at).as_secs_f64();
+        if elapsed > 0.0 {
+            let (busy, backpressured) = last.shares(&now, elapsed);
+            self.time_share.get_or_create(&StateLabel { state: "busy" }).set(busy);
+            self.time_share.get_or_create(&StateLabel { state: "backpressured" }).set(backpressured);
+            self.time_share.get_or_create(&StateLabel { state: "idle" }).set((1.0 - busy - backpressured).max(0.0));
+        }
+        if let Some(rss) = resident_memory() {
+            self.resident_memory.set(rss as i64);
+        }
+        *last = now;
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// The counters the time shares are computed from, at one moment.
+#[derive(Debug, Clone, Copy)]
+pub struct Observation {
+    at: std::time::Instant,
+    busy: f64,
+    backpressured: f64,
+}
+
+impl Observation {
+    /// The counters of `m` now.
+    pub fn now(m: &Metrics) -> Self {
+        Self { at: std::time::Instant::now(), busy: m.busy_seconds.get(), backpressured: m.backpressured_seconds.get() }
+    }
+
+    /// Busy and back-pressured shares of the `elapsed` seconds up to
+    /// `later`, each within 0..=1. A counter is bumped when a wait ends, so
+    /// a long wait lands in one second: the share is capped, not spread.
+    fn shares(&self, later: &Observation, elapsed: f64) -> (f64, f64) {
+        let busy = ((later.busy - self.busy) / elapsed).clamp(0.0, 1.0);
+        let backpressured = ((later.backpressured - self.backpressured) / elapsed).clamp(0.0, 1.0 - busy);
+        (busy, backpressured)
+    }
+}
+
+/// The process's resident memory in bytes (Linux: `VmRSS` of
+/// `/proc/self/status`); `None` where that cannot be read.
+pub fn resident_memory() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Update the time shares and the resident memory every second until
+/// `shutdown`; warn (at most once a minute) while the resident memory is
+/// above `limit` bytes.
+pub async fn observe_every_second(metrics: Arc<Metrics>, limit: u64, shutdown: tokio_util::sync::CancellationToken) {
+    metrics.memory_limit.set(limit.min(i64::MAX as u64) as i64);
+    let mut last = Observation::now(&metrics);
+    let mut warned: Option<std::time::Instant> = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        metrics.observe(&mut last);
+        let rss = metrics.resident_memory.get().max(0) as u64;
+        if rss > limit && warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+            warned = Some(std::time::Instant::now());
+            tracing::warn!(
+                rss_mib = rss >> 20,
+                limit_mib = limit >> 20,
+                "resident memory above service.memory_limit_bytes (see docs/flow-control.md, Memory)"
+            );
+        }
     }
 }
 
@@ -257,5 +386,29 @@ mod tests {
         }
         assert!(text.contains(r#"stage="enrich""#) && text.contains(r#"instance="1""#), "{text}");
         assert!(text.contains(r#"reason="unknown_app""#), "{text}");
+        assert!(text.contains(r#"state="idle""#), "{text}");
+    }
+
+    #[test]
+    fn time_shares_add_up_to_one_and_never_leave_zero_to_one() {
+        let t0 = std::time::Instant::now();
+        let a = Observation { at: t0, busy: 10.0, backpressured: 5.0 };
+        let b = Observation { at: t0, busy: 10.25, backpressured: 5.5 };
+        assert_eq!(a.shares(&b, 1.0), (0.25, 0.5));
+        // A 3-second wait counted in one second: capped at what is left.
+        let c = Observation { at: t0, busy: 10.5, backpressured: 8.0 };
+        assert_eq!(a.shares(&c, 1.0), (0.5, 0.5));
+    }
+
+    #[test]
+    fn observing_sets_the_shares_and_the_memory() {
+        let m = Metrics::new("window", 0);
+        let mut last = Observation::now(&m);
+        last.at -= Duration::from_secs(2);
+        m.busy(Duration::from_millis(500));
+        m.observe(&mut last);
+        let busy = m.time_share.get_or_create(&StateLabel { state: "busy" }).get();
+        assert!((0.2..=0.26).contains(&busy), "busy share {busy}");
+        assert!(m.resident_memory.get() > 0, "RSS read from /proc");
     }
 }

@@ -44,9 +44,10 @@ pub struct NatsSettings {
     /// Must stay under the server's `max_payload` (1 MiB by default).
     pub max_batch_bytes: usize,
     /// Bytes a hop's stream may hold (messages not yet committed by their
-    /// receiver); when full, publishers wait and retry. -1 (the default): no
-    /// limit of its own, only the server's JetStream storage. A limit is
-    /// reserved up front by the server, for each of the three hops.
+    /// receiver); when full, publishers wait and retry. Credits keep a
+    /// stream far below it: this is the last guard, should they be off or
+    /// misconfigured. -1: no limit of its own. A limit is reserved up front
+    /// by the server, for each of the three hops.
     pub stream_max_bytes: i64,
     /// JetStream's window for dropping a re-published message id.
     #[serde(with = "humantime_serde")]
@@ -76,8 +77,9 @@ pub struct NatsSettings {
     /// How often receivers announce limits and blocked senders report.
     #[serde(with = "humantime_serde")]
     pub credit_interval: Duration,
-    /// Bytes a publisher holds waiting for credit or for the server; beyond
-    /// it the stage stops handing over outputs, and so stops taking input.
+    /// Bytes handed to a publisher and not yet stored (waiting for credit or
+    /// for the server); beyond it the stage waits to hand over outputs, and
+    /// so stops taking input.
     pub publish_buffer_bytes: u64,
 }
 
@@ -92,24 +94,31 @@ impl NatsSettings {
     }
 }
 
+impl NatsSettings {
+    /// The hand-over to a publisher with these settings' budget.
+    pub fn handoff(&self) -> (crate::handoff::Handoff, crate::handoff::Intake) {
+        crate::handoff::Handoff::new(self.publish_buffer_bytes)
+    }
+}
+
 impl Default for NatsSettings {
     fn default() -> Self {
         Self {
             url: "nats://127.0.0.1:4222".into(),
             prefix: "sluice".into(),
             max_batch_bytes: 1000 * 1024,
-            stream_max_bytes: -1,
+            stream_max_bytes: 1 << 30,
             duplicate_window: Duration::from_secs(120),
             max_ack_pending: 1024,
             pull_batch: 64,
             publish_timeout: Duration::from_secs(60),
             credit: true,
-            credit_batches: 8,
-            credit_bytes: 4 << 20,
+            credit_batches: 4,
+            credit_bytes: 256 << 10,
             credit_floating_batches: 64,
-            credit_floating_bytes: 32 << 20,
+            credit_floating_bytes: 16 << 20,
             credit_interval: Duration::from_millis(100),
-            publish_buffer_bytes: 32 << 20,
+            publish_buffer_bytes: 16 << 20,
         }
     }
 }
@@ -416,14 +425,7 @@ pub struct Outgoing {
     pub payload: Bytes,
 }
 
-/// What the publisher is told, in order.
-#[derive(Debug)]
-pub enum ToPublisher {
-    /// Publish this, after everything before it on its subject.
-    Publish(Outgoing),
-    /// Answer once everything offered before this is stored.
-    Barrier(oneshot::Sender<()>),
-}
+pub use crate::handoff::ToPublisher;
 
 /// Counts the publisher reports.
 pub trait PublishReport: Send + 'static {
@@ -565,19 +567,23 @@ fn dispatch(gate: Option<&mut Gate>, js: &jetstream::Context, seq: u64, out: Out
 ///
 /// With `credit`, each subject's messages also wait for credit from the
 /// receiving key group ([`crate::credit`]): limits arrive on this sender's
-/// grant subject, blocked channels are reported every `credit_interval`, and
-/// once `publish_buffer_bytes` wait here the publisher stops taking messages,
-/// so the stage blocks handing over outputs and stops taking input.
+/// grant subject, and blocked channels are reported every `credit_interval`.
+/// Every message holds its share of the hand-over budget
+/// (`publish_buffer_bytes`, [`crate::handoff`]) until it is stored, so a
+/// publisher short of credit fills it and the stage, blocked handing over
+/// outputs, stops taking input.
 pub async fn run_publisher(
     js: jetstream::Context,
     settings: NatsSettings,
-    mut rx: mpsc::Receiver<ToPublisher>,
+    mut rx: crate::handoff::Intake,
     report: impl PublishReport,
     credit: Option<PublisherCredit>,
 ) -> Result<(), TransportError> {
     let mut order: PublishOrder<(u64, Outgoing)> = PublishOrder::default();
     let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
     let mut unstored: BTreeSet<u64> = BTreeSet::new();
+    // What each unstored message holds of the hand-over budget.
+    let mut budgets: HashMap<u64, crate::handoff::Budget> = HashMap::new();
     let mut barriers: Vec<(u64, oneshot::Sender<()>)> = Vec::new();
     let mut failing_since: HashMap<u64, (tokio::time::Instant, u32)> = Default::default();
     // Bytes handed over and not stored yet; per subject, what waits behind
@@ -633,13 +639,13 @@ pub async fn run_publisher(
         if let Some(g) = &gate {
             report.credit(g.available_bytes(), buffered);
         }
-        let room = buffered < settings.publish_buffer_bytes;
         tokio::select! {
-            msg = rx.recv(), if open && room => match msg {
-                Some(ToPublisher::Publish(out)) => {
+            msg = rx.recv(), if open => match msg {
+                Some(ToPublisher::Publish(out, budget)) => {
                     let seq = next_seq;
                     next_seq += 1;
                     unstored.insert(seq);
+                    budgets.insert(seq, budget);
                     buffered += out.payload.len() as u64;
                     let subject = out.subject.clone();
                     let len = out.payload.len() as u64;
@@ -669,6 +675,7 @@ pub async fn run_publisher(
                 Ok(duplicate) => {
                     report.stored(out.payload.len(), duplicate);
                     unstored.remove(&seq);
+                    budgets.remove(&seq);
                     failing_since.remove(&seq);
                     buffered = buffered.saturating_sub(out.payload.len() as u64);
                     if let Some((seq, next)) = order.stored(&out.subject) {

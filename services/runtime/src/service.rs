@@ -41,7 +41,7 @@ use crate::hop::Hop;
 use crate::inbox::Inbox;
 use crate::key_group::{KeyGroup, KeyGroupSet, KeyGroups};
 use crate::metrics::Metrics;
-use crate::nats::{self, AckToken, NatsSettings, ToPublisher, TransportError};
+use crate::nats::{self, AckToken, NatsSettings, TransportError};
 use crate::probe::Health;
 use crate::stage::{Stage, StageError};
 use crate::state::{self, CommitBatch, CommitStore, StateError, StateKey};
@@ -85,6 +85,11 @@ pub struct ServiceSettings {
     /// 0 (the default): no wait.
     #[serde(with = "humantime_serde")]
     pub batch_delay: Duration,
+    /// The resident memory the instance is sized for (its container's
+    /// limit on Kubernetes). In-flight data is bounded by the credit and
+    /// hand-over settings; the rest is state. Exposed beside the RSS in
+    /// `/metrics`; above it the service warns.
+    pub memory_limit_bytes: u64,
 }
 
 impl Default for ServiceSettings {
@@ -98,6 +103,7 @@ impl Default for ServiceSettings {
             intake_queue: 256,
             drain_timeout: Duration::from_secs(8),
             batch_delay: Duration::ZERO,
+            memory_limit_bytes: 512 << 20,
         }
     }
 }
@@ -308,7 +314,7 @@ where
     let name = format!("{}-{}", stage.name(), ctx.settings.instance);
     let sender_credit = S::OUTPUT
         .map(|hop| nats::PublisherCredit { sender: credit::Sender { name: name.clone(), epoch: recovered.run }, hop });
-    let (pub_tx, pub_rx) = mpsc::channel::<ToPublisher>(1024);
+    let (pub_tx, pub_rx) = ctx.nats.handoff();
     let publisher =
         tokio::spawn(nats::run_publisher(js.clone(), ctx.nats.clone(), pub_rx, ctx.metrics.clone(), sender_credit));
     // The receiving side of flow control: the stage thread notes what it
@@ -379,7 +385,7 @@ where
     let thread = std::thread::Builder::new()
         .name(format!("sluice-{}", stage.name()))
         .spawn(move || {
-            let io = Channels { publisher: pub_tx, acker: ack_tx, ledger };
+            let io = Channels { publisher: pub_tx, acker: ack_tx, ledger, metrics: metrics.clone() };
             let mut worker = StageThread::resume(stage, store, recovered, io, shape, metrics.clone())?;
             let result = worker.run(&mut intake_rx);
             let bytes = worker.state_bytes();
@@ -464,6 +470,11 @@ where
     let shutdown =
         crate::shutdown::on_signal().map_err(|e| ServiceError::Setup(format!("installing signal handlers: {e}")))?;
     let metrics = Metrics::new(name, common.service.instance);
+    tokio::spawn(crate::metrics::observe_every_second(
+        metrics.clone(),
+        common.service.memory_limit_bytes,
+        shutdown.clone(),
+    ));
     let health = Health::new();
     let (stage, routes) = make(Launched { key_groups, owned: &owned, metrics: &metrics, shutdown: &shutdown })?;
     let router = crate::probe::router(metrics.clone(), health.clone(), routes);

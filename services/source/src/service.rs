@@ -24,16 +24,17 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use sluice_runtime::codec::encode_raw_within;
+use sluice_runtime::handoff::Handoff;
 use sluice_runtime::hop::Hop;
 use sluice_runtime::key_group::KeyGroups;
 use sluice_runtime::lineage::Lineage;
 use sluice_runtime::metrics::Metrics;
-use sluice_runtime::nats::{self, NatsSettings, Outgoing, ToPublisher};
+use sluice_runtime::nats::{self, NatsSettings, Outgoing};
 use sluice_runtime::probe::{self, Health};
 use sluice_runtime::service::{self, ServiceSettings};
 use sluice_runtime::settings::PipelineSettings;
 use sluice_runtime::state::{self, CommitBatch, CommitStore, StateKey, StateSettings};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::batcher::Batcher;
@@ -73,6 +74,11 @@ async fn run(settings: SourceServiceSettings) -> anyhow::Result<()> {
     settings.service.validate()?;
     let shutdown = sluice_runtime::shutdown::on_signal().context("installing signal handlers")?;
     let metrics = Metrics::new("source", settings.service.instance);
+    tokio::spawn(sluice_runtime::metrics::observe_every_second(
+        metrics.clone(),
+        settings.service.memory_limit_bytes,
+        shutdown.clone(),
+    ));
     let health = Health::new();
     let router = probe::router(metrics.clone(), health.clone(), axum::Router::new());
     let (addr, http) = probe::serve(&settings.service.listen, router, shutdown.clone())
@@ -89,7 +95,7 @@ async fn run(settings: SourceServiceSettings) -> anyhow::Result<()> {
         sender: sluice_runtime::credit::Sender { name: format!("source-{}", settings.service.instance), epoch: run },
         hop: Hop::Raw,
     };
-    let (pub_tx, pub_rx) = mpsc::channel::<ToPublisher>(1024);
+    let (pub_tx, pub_rx) = settings.nats.handoff();
     let publisher = tokio::spawn(nats::run_publisher(js, settings.nats.clone(), pub_rx, metrics.clone(), Some(credit)));
 
     let (done_tx, done_rx) = oneshot::channel();
@@ -106,6 +112,8 @@ async fn run(settings: SourceServiceSettings) -> anyhow::Result<()> {
                     pub_tx,
                     metrics,
                     health,
+                    assignment: TopicPartitionList::new(),
+                    paused: false,
                     buffers: BTreeMap::new(),
                     published: BTreeMap::new(),
                     committed: BTreeMap::new(),
@@ -152,9 +160,15 @@ struct KafkaSource {
     settings: SourceServiceSettings,
     key_groups: KeyGroups,
     store: CommitStore,
-    pub_tx: mpsc::Sender<ToPublisher>,
+    pub_tx: Handoff,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    /// The partitions this instance reads, as assigned.
+    assignment: TopicPartitionList,
+    /// Whether they are paused: the publisher is full (no credit
+    /// downstream), so the backlog stays in Kafka instead of in the
+    /// consumer's prefetch.
+    paused: bool,
     buffers: BTreeMap<i32, PartitionBuffer>,
     /// Next offset per partition whose records are all published.
     published: BTreeMap<i32, i64>,
@@ -226,12 +240,19 @@ impl KafkaSource {
             }
         }
         consumer.assign(&assign).context("assigning partitions")?;
+        self.assignment = assign;
         tracing::info!(topic = %k.topic, partitions = ?parts, starts = ?starts, "consuming");
 
         let interval = self.settings.service.commit_interval;
         let (mut last_commit, mut last_check, mut last_lag) = (Instant::now(), Instant::now(), Instant::now());
         while !shutdown.is_cancelled() {
-            match consumer.poll(Duration::from_millis(10)) {
+            let t0 = Instant::now();
+            if self.paused && !self.pub_tx.would_wait(self.settings.source.chunk_bytes as usize) {
+                self.resume(&consumer);
+            }
+            let polled = consumer.poll(Duration::from_millis(10));
+            let waited_before = self.metrics.backpressured_seconds.get();
+            match polled {
                 Some(Ok(m)) => {
                     let (p, o) = (m.partition(), m.offset());
                     let (key, value) = (m.key().unwrap_or_default(), m.payload().unwrap_or_default());
@@ -253,13 +274,18 @@ impl KafkaSource {
                     buffer.batcher.push(Lineage { partition: p as u32, offset: o as u64 }, key, value);
                     self.metrics.records_received.inc();
                     if buffer.bytes >= self.settings.source.chunk_bytes {
-                        self.flush(p)?;
+                        self.flush(&consumer, p)?;
                     }
+                    // Busy: the poll that returned a record and its parsing,
+                    // less any wait for the publisher (counted apart).
+                    let waited = self.metrics.backpressured_seconds.get() - waited_before;
+                    self.metrics.busy(t0.elapsed().saturating_sub(Duration::from_secs_f64(waited.max(0.0))));
                 }
                 Some(Err(e)) => {
                     // Broker faults are retried by librdkafka; say so and go on.
                     tracing::warn!(error = %e, "Kafka consumer error");
                 }
+                // Nothing to read (or paused): idle, the rest of the second.
                 None => {}
             }
             if last_check.elapsed() >= Duration::from_millis(10) {
@@ -271,7 +297,7 @@ impl KafkaSource {
                     .map(|(p, _)| *p)
                     .collect();
                 for p in due {
-                    self.flush(p)?;
+                    self.flush(&consumer, p)?;
                 }
             }
             if last_commit.elapsed() >= interval {
@@ -286,7 +312,7 @@ impl KafkaSource {
         // Draining: publish what was read, then commit it.
         let parts: Vec<i32> = self.buffers.keys().copied().collect();
         for p in parts {
-            self.flush(p)?;
+            self.flush(&consumer, p)?;
         }
         self.commit(&consumer)?;
         tracing::info!(offsets = ?self.committed, "drained");
@@ -294,21 +320,21 @@ impl KafkaSource {
     }
 
     /// Publish partition `p`'s parsed records as raw batches, one per key group.
-    fn flush(&mut self, p: i32) -> anyhow::Result<()> {
+    fn flush(&mut self, consumer: &BaseConsumer, p: i32) -> anyhow::Result<()> {
         let Some(buffer) = self.buffers.get_mut(&p) else { return Ok(()) };
         let Some(first) = buffer.first.take() else { return Ok(()) };
         let last = buffer.last;
         buffer.bytes = 0;
         let batches = buffer.batcher.take();
         self.metrics.batches_received.inc();
-        let prefix = &self.settings.nats.prefix;
+        let prefix = self.settings.nats.prefix.clone();
         for batch in batches {
             for up in &batch.uploads {
                 if let Err(reason) = &up.body {
                     self.metrics.reject(*reason, 1);
                 }
             }
-            let subject = Hop::Raw.subject(prefix, batch.key_group);
+            let subject = Hop::Raw.subject(&prefix, batch.key_group);
             for (part, (bytes, records)) in
                 encode_raw_within(&batch, self.settings.nats.max_batch_bytes).into_iter().enumerate()
             {
@@ -316,13 +342,49 @@ impl KafkaSource {
                 let id = format!("source-p{p}-{first}-{last}-kg{}-{part}", batch.key_group.0);
                 self.metrics.records_sent.inc_by(records);
                 let out = Outgoing { subject: subject.clone(), id, payload: Bytes::from(bytes) };
-                let t0 = Instant::now();
-                self.pub_tx.blocking_send(ToPublisher::Publish(out)).map_err(|_| publisher_gone())?;
-                self.metrics.backpressured_seconds.inc_by(t0.elapsed().as_secs_f64());
+                if self.pub_tx.would_wait(out.payload.len()) {
+                    self.pause(consumer);
+                }
+                let waited = self.pub_tx.blocking_publish(out)?;
+                self.metrics.backpressured_seconds.inc_by(waited.as_secs_f64());
             }
         }
         self.published.insert(p, last + 1);
+        if self.paused && !self.pub_tx.would_wait(self.settings.source.chunk_bytes as usize) {
+            self.resume(consumer);
+        }
         Ok(())
+    }
+
+    /// Stop fetching: the publisher is full. librdkafka drops what it
+    /// prefetched for the paused partitions and fetches it again, from the
+    /// next offset this thread reads, on [`Self::resume`]; so while the
+    /// stages downstream are slow, the backlog stays in Kafka.
+    fn pause(&mut self, consumer: &BaseConsumer) {
+        if self.paused {
+            return;
+        }
+        match consumer.pause(&self.assignment) {
+            Ok(()) => {
+                self.paused = true;
+                self.metrics.input_paused.set(1);
+                self.metrics.input_pauses.inc();
+                tracing::debug!("no room in the publisher: Kafka partitions paused");
+            }
+            Err(e) => tracing::warn!(error = %e, "pausing the Kafka partitions"),
+        }
+    }
+
+    /// Fetch again: the publisher has room for a whole flush.
+    fn resume(&mut self, consumer: &BaseConsumer) {
+        match consumer.resume(&self.assignment) {
+            Ok(()) => {
+                self.paused = false;
+                self.metrics.input_paused.set(0);
+                tracing::debug!("Kafka partitions resumed");
+            }
+            Err(e) => tracing::warn!(error = %e, "resuming the Kafka partitions"),
+        }
     }
 
     /// Wait until everything published is stored; then commit the offsets.
@@ -330,11 +392,8 @@ impl KafkaSource {
         if self.published == self.committed {
             return Ok(());
         }
-        let t0 = Instant::now();
-        let (tx, rx) = oneshot::channel();
-        self.pub_tx.blocking_send(ToPublisher::Barrier(tx)).map_err(|_| publisher_gone())?;
-        rx.blocking_recv().map_err(|_| publisher_gone())?;
-        self.metrics.backpressured_seconds.inc_by(t0.elapsed().as_secs_f64());
+        let waited = self.pub_tx.blocking_barrier()?;
+        self.metrics.backpressured_seconds.inc_by(waited.as_secs_f64());
         let t1 = Instant::now();
         let mut batch = CommitBatch::default();
         let mut mirror = TopicPartitionList::new();
@@ -364,8 +423,4 @@ impl KafkaSource {
         }
         self.metrics.consumer_lag.set(lag);
     }
-}
-
-fn publisher_gone() -> anyhow::Error {
-    anyhow::anyhow!("the publisher stopped (see its error)")
 }

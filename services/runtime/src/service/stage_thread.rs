@@ -13,14 +13,15 @@
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use crate::credit;
 use crate::delivery_order::DeliveryOrder;
+use crate::handoff::{Handoff, PublisherGone};
 use crate::inbox::Inbox;
 use crate::key_group::KeyGroup;
 use crate::metrics::Metrics;
-use crate::nats::{AckToken, Delivery, Outgoing, ToPublisher};
+use crate::nats::{AckToken, Delivery, Outgoing};
 use crate::state::{self, CommitBatch, CommitStore, StateKey};
 
 use super::recovery::Recovered;
@@ -57,25 +58,27 @@ pub(super) trait StageIo {
 /// The service's [`StageIo`]: channels to the publisher
 /// ([`crate::nats::run_publisher`]) and the acker ([`crate::nats::run_acker`]).
 pub(super) struct Channels {
-    pub(super) publisher: mpsc::Sender<ToPublisher>,
+    pub(super) publisher: Handoff,
     pub(super) acker: mpsc::Sender<Vec<AckToken>>,
     /// The credit ledger the receiver task announces limits from.
     pub(super) ledger: Option<Arc<Mutex<credit::Ledger>>>,
+    /// Where waiting for the publisher is counted.
+    pub(super) metrics: Arc<Metrics>,
 }
 
-fn publisher_gone() -> ServiceError {
-    ServiceError::Setup("the publisher stopped (see its error)".into())
+fn publisher_gone(e: PublisherGone) -> ServiceError {
+    ServiceError::Setup(e.to_string())
 }
 
 impl StageIo for Channels {
     fn publish(&mut self, out: Outgoing) -> Result<(), ServiceError> {
-        self.publisher.blocking_send(ToPublisher::Publish(out)).map_err(|_| publisher_gone())
+        let waited = self.publisher.blocking_publish(out).map_err(publisher_gone)?;
+        self.metrics.backpressured_seconds.inc_by(waited.as_secs_f64());
+        Ok(())
     }
 
     fn barrier(&mut self) -> Result<(), ServiceError> {
-        let (tx, rx) = oneshot::channel();
-        self.publisher.blocking_send(ToPublisher::Barrier(tx)).map_err(|_| publisher_gone())?;
-        rx.blocking_recv().map_err(|_| publisher_gone())
+        self.publisher.blocking_barrier().map_err(publisher_gone).map(|_| ())
     }
 
     fn acknowledge(&mut self, tokens: Vec<AckToken>) -> Result<(), ServiceError> {
