@@ -28,6 +28,7 @@ use tempfile::TempDir;
 
 pub mod bench;
 pub mod chaos;
+pub mod overload;
 pub mod postgres;
 pub mod stack;
 
@@ -414,9 +415,16 @@ pub fn sum_field(dir: &Path, table: &str, field: &str) -> anyhow::Result<u64> {
         .sum()
 }
 
-/// A scratch directory for a test's state and exports.
+/// A scratch directory for a test's state and exports; kept (its path
+/// printed when dropped) when `SLUICE_KEEP_SCRATCH` is set, to read the
+/// logs of a failed test.
 pub fn scratch() -> anyhow::Result<TempDir> {
-    tempfile::Builder::new().prefix("sluice-test-").tempdir().context("creating a temp dir")
+    let mut dir = tempfile::Builder::new().prefix("sluice-test-").tempdir().context("creating a temp dir")?;
+    if std::env::var_os("SLUICE_KEEP_SCRATCH").is_some() {
+        eprintln!("scratch directory kept: {}", dir.path().display());
+        dir.disable_cleanup(true);
+    }
+    Ok(dir)
 }
 
 #[cfg(test)]

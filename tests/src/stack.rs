@@ -37,6 +37,9 @@ pub struct StackConfig {
     pub postgres: bool,
     /// Where the Kafka broker keeps its records.
     pub kafka_storage: KafkaStorage,
+    /// Extra `SLUICE_*` variables for one process only, by its name
+    /// (`sink-0`), after `env`; kept for its restarts.
+    pub per_service: std::collections::BTreeMap<String, Vec<(String, String)>>,
 }
 
 /// The Kafka broker's storage engine.
@@ -61,6 +64,7 @@ impl StackConfig {
             env: Vec::new(),
             postgres: false,
             kafka_storage: KafkaStorage::Memory,
+            per_service: Default::default(),
         }
     }
 }
@@ -87,6 +91,8 @@ pub struct Stack {
     pub config: StackConfig,
     /// NATS URL.
     pub nats_url: String,
+    /// nats-server's monitoring address (`/jsz`: stream sizes).
+    pub nats_monitor: String,
     /// Kafka bootstrap address.
     pub brokers: String,
     /// Processes, servers first.
@@ -166,8 +172,30 @@ pub fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
     let mut text = String::new();
     s.read_to_string(&mut text).with_context(|| format!("reading GET {path} from {addr}"))?;
     let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).context("no HTTP status")?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((text.as_str(), ""));
+    let chunked = head.lines().any(|l| l.to_ascii_lowercase().replace(' ', "") == "transfer-encoding:chunked");
+    let body = if chunked {
+        dechunk(body).with_context(|| format!("GET {path} from {addr}: bad chunked body"))?
+    } else {
+        body.to_string()
+    };
     Ok((status, body))
+}
+
+/// The payload of a `Transfer-Encoding: chunked` body (nats-server's
+/// monitoring answers so).
+fn dechunk(mut body: &str) -> anyhow::Result<String> {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n").context("no chunk size line")?;
+        let size = usize::from_str_radix(size.split(';').next().unwrap_or_default().trim(), 16)?;
+        if size == 0 {
+            return Ok(out);
+        }
+        ensure!(rest.len() >= size + 2, "a chunk is cut short");
+        out.push_str(rest.get(..size).context("a chunk splits a character")?);
+        body = &rest[size + 2..];
+    }
 }
 
 impl Stack {
@@ -179,6 +207,7 @@ impl Stack {
         let kafka_port = free_port()?;
         let mut stack = Stack {
             nats_url: format!("nats://127.0.0.1:{nats_port}"),
+            nats_monitor: format!("127.0.0.1:{}", free_port()?),
             brokers: format!("127.0.0.1:{kafka_port}"),
             processes: Vec::new(),
             config: config.clone(),
@@ -221,7 +250,8 @@ impl Stack {
                 std::fs::write(
                     &nats_conf,
                     format!(
-                        "listen: {addr}\nmax_payload: 8MB\njetstream {{\n  store_dir: \"{}\"\n}}\n",
+                        "listen: {addr}\nhttp: {}\nmax_payload: 8MB\njetstream {{\n  store_dir: \"{}\"\n}}\n",
+                        self.nats_monitor,
                         root.join("nats").display()
                     ),
                 )?;
@@ -301,6 +331,35 @@ impl Stack {
         self.processes.iter().filter(|p| p.instance.is_some()).map(|p| p.name.clone()).collect()
     }
 
+    /// Wait until service `name` answers `/readyz` (a deadline of
+    /// [`READY_DEADLINE`]).
+    pub fn wait_ready(&self, name: &str) -> anyhow::Result<()> {
+        let p = self.processes.iter().find(|p| p.name == name).with_context(|| format!("no service {name}"))?;
+        wait_ready(p.http.as_deref().with_context(|| format!("{name} has no HTTP address"))?, name, &p.log)
+    }
+
+    /// The process id of `name` (a server or a service), while it runs.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.processes.iter().find(|p| p.name == name).map(|p| p.child.id())
+    }
+
+    /// Bytes held by each JetStream stream, by name, from nats-server's
+    /// monitoring endpoint.
+    pub fn stream_bytes(&self) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+        let (status, body) = http_get(&self.nats_monitor, "/jsz?accounts=true&streams=true")?;
+        ensure!(status == 200, "nats-server /jsz answered {status}");
+        let v: serde_json::Value = serde_json::from_str(&body).context("parsing /jsz")?;
+        let mut out = std::collections::BTreeMap::new();
+        for account in v.get("account_details").and_then(|a| a.as_array()).into_iter().flatten() {
+            for stream in account.get("stream_detail").and_then(|s| s.as_array()).into_iter().flatten() {
+                let name = stream.get("name").and_then(|n| n.as_str()).unwrap_or_default().to_string();
+                let bytes = stream.pointer("/state/bytes").and_then(|b| b.as_u64()).unwrap_or(0);
+                out.insert(name, bytes);
+            }
+        }
+        Ok(out)
+    }
+
     /// Whether a service answers `/readyz` with 200.
     pub fn is_ready(&self, name: &str) -> bool {
         self.http(name).is_ok_and(|addr| matches!(http_get(addr, "/readyz"), Ok((200, _))))
@@ -314,6 +373,13 @@ impl Stack {
             .and_then(|(_, body)| serde_json::from_str::<serde_json::Value>(&body).ok())
             .and_then(|v| v.get("covered_records").and_then(serde_json::Value::as_u64))
             .unwrap_or(0)
+    }
+
+    /// Records the background producer ([`Stack::spawn_producer`]) has
+    /// handed to Kafka, as its log last said (0 before its first line).
+    pub fn produced_so_far(&self) -> u64 {
+        let log = std::fs::read_to_string(self.config.root.join("logs").join("produce.log")).unwrap_or_default();
+        log.rsplit("produced ").find_map(|tail| tail.split(' ').next()?.parse().ok()).unwrap_or(0)
     }
 
     /// Start `sluice produce` in the background for the records `range` (by
@@ -380,7 +446,8 @@ impl Stack {
         // Settings from the caller's environment and the configuration, each
         // given only to the services that have its section.
         let inherited = std::env::vars().filter(|(k, _)| k.starts_with("SLUICE_") && k != "SLUICE_LOG");
-        for (k, v) in inherited.chain(self.config.env.iter().cloned()) {
+        let own = self.config.per_service.get(&name).cloned().unwrap_or_default();
+        for (k, v) in inherited.chain(self.config.env.iter().cloned()).chain(own) {
             if setting_applies(&k, stage) {
                 cmd.env(k, v);
             }

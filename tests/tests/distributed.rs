@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use anyhow::ensure;
+use sluice_tests::overload::{metric as counter, metric_value};
 use sluice_tests::stack::{Stack, StackConfig, http_get};
 use sluice_tests::{DataSet, assert_tables_equal, scratch};
 
@@ -48,22 +49,6 @@ fn check_probes_and_metrics(stack: &Stack) -> anyhow::Result<()> {
         ensure!(received > 0.0, "{}: no input counted in /metrics", p.name);
     }
     Ok(())
-}
-
-/// The value of the first series of metric `name` in exposition `text` (0
-/// when absent).
-fn metric_value(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(&format!("{name}{{")))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// The value of metric `name` in a service's `/metrics`.
-fn counter(stack: &Stack, process: &str, name: &str) -> anyhow::Result<f64> {
-    let (_, text) = http_get(stack.http(process)?, "/metrics")?;
-    Ok(metric_value(&text, name))
 }
 
 /// A zombie source — a second process reading the same partitions, with

@@ -102,6 +102,20 @@ impl Handoff {
         *self.free()
     }
 
+    /// Wait up to `timeout` until `len` bytes could be handed over without
+    /// waiting; whether they can. For a caller that has more to do while it
+    /// waits (the source keeps its lag fresh).
+    pub fn wait_for_room(&self, len: usize, timeout: Duration) -> bool {
+        let bytes = self.cost(len);
+        let free = self.free();
+        let (free, _) = self
+            .pool
+            .freed
+            .wait_timeout_while(free, timeout, |free| *free < bytes)
+            .unwrap_or_else(PoisonError::into_inner);
+        *free >= bytes
+    }
+
     /// Hand `out` over, waiting while the budget is spent; returns how long
     /// it waited. From a thread outside the tokio runtime only (a stage
     /// thread, the source's Kafka thread).
@@ -179,6 +193,19 @@ mod tests {
         drop(intake.try_recv().expect("the first"));
         let waited = stage.join().expect("no panic").expect("handed over");
         assert!(waited >= Duration::from_millis(40), "waited {waited:?}");
+    }
+
+    #[test]
+    fn waiting_for_room_ends_at_the_timeout_or_when_room_is_made() {
+        let (handoff, mut intake) = Handoff::new(100);
+        handoff.blocking_publish(out(100)).expect("room");
+        assert!(!handoff.wait_for_room(1, Duration::from_millis(20)), "no room while the message is held");
+        let publisher = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            drop(intake.try_recv());
+        });
+        assert!(handoff.wait_for_room(100, Duration::from_secs(10)), "room once the message is stored");
+        publisher.join().expect("no panic");
     }
 
     #[test]

@@ -43,6 +43,10 @@ use crate::settings::SourceSettings;
 
 const OFFSETS_NS: &str = "source/kafka-offset";
 
+/// How often `sluice_consumer_lag` is refreshed (one watermark request per
+/// partition).
+const LAG_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Everything `sluice-source` reads.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -114,6 +118,8 @@ async fn run(settings: SourceServiceSettings) -> anyhow::Result<()> {
                     health,
                     assignment: TopicPartitionList::new(),
                     paused: false,
+                    last_lag: Instant::now(),
+                    next: BTreeMap::new(),
                     buffers: BTreeMap::new(),
                     published: BTreeMap::new(),
                     committed: BTreeMap::new(),
@@ -165,10 +171,13 @@ struct KafkaSource {
     health: Arc<Health>,
     /// The partitions this instance reads, as assigned.
     assignment: TopicPartitionList,
-    /// Whether they are paused: the publisher is full (no credit
-    /// downstream), so the backlog stays in Kafka instead of in the
-    /// consumer's prefetch.
+    /// Whether reading is paused: the publisher is full (no credit
+    /// downstream), so the backlog stays in Kafka.
     paused: bool,
+    /// When `sluice_consumer_lag` was last refreshed.
+    last_lag: Instant,
+    /// The next offset to read of every partition read from so far.
+    next: BTreeMap<i32, i64>,
     buffers: BTreeMap<i32, PartitionBuffer>,
     /// Next offset per partition whose records are all published.
     published: BTreeMap<i32, i64>,
@@ -244,12 +253,9 @@ impl KafkaSource {
         tracing::info!(topic = %k.topic, partitions = ?parts, starts = ?starts, "consuming");
 
         let interval = self.settings.service.commit_interval;
-        let (mut last_commit, mut last_check, mut last_lag) = (Instant::now(), Instant::now(), Instant::now());
+        let (mut last_commit, mut last_check) = (Instant::now(), Instant::now());
         while !shutdown.is_cancelled() {
             let t0 = Instant::now();
-            if self.paused && !self.pub_tx.would_wait(self.settings.source.chunk_bytes as usize) {
-                self.resume(&consumer);
-            }
             let polled = consumer.poll(Duration::from_millis(10));
             let waited_before = self.metrics.backpressured_seconds.get();
             match polled {
@@ -269,6 +275,7 @@ impl KafkaSource {
                         buffer.since = Instant::now();
                     }
                     buffer.last = o;
+                    self.next.insert(p, o + 1);
                     buffer.bytes += (key.len() + value.len() + 1) as u64;
                     // Offsets are never negative for a delivered message.
                     buffer.batcher.push(Lineage { partition: p as u32, offset: o as u64 }, key, value);
@@ -304,9 +311,8 @@ impl KafkaSource {
                 self.commit(&consumer)?;
                 last_commit = Instant::now();
             }
-            if last_lag.elapsed() >= Duration::from_secs(5) {
+            if self.last_lag.elapsed() >= LAG_INTERVAL {
                 self.update_lag(&consumer);
-                last_lag = Instant::now();
             }
         }
         // Draining: publish what was read, then commit it.
@@ -342,48 +348,56 @@ impl KafkaSource {
                 let id = format!("source-p{p}-{first}-{last}-kg{}-{part}", batch.key_group.0);
                 self.metrics.records_sent.inc_by(records);
                 let out = Outgoing { subject: subject.clone(), id, payload: Bytes::from(bytes) };
-                if self.pub_tx.would_wait(out.payload.len()) {
-                    self.pause(consumer);
-                }
+                self.wait_for_room(consumer, out.payload.len());
                 let waited = self.pub_tx.blocking_publish(out)?;
                 self.metrics.backpressured_seconds.inc_by(waited.as_secs_f64());
             }
         }
         self.published.insert(p, last + 1);
-        if self.paused && !self.pub_tx.would_wait(self.settings.source.chunk_bytes as usize) {
-            self.resume(consumer);
-        }
+        self.resume();
         Ok(())
     }
 
-    /// Stop fetching: the publisher is full. librdkafka drops what it
-    /// prefetched for the paused partitions and fetches it again, from the
-    /// next offset this thread reads, on [`Self::resume`]; so while the
-    /// stages downstream are slow, the backlog stays in Kafka.
-    fn pause(&mut self, consumer: &BaseConsumer) {
-        if self.paused {
-            return;
-        }
-        match consumer.pause(&self.assignment) {
-            Ok(()) => {
-                self.paused = true;
-                self.metrics.input_paused.set(1);
-                self.metrics.input_pauses.inc();
-                tracing::debug!("no room in the publisher: Kafka partitions paused");
+    /// Wait until the publisher has room for `len` bytes, with the Kafka
+    /// partitions paused meanwhile; the wait counts as back-pressured, and
+    /// the lag stays fresh (it grows while the source waits).
+    fn wait_for_room(&mut self, consumer: &BaseConsumer, len: usize) {
+        while self.pub_tx.would_wait(len) {
+            self.pause();
+            let t0 = Instant::now();
+            self.pub_tx.wait_for_room(len, Duration::from_millis(100));
+            self.metrics.backpressured_seconds.inc_by(t0.elapsed().as_secs_f64());
+            if self.last_lag.elapsed() >= LAG_INTERVAL {
+                self.update_lag(consumer);
             }
-            Err(e) => tracing::warn!(error = %e, "pausing the Kafka partitions"),
         }
     }
 
-    /// Fetch again: the publisher has room for a whole flush.
-    fn resume(&mut self, consumer: &BaseConsumer) {
-        match consumer.resume(&self.assignment) {
-            Ok(()) => {
-                self.paused = false;
-                self.metrics.input_paused.set(0);
-                tracing::debug!("Kafka partitions resumed");
-            }
-            Err(e) => tracing::warn!(error = %e, "resuming the Kafka partitions"),
+    /// The publisher is full: stop reading Kafka. While the source does not
+    /// poll, librdkafka fetches until its prefetch queue holds
+    /// `kafka.queued_max_kbytes`, then stops fetching: the partitions are
+    /// paused by the library's own bound, and the backlog stays in Kafka.
+    ///
+    /// Not librdkafka's `pause`/`resume`: against tansu 0.6, a resumed
+    /// partition either stalled or was fetched again from an earlier
+    /// position (librdkafka #2105; tansu's high watermarks also trail the
+    /// offsets it hands out), which the slow-sink test caught. Not polling
+    /// needs no position bookkeeping at all.
+    fn pause(&mut self) {
+        if !self.paused {
+            self.paused = true;
+            self.metrics.input_paused.set(1);
+            self.metrics.input_pauses.inc();
+            tracing::debug!("no room in the publisher: not reading Kafka");
+        }
+    }
+
+    /// The publisher has room again: read on.
+    fn resume(&mut self) {
+        if self.paused {
+            self.paused = false;
+            self.metrics.input_paused.set(0);
+            tracing::debug!("reading Kafka again");
         }
     }
 
@@ -414,10 +428,17 @@ impl KafkaSource {
         Ok(())
     }
 
-    fn update_lag(&self, consumer: &BaseConsumer) {
+    /// Records of the assigned partitions not read yet: from the next offset
+    /// to read (the low watermark for a partition not read from yet) to
+    /// the high watermark.
+    fn update_lag(&mut self, consumer: &BaseConsumer) {
+        self.last_lag = Instant::now();
         let mut lag = 0i64;
-        for (p, next) in &self.published {
-            if let Ok((_, high)) = consumer.fetch_watermarks(&self.settings.kafka.topic, *p, Duration::from_secs(1)) {
+        for tp in self.assignment.elements() {
+            let p = tp.partition();
+            if let Ok((low, high)) = consumer.fetch_watermarks(&self.settings.kafka.topic, p, Duration::from_secs(1)) {
+                let next = self.next.get(&p).copied().unwrap_or(low).max(low);
+                tracing::trace!(partition = p, low, high, next, "lag");
                 lag += (high - next).max(0);
             }
         }

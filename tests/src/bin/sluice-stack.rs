@@ -12,7 +12,12 @@
 //! - `chaos DATA KILLS [SEED]`: what `e2e` does (2 enrich, 2 window) while
 //!   the fault harness (`sluice_tests::chaos`) makes KILLS SIGKILLs and
 //!   restarts both servers; compares DATA/got/ with oracle.py's tables
-//!   (DATA/expected/, computed when missing) and writes DATA/chaos.json.
+//!   (DATA/expected/, computed when missing) and writes DATA/chaos.json;
+//! - `overload SECONDS OUT [DATA]`: a fresh stack, the producer offering
+//!   DATA's records (a gen.py set made in OUT/data when DATA is not given)
+//!   at 5,000 records/s, the sink slowed to a tenth of what that rate
+//!   needs, observed for SECONDS; writes OUT/overload.json
+//!   (`sluice_tests::overload`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -23,7 +28,7 @@ use sluice_tests::stack::{Stack, StackConfig};
 
 fn usage() -> anyhow::Error {
     anyhow::anyhow!(
-        "usage: sluice-stack up ROOT [--data DIR] [--enrich N] [--window N] [--postgres] | down ROOT | e2e DATA [ENRICH] [WINDOW] | chaos DATA KILLS [SEED]"
+        "usage: sluice-stack up ROOT [--data DIR] [--enrich N] [--window N] [--postgres] | down ROOT | e2e DATA [ENRICH] [WINDOW] | chaos DATA KILLS [SEED] | overload SECONDS OUT [DATA]"
     )
 }
 
@@ -54,6 +59,11 @@ fn run(args: &[String]) -> anyhow::Result<()> {
                 None => std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
             };
             chaos(&data, kills, seed)
+        }
+        Some("overload") => {
+            let seconds = args.get(1).ok_or_else(usage)?.parse().context("SECONDS must be a number")?;
+            let out = PathBuf::from(args.get(2).ok_or_else(usage)?);
+            overload(seconds, &out, args.get(3).map(PathBuf::from))
         }
         Some("up") => {
             let root = PathBuf::from(args.get(1).ok_or_else(usage)?);
@@ -165,6 +175,41 @@ fn chaos(data: &std::path::Path, kills: usize, seed: u64) -> anyhow::Result<()> 
     sluice_tests::assert_tables_equal(&expected, &out)?;
     eprintln!("tables in {} equal oracle.py's; report in {}", out.display(), json.display());
     let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}
+
+/// `overload SECONDS OUT [DATA]`: see the module's doc.
+fn overload(seconds: u64, out: &std::path::Path, data: Option<PathBuf>) -> anyhow::Result<()> {
+    let plan = sluice_tests::overload::OverloadPlan { seconds, ..Default::default() };
+    let data = match data {
+        Some(d) => d,
+        None => {
+            let d = out.join("data");
+            // Enough records for the whole run at the producer's rate.
+            let needed = (plan.seconds + plan.calibration + 30) * plan.produce_rate;
+            if !d.join("sdk-events.tsv").is_file()
+                || sluice_tests::read_records(&d.join("sdk-events.tsv"))?.len() < needed as usize
+            {
+                eprintln!("generating {needed} uploads into {} with gen.py", d.display());
+                let _ = std::fs::remove_dir_all(&d);
+                sluice_tests::generate(&d, 7, &["--messages", &needed.to_string(), "--devices", "50000"])?;
+            }
+            d
+        }
+    };
+    let report = sluice_tests::overload::overload(&data, out, &plan)?;
+    let s = &report.summary;
+    for (name, m) in &s.services {
+        eprintln!(
+            "{name:>9}: RSS max {:6.1} MiB, plateau {:6.1} MiB, bound {:6.1} MiB",
+            m.rss_max_mib, m.rss_plateau_mib, m.rss_bound_mib
+        );
+    }
+    eprintln!(
+        "source {:.0} records/s, sink {:.0} records/s over the second half; Kafka lag {} -> {} (+{}); source paused {} times",
+        s.source_rate, s.sink_rate, s.kafka_lag_middle, s.kafka_lag_end, s.kafka_lag_growth, s.source_pauses
+    );
+    eprintln!("report in {}", out.join("overload.json").display());
     Ok(())
 }
 
