@@ -85,7 +85,24 @@ chaos DATA KILLS="20" SEED="":
     cargo build -q --release --workspace --bins
     PATH="$PATH:/usr/sbin:$HOME/.cargo/bin" target/release/sluice-stack chaos {{DATA}} {{KILLS}} {{SEED}}
 
+# Overload: the stack with the sink slowed to a tenth of the input rate for SECONDS; RSS per service, source and sink rates, Kafka lag growth into OUT/overload.json (DATA: a gen.py set; made in OUT/data when not given).
+[group('bench')]
+overload SECONDS="120" OUT="/tmp/sluice-overload" DATA="":
+    bash scripts/servers.sh
+    cargo build -q --release --workspace --bins
+    PATH="$PATH:/usr/sbin:$HOME/.cargo/bin" target/release/sluice-stack overload {{SECONDS}} {{OUT}} {{DATA}}
+
 # A/B of another build (its release bin dir) against this checkout on the distributed benchmark.
 [group('bench')]
 bench-ab A_BIN_DIR DIR="/tmp/sluice-bench" RUNS="3":
     bash scripts/bench-ab.sh {{A_BIN_DIR}} {{DIR}} {{RUNS}}
+
+# Build the container image (sluice, sluice-source, -enrich, -window, -sink on debian:bookworm-slim).
+[group('deploy')]
+image TAG="sluice:dev":
+    docker build -t {{TAG}} .
+
+# Validate k8s/ offline: build the base and every overlay with kustomize, check every resource against its schema and the code.
+[group('deploy')]
+k8s-validate:
+    bash scripts/validate-k8s.sh

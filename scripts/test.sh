@@ -45,6 +45,9 @@ cargo run -q -p sluice-codegen -- --check
 step "clippy"
 cargo clippy -q --workspace --all-targets -- -D warnings
 
+step "kubernetes manifests (k8s/: kustomize build, schemas, checks against the code)"
+bash scripts/validate-k8s.sh
+
 step "tests"
 # The distributed tests start the binaries: build them all first.
 cargo build -q --workspace --bins

@@ -12,7 +12,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 /// `SLUICE_*` variables that are not settings (read elsewhere).
-const NOT_SETTINGS: &[&str] = &["SLUICE_LOG", "SLUICE_WORKLOAD_DIR"];
+/// `SLUICE_INSTANCE_NAME` is the pod's name on Kubernetes (k8s/), the
+/// identity an instance will hold key-group leases under.
+const NOT_SETTINGS: &[&str] = &["SLUICE_LOG", "SLUICE_WORKLOAD_DIR", "SLUICE_INSTANCE_NAME"];
 
 /// Settings that could not be loaded.
 #[derive(Debug, thiserror::Error)]
