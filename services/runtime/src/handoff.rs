@@ -137,6 +137,15 @@ impl Handoff {
         Ok(waited)
     }
 
+    /// Ask to be told once everything handed over before is stored, without
+    /// waiting for it: the answer comes on the returned receiver. From a
+    /// thread outside the tokio runtime only.
+    pub fn barrier(&self) -> Result<oneshot::Receiver<()>, PublisherGone> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.blocking_send(ToPublisher::Barrier(tx)).map_err(|_| PublisherGone)?;
+        Ok(rx)
+    }
+
     /// Return once everything handed over before is stored; returns how
     /// long that took. From a thread outside the tokio runtime only.
     pub fn blocking_barrier(&self) -> Result<Duration, PublisherGone> {

@@ -296,7 +296,19 @@ mod tests {
             batch.put(&StateKey::namespace("test/other").part(b"a"), encode("thing", &0u8)?);
             store.commit(batch)?;
         }
-        let store = CommitStore::open(dir.path(), &StateSettings::default())?;
+        // sled's flusher thread may hold the directory's lock for a moment
+        // after the drop (a process that exits holds none): retry briefly.
+        let mut attempts = 0;
+        let store = loop {
+            match CommitStore::open(dir.path(), &StateSettings::default()) {
+                Ok(store) => break store,
+                Err(_) if attempts < 50 => {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let got: Vec<(u32, String)> =
             store.scan(&ns).map(|r| r.and_then(|(_, v)| decode("thing", &v))).collect::<Result<_, _>>()?;
         assert_eq!(got, [(1, "x".to_string()), (2, "y".to_string())]);

@@ -7,9 +7,10 @@
 //! partition's records (their lineage is that partition's offsets).
 //!
 //! Exactly-once: the source's outputs are a pure function of the Kafka
-//! records, so it needs no outbox. It publishes, and at every commit waits
-//! until everything published is stored, then commits the next offset of
-//! each partition to its store (and mirrors it to the consumer group). After
+//! records, so it needs no outbox. It publishes, and every commit interval
+//! asks the publisher to say when everything published so far is stored;
+//! once it is, it commits those next offsets of each partition to its
+//! store (and mirrors them to the consumer group), reading on meanwhile. After
 //! a crash it re-reads from the committed offsets; what it publishes again
 //! is dropped by JetStream (same message id) or by enrich (lineage).
 
@@ -24,7 +25,7 @@ use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use sluice_runtime::codec::encode_raw_within;
-use sluice_runtime::handoff::Handoff;
+use sluice_runtime::handoff::{Handoff, PublisherGone};
 use sluice_runtime::hop::Hop;
 use sluice_runtime::key_group::KeyGroups;
 use sluice_runtime::lineage::Lineage;
@@ -119,6 +120,7 @@ async fn run(settings: SourceServiceSettings) -> anyhow::Result<()> {
                     assignment: TopicPartitionList::new(),
                     paused: false,
                     last_lag: Instant::now(),
+                    pending_commit: None,
                     next: BTreeMap::new(),
                     buffers: BTreeMap::new(),
                     published: BTreeMap::new(),
@@ -176,6 +178,9 @@ struct KafkaSource {
     paused: bool,
     /// When `sluice_consumer_lag` was last refreshed.
     last_lag: Instant,
+    /// A commit waiting for its outputs to be stored: the publisher's
+    /// answer and the offsets it covers.
+    pending_commit: Option<(oneshot::Receiver<()>, BTreeMap<i32, i64>)>,
     /// The next offset to read of every partition read from so far.
     next: BTreeMap<i32, i64>,
     buffers: BTreeMap<i32, PartitionBuffer>,
@@ -307,8 +312,9 @@ impl KafkaSource {
                     self.flush(&consumer, p)?;
                 }
             }
+            self.finish_commit(&consumer, false)?;
             if last_commit.elapsed() >= interval {
-                self.commit(&consumer)?;
+                self.start_commit()?;
                 last_commit = Instant::now();
             }
             if self.last_lag.elapsed() >= LAG_INTERVAL {
@@ -320,7 +326,7 @@ impl KafkaSource {
         for p in parts {
             self.flush(&consumer, p)?;
         }
-        self.commit(&consumer)?;
+        self.commit_all(&consumer)?;
         tracing::info!(offsets = ?self.committed, "drained");
         Ok(())
     }
@@ -401,24 +407,48 @@ impl KafkaSource {
         }
     }
 
-    /// Wait until everything published is stored; then commit the offsets.
-    fn commit(&mut self, consumer: &BaseConsumer) -> anyhow::Result<()> {
-        if self.published == self.committed {
-            return Ok(());
+    /// Start a commit of what is published now: ask the publisher to say
+    /// when it is all stored, and read on meanwhile ([`Self::finish_commit`]
+    /// writes the offsets then). Waiting here instead would stop the source
+    /// for as long as any channel lacks credit, starving the stages after
+    /// it even where credit is free.
+    fn start_commit(&mut self) -> anyhow::Result<()> {
+        if self.pending_commit.is_none() && self.published != self.committed {
+            let stored = self.pub_tx.barrier()?;
+            self.pending_commit = Some((stored, self.published.clone()));
         }
-        let waited = self.pub_tx.blocking_barrier()?;
-        self.metrics.backpressured_seconds.inc_by(waited.as_secs_f64());
+        Ok(())
+    }
+
+    /// Write the offsets of the pending commit once its outputs are stored
+    /// (`wait`: until then).
+    fn finish_commit(&mut self, consumer: &BaseConsumer, wait: bool) -> anyhow::Result<()> {
+        let Some((mut stored, published)) = self.pending_commit.take() else { return Ok(()) };
+        if wait {
+            let t0 = Instant::now();
+            stored.blocking_recv().map_err(|_| PublisherGone)?;
+            self.metrics.backpressured_seconds.inc_by(t0.elapsed().as_secs_f64());
+        } else {
+            match stored.try_recv() {
+                Ok(()) => {}
+                Err(oneshot::error::TryRecvError::Empty) => {
+                    self.pending_commit = Some((stored, published));
+                    return Ok(());
+                }
+                Err(oneshot::error::TryRecvError::Closed) => return Err(PublisherGone.into()),
+            }
+        }
         let t1 = Instant::now();
         let mut batch = CommitBatch::default();
         let mut mirror = TopicPartitionList::new();
-        for (p, next) in &self.published {
+        for (p, next) in &published {
             if self.committed.get(p) != Some(next) {
                 batch.put(&Self::offset_key(*p), state::encode("Kafka offset", next)?);
                 mirror.add_partition_offset(&self.settings.kafka.topic, *p, Offset::Offset(*next))?;
             }
         }
         self.store.commit(batch)?;
-        self.committed = self.published.clone();
+        self.committed = published;
         self.metrics.batches_committed.inc();
         self.metrics.commit_duration.observe(t1.elapsed().as_secs_f64());
         if let Err(e) = consumer.commit(&mirror, CommitMode::Async) {
@@ -426,6 +456,13 @@ impl KafkaSource {
             tracing::debug!(error = %e, "mirroring offsets to the consumer group");
         }
         Ok(())
+    }
+
+    /// Commit everything published, waiting until it is stored (the drain).
+    fn commit_all(&mut self, consumer: &BaseConsumer) -> anyhow::Result<()> {
+        self.finish_commit(consumer, true)?;
+        self.start_commit()?;
+        self.finish_commit(consumer, true)
     }
 
     /// Records of the assigned partitions not read yet: from the next offset
