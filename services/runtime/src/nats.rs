@@ -118,7 +118,7 @@ impl Default for NatsSettings {
             credit_floating_batches: 64,
             credit_floating_bytes: 16 << 20,
             credit_interval: Duration::from_millis(100),
-            publish_buffer_bytes: 16 << 20,
+            publish_buffer_bytes: 32 << 20,
         }
     }
 }

@@ -51,7 +51,7 @@ impl Default for KafkaSettings {
             topic: "sdk-events".into(),
             group_id: "sluice-source".into(),
             fetch_wait_max: Duration::from_millis(10),
-            queued_max_kbytes: 16 * 1024,
+            queued_max_kbytes: 64 * 1024,
             linger: Duration::from_millis(50),
             topic_wait: Duration::from_secs(300),
         }
