@@ -36,14 +36,7 @@ pub fn metric(stack: &Stack, process: &str, name: &str) -> anyhow::Result<f64> {
 
 /// Resident memory of a process, bytes (`VmRSS`; 0 once it is gone).
 pub fn rss_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib * 1024)
+    sluice_runtime::metrics::proc_status_bytes(&pid.to_string(), "VmRSS").unwrap_or(0)
 }
 
 /// One look at the stack.

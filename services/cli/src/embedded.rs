@@ -97,14 +97,7 @@ pub fn peak_rss_bytes() -> u64 {
 /// Peak resident set size of process `pid` (a number, or `self`), in bytes;
 /// 0 when unknown (not Linux, or the process is gone).
 pub fn peak_rss_bytes_of(pid: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .map_or(0, |kib| kib * 1024)
+    sluice_runtime::metrics::proc_status_bytes(pid, "VmHWM").unwrap_or(0)
 }
 
 struct Chunk {

@@ -150,9 +150,7 @@ impl Handoff {
     /// long that took. From a thread outside the tokio runtime only.
     pub fn blocking_barrier(&self) -> Result<Duration, PublisherGone> {
         let t0 = Instant::now();
-        let (tx, rx) = oneshot::channel();
-        self.tx.blocking_send(ToPublisher::Barrier(tx)).map_err(|_| PublisherGone)?;
-        rx.blocking_recv().map_err(|_| PublisherGone)?;
+        self.barrier()?.blocking_recv().map_err(|_| PublisherGone)?;
         Ok(t0.elapsed())
     }
 }

@@ -324,9 +324,15 @@ impl Observation {
 /// The process's resident memory in bytes (Linux: `VmRSS` of
 /// `/proc/self/status`); `None` where that cannot be read.
 pub fn resident_memory() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    proc_status_bytes("self", "VmRSS")
+}
+
+/// A memory field (`VmRSS`, `VmHWM`, ...) of `/proc/<pid>/status`, in
+/// bytes; `None` when the process is gone or the field is missing.
+pub fn proc_status_bytes(pid: &str, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let value = status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?;
+    let kib: u64 = value.trim().trim_end_matches("kB").trim().parse().ok()?;
     Some(kib * 1024)
 }
 
