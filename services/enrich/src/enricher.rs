@@ -39,6 +39,9 @@ struct Device {
     dirty: bool,
 }
 
+/// The namespace of the device registry: per key group, what moves with it.
+pub const DEVICE_NAMESPACE: &str = "enrich/device";
+
 /// The enrich stage.
 pub struct Enricher {
     tables: Arc<DimensionTables>,
@@ -60,7 +63,7 @@ impl Enricher {
             dedup_window_ms,
             devices: HashMap::default(),
             dirty: Vec::new(),
-            log: ChangelogTable::new("enrich/device"),
+            log: ChangelogTable::new(DEVICE_NAMESPACE),
             owned: None,
         }
     }
@@ -70,6 +73,12 @@ impl Enricher {
     pub fn owning(mut self, key_groups: KeyGroupSet) -> Self {
         self.owned = Some(key_groups);
         self
+    }
+
+    /// Whether the state of `kg` is here (every key group, unless
+    /// [`Enricher::owning`] narrowed it).
+    pub fn owns(&self, kg: KeyGroup) -> bool {
+        self.owned.as_ref().is_none_or(|o| o.contains(kg))
     }
 
     /// Devices in the registry.

@@ -34,9 +34,7 @@ use proto::enrich_server::Enrich;
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// The device lives on another instance: ask that one.
-    #[error(
-        "{app}/{dev} is in key group {key_group}, owned by enrich instance {owner} of {instances}; ask that instance"
-    )]
+    #[error("{app}/{dev} is in key group {key_group}, owned by {owner}; ask that instance")]
     NotOwned {
         /// App key.
         app: String,
@@ -44,10 +42,8 @@ pub enum ApiError {
         dev: String,
         /// Its key group.
         key_group: u16,
-        /// The owning instance.
-        owner: usize,
-        /// How many instances there are.
-        instances: usize,
+        /// The owning instance, as far as this one knows.
+        owner: String,
     },
     /// The request is malformed.
     #[error("{0}")]
@@ -76,7 +72,9 @@ impl From<ApiError> for Status {
 pub struct EnrichApi {
     live: LiveEnricher,
     key_groups: KeyGroups,
-    owned: KeyGroupSet,
+    /// Static ownership: the key groups owned; `None` with leases, where
+    /// the enricher in use knows which it holds now.
+    owned: Option<KeyGroupSet>,
     instance: usize,
     instances: usize,
     js: jetstream::Context,
@@ -85,12 +83,13 @@ pub struct EnrichApi {
 }
 
 impl EnrichApi {
-    /// The API over `live`, for instance `instance` of `instances` owning `owned`.
+    /// The API over `live`, for instance `instance` of `instances` owning
+    /// `owned` (`None`: key groups held by lease, as `live` says).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         live: LiveEnricher,
         key_groups: KeyGroups,
-        owned: KeyGroupSet,
+        owned: Option<KeyGroupSet>,
         (instance, instances): (usize, usize),
         js: jetstream::Context,
         nats: NatsSettings,
@@ -101,16 +100,17 @@ impl EnrichApi {
 
     fn check_owned(&self, app: &str, dev: &str) -> Result<u16, ApiError> {
         let kg = self.key_groups.of_device(app.as_bytes(), dev.as_bytes());
-        if self.owned.contains(kg) {
+        let (owns, owner) = match &self.owned {
+            Some(owned) => (
+                owned.contains(kg),
+                format!("enrich instance {} of {}", KeyGroupSet::owner(kg, self.instances), self.instances),
+            ),
+            None => (self.live.lock().owns(kg), "another enrich instance (key groups are leased)".into()),
+        };
+        if owns {
             return Ok(kg.0);
         }
-        Err(ApiError::NotOwned {
-            app: app.into(),
-            dev: dev.into(),
-            key_group: kg.0,
-            owner: KeyGroupSet::owner(kg, self.instances),
-            instances: self.instances,
-        })
+        Err(ApiError::NotOwned { app: app.into(), dev: dev.into(), key_group: kg.0, owner })
     }
 }
 

@@ -118,6 +118,7 @@ impl ConsumingStage for LiveEnricher {
     const INPUT: Hop = Hop::Raw;
     const OUTPUT: Option<Hop> = Some(Hop::Enriched);
     const POLICY: OutputPolicy = OutputPolicy::Immediate;
+    const KEY_GROUP_STATE: &'static [&'static str] = &[crate::enricher::DEVICE_NAMESPACE];
 
     fn decode(bytes: &[u8]) -> Result<RawBatch, CodecError> {
         decode_raw(bytes)
@@ -160,13 +161,22 @@ pub fn main(config: Option<&std::path::Path>) -> anyhow::Result<()> {
         nats: &settings.nats,
         state: &settings.state,
     };
+    let leased = settings.service.ownership == service::Ownership::Leases;
+    let live = LiveEnricher::new(Enricher::new(Arc::new(tables), &settings.enrich));
     let launched = async {
         let result = service::launch("enrich", common, |l| {
-            let live = LiveEnricher::new(Enricher::new(Arc::new(tables), &settings.enrich).owning(l.owned.clone()));
-            let api =
-                serve_api(settings.clone(), live.clone(), l.key_groups, l.owned.clone(), current, l.shutdown.clone());
-            *api_task.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tokio::spawn(api));
-            Ok((live, axum::Router::new()))
+            // With leases the stage is built again for every change of the
+            // key groups held: same handle (the API keeps it), a fresh
+            // enricher over the dimension tables in use now.
+            let tables = live.lock().tables().clone();
+            *live.lock() = Enricher::new(tables, &settings.enrich).owning(l.owned.clone());
+            if l.first {
+                let owned = (!leased).then(|| l.owned.clone());
+                let api =
+                    serve_api(settings.clone(), live.clone(), l.key_groups, owned, current.clone(), l.shutdown.clone());
+                *api_task.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tokio::spawn(api));
+            }
+            Ok((live.clone(), axum::Router::new()))
         })
         .await;
         let task = api_task.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
@@ -186,7 +196,7 @@ async fn serve_api(
     settings: EnrichServiceSettings,
     live: LiveEnricher,
     key_groups: KeyGroups,
-    owned: sluice_runtime::key_group::KeyGroupSet,
+    owned: Option<sluice_runtime::key_group::KeyGroupSet>,
     current: Arc<Mutex<DimensionSource>>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {

@@ -162,7 +162,12 @@ mod tests {
     use super::*;
 
     fn out(len: usize) -> Outgoing {
-        Outgoing { subject: "s.raw.0".into(), id: format!("id-{len}"), payload: Bytes::from(vec![0u8; len]) }
+        Outgoing {
+            subject: "s.raw.0".into(),
+            id: format!("id-{len}"),
+            payload: Bytes::from(vec![0u8; len]),
+            fence: None,
+        }
     }
 
     #[test]

@@ -12,6 +12,11 @@
 
 use crate::key_group::KeyGroup;
 
+/// The key group of a hop's subject (its last token), if it is one.
+pub fn key_group_of_subject(subject: &str) -> Option<KeyGroup> {
+    subject.rsplit('.').next()?.parse().ok().map(KeyGroup)
+}
+
 /// One link between two stages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Hop {

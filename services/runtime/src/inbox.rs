@@ -16,6 +16,14 @@
 //!   subject's messages one after another (see [`crate::publish_order`]), so a
 //!   record at or below the frontier has been applied already.
 //!
+//! - the **fences** of its writers: a moved unit's new owner (a key group
+//!   of the stage upstream, or a Kafka partition of the source) stamps its
+//!   messages with a higher fence than the old one ([`crate::ownership`]).
+//!   Once a receiver has seen a unit's fence, messages stamped with an
+//!   older one come from a deposed owner still running (a zombie) and are
+//!   dropped: two writers of one unit would interleave their records and
+//!   break the frontier's order.
+//!
 //! This module decides; it does no I/O. The consuming loop feeds it the facts
 //! and commits [`Inbox::stage`]'s writes in the stage's commit.
 
@@ -36,18 +44,48 @@ pub struct KeyGroupPosition {
     pub frontier: BTreeMap<u32, u64>,
 }
 
+/// The header carrying a message's [`FenceStamp`].
+pub const FENCE_HEADER: &str = "Sluice-Fence";
+
+/// Which leased unit a message was written for, and at which fence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FenceStamp {
+    /// The unit: `kg` for a key group (the subject's own), `p<n>` for the
+    /// source's Kafka partition `n`.
+    pub unit: String,
+    /// The writer's fence for it.
+    pub fence: u64,
+}
+
+impl FenceStamp {
+    /// The header value: `<unit>:<fence>`.
+    pub fn header_value(&self) -> String {
+        format!("{}:{}", self.unit, self.fence)
+    }
+
+    /// Read a header value; `None` if malformed.
+    pub fn parse(value: &str) -> Option<Self> {
+        let (unit, fence) = value.rsplit_once(':')?;
+        Some(Self { unit: unit.to_string(), fence: fence.parse().ok()? })
+    }
+}
+
+/// The key suffix of a key group's fences, after `namespace / key group`.
+const FENCES_PART: &[u8] = b"fence";
+
 /// Every key group's position, and which changed since the last commit.
 #[derive(Debug)]
 pub struct Inbox {
     namespace: &'static str,
     positions: BTreeMap<KeyGroup, KeyGroupPosition>,
+    fences: BTreeMap<KeyGroup, BTreeMap<String, u64>>,
     changed: BTreeSet<KeyGroup>,
 }
 
 impl Inbox {
     /// An empty inbox stored under `namespace` (one per stage).
     pub fn new(namespace: &'static str) -> Self {
-        Self { namespace, positions: BTreeMap::new(), changed: BTreeSet::new() }
+        Self { namespace, positions: BTreeMap::new(), fences: BTreeMap::new(), changed: BTreeSet::new() }
     }
 
     fn key(&self, kg: KeyGroup) -> StateKey {
@@ -57,14 +95,23 @@ impl Inbox {
     /// Load the committed positions of the key groups `owns` accepts.
     pub fn restore(&mut self, store: &CommitStore, owns: impl Fn(KeyGroup) -> bool) -> Result<(), StateError> {
         let prefix = StateKey::namespace(self.namespace);
+        let at = prefix.as_bytes().len() + 4;
         for item in store.scan(&prefix) {
             let (key, value) = item?;
-            let Some(kg) = key.get(prefix.as_bytes().len() + 4..).and_then(|b| <[u8; 2]>::try_from(b).ok()) else {
-                return Err(StateError::Decode { what: "inbox key", detail: format!("{} bytes", key.len()) });
-            };
+            let bad = || StateError::Decode { what: "inbox key", detail: format!("{} bytes", key.len()) };
+            let kg = key.get(at..at + 2).and_then(|b| <[u8; 2]>::try_from(b).ok()).ok_or_else(bad)?;
             let kg = KeyGroup(u16::from_be_bytes(kg));
-            if owns(kg) {
-                self.positions.insert(kg, state::decode("inbox position", &value)?);
+            if !owns(kg) {
+                continue;
+            }
+            match key.len() - at - 2 {
+                0 => {
+                    self.positions.insert(kg, state::decode("inbox position", &value)?);
+                }
+                n if n == 4 + FENCES_PART.len() => {
+                    self.fences.insert(kg, state::decode("inbox fences", &value)?);
+                }
+                _ => return Err(bad()),
             }
         }
         Ok(())
@@ -102,11 +149,35 @@ impl Inbox {
         }
     }
 
+    /// The highest fence seen of `unit` in `kg`.
+    pub fn fence(&self, kg: KeyGroup, unit: &str) -> Option<u64> {
+        self.fences.get(&kg)?.get(unit).copied()
+    }
+
+    /// A message of `kg` stamped `stamp`: true if its writer is the unit's
+    /// current owner as far as this inbox knows (its fence is the highest
+    /// seen, which it now is), false if a newer owner has written before.
+    pub fn admit_fence(&mut self, kg: KeyGroup, stamp: &FenceStamp) -> bool {
+        let fences = self.fences.entry(kg).or_default();
+        match fences.get(&stamp.unit) {
+            Some(&seen) if stamp.fence < seen => false,
+            Some(&seen) if stamp.fence == seen => true,
+            _ => {
+                fences.insert(stamp.unit.clone(), stamp.fence);
+                self.changed.insert(kg);
+                true
+            }
+        }
+    }
+
     /// Stage the positions that changed since the last commit into `tx`.
     pub fn stage(&mut self, tx: &mut CommitBatch) -> Result<(), StateError> {
         for kg in std::mem::take(&mut self.changed) {
             if let Some(p) = self.positions.get(&kg) {
                 tx.put(&self.key(kg), state::encode("inbox position", p)?);
+            }
+            if let Some(f) = self.fences.get(&kg) {
+                tx.put(&self.key(kg).part(FENCES_PART), state::encode("inbox fences", f)?);
             }
         }
         Ok(())
@@ -146,6 +217,31 @@ mod tests {
         assert!(!inbox.admit_record(KG, at(0, 9)));
         assert!(!inbox.admit_record(KG, at(0, 11)));
         assert!(inbox.admit_record(KG, at(0, 12)));
+    }
+
+    #[test]
+    fn deposed_writers_are_fenced_off_across_restarts() -> Result<(), Box<dyn std::error::Error>> {
+        let stamp = |unit: &str, fence| FenceStamp { unit: unit.into(), fence };
+        let mut inbox = Inbox::new("t/inbox");
+        assert!(inbox.admit_fence(KG, &stamp("p0", 1)));
+        assert!(inbox.admit_fence(KG, &stamp("p0", 2)), "the unit moved");
+        assert!(!inbox.admit_fence(KG, &stamp("p0", 1)), "the old owner writes late");
+        assert!(inbox.admit_fence(KG, &stamp("p1", 1)), "units are independent");
+        assert_eq!(FenceStamp::parse(&stamp("kg", 7).header_value()), Some(stamp("kg", 7)));
+        assert_eq!(FenceStamp::parse("kg:x"), None);
+
+        let dir = tempfile::tempdir()?;
+        let store = CommitStore::open(dir.path(), &StateSettings::default())?;
+        inbox.admit_delivery(KG, 4);
+        let mut tx = CommitBatch::default();
+        inbox.stage(&mut tx)?;
+        store.commit(tx)?;
+        let mut again = Inbox::new("t/inbox");
+        again.restore(&store, |_| true)?;
+        assert!(!again.admit_fence(KG, &stamp("p0", 1)));
+        assert!(again.admit_fence(KG, &stamp("p0", 2)));
+        assert_eq!(again.position(KG).map(|p| p.stream_seq), Some(4));
+        Ok(())
     }
 
     #[test]

@@ -85,6 +85,27 @@ impl KeyGroupSet {
         Self { owned: vec![true; usize::from(p.count())] }
     }
 
+    /// No key group (of P).
+    pub fn none(p: KeyGroups) -> Self {
+        Self { owned: vec![false; usize::from(p.count())] }
+    }
+
+    /// Exactly `key_groups` (of P; those beyond P are ignored).
+    pub fn of(p: KeyGroups, key_groups: impl IntoIterator<Item = KeyGroup>) -> Self {
+        let mut set = Self::none(p);
+        for kg in key_groups {
+            if let Some(o) = set.owned.get_mut(usize::from(kg.0)) {
+                *o = true;
+            }
+        }
+        set
+    }
+
+    /// The owned key groups, in order.
+    pub fn iter(&self) -> impl Iterator<Item = KeyGroup> + '_ {
+        self.owned.iter().enumerate().filter(|(_, o)| **o).map(|(i, _)| KeyGroup(i as u16))
+    }
+
     /// The share of instance `index` of `count` (0-based): key groups
     /// `index`, `index + count`, ... Panics never; an `index >= count` owns none.
     pub fn share(p: KeyGroups, index: usize, count: usize) -> Self {

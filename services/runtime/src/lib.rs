@@ -15,7 +15,8 @@
 //! - distributed mode: the JetStream [`hop`]s and [`nats`] transport, the
 //!   [`inbox`] (what a consumer applied), the [`publish_order`] that keeps
 //!   receivers' dedup sound, the [`credit`] decisions of flow control, the
-//!   consuming [`service`] loop, and what every
+//!   consuming [`service`] loop, dynamic [`ownership`] of key groups by
+//!   leases and the [`key_group_state`] that moves with them, and what every
 //!   service exposes ([`metrics`], [`probe`]) and obeys ([`shutdown`]), and
 //!   the [`binary`] `main` they share.
 #![warn(missing_docs)]
@@ -33,15 +34,18 @@ pub mod hop;
 pub mod inbox;
 pub mod json;
 pub mod key_group;
+pub mod key_group_state;
 pub mod lineage;
 pub mod metrics;
 pub mod nats;
+pub mod ownership;
 pub mod probe;
 pub mod publish_order;
 pub mod reject;
 pub mod service;
 pub mod settings;
 pub mod shutdown;
+pub mod snapshot_store;
 pub mod stage;
 pub mod state;
 pub mod table;

@@ -30,6 +30,10 @@
 //! | `sluice_input_pauses_total` | counter | source: times its Kafka partitions were paused |
 //! | `sluice_resident_memory_bytes` | gauge | the process's resident memory (RSS) |
 //! | `sluice_memory_limit_bytes` | gauge | `service.memory_limit_bytes`, the memory it is sized for |
+//! | `sluice_leased_units` | gauge | units held (key groups, or the source's Kafka partitions) |
+//! | `sluice_lease_moves_total` | counter | units acquired or released (`service.ownership = "leases"`) |
+//! | `sluice_fenced_dropped_total` | counter | deliveries dropped as written by a deposed owner (an older fence) |
+//! | `sluice_snapshot_bytes_total` | counter | bytes of key-group snapshots stored in the object store |
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,7 +49,7 @@ use crate::reject::{RejectCounts, RejectReason};
 
 /// The name of every metric a service exposes (as exposed: counters end in
 /// `_total`), for tests that check a service exposes them all.
-pub const NAMES: [&str; 22] = [
+pub const NAMES: [&str; 26] = [
     "sluice_records_received_total",
     "sluice_records_sent_total",
     "sluice_batches_received_total",
@@ -68,6 +72,10 @@ pub const NAMES: [&str; 22] = [
     "sluice_input_pauses_total",
     "sluice_resident_memory_bytes",
     "sluice_memory_limit_bytes",
+    "sluice_leased_units",
+    "sluice_lease_moves_total",
+    "sluice_fenced_dropped_total",
+    "sluice_snapshot_bytes_total",
 ];
 
 /// The `reason` label of rejects.
@@ -133,6 +141,14 @@ pub struct Metrics {
     pub resident_memory: Gauge,
     /// `service.memory_limit_bytes`.
     pub memory_limit: Gauge,
+    /// Units held by lease.
+    pub leased_units: Gauge,
+    /// Units acquired or released.
+    pub lease_moves: Counter,
+    /// Deliveries dropped as written by a deposed owner.
+    pub fenced_dropped: Counter,
+    /// Bytes of key-group snapshots stored.
+    pub snapshot_bytes: Counter,
 }
 
 impl Metrics {
@@ -163,6 +179,10 @@ impl Metrics {
             input_pauses: Counter::default(),
             resident_memory: Gauge::default(),
             memory_limit: Gauge::default(),
+            leased_units: Gauge::default(),
+            lease_moves: Counter::default(),
+            fenced_dropped: Counter::default(),
+            snapshot_bytes: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("records_received", "Input records", m.records_received.clone());
@@ -240,6 +260,23 @@ impl Metrics {
             "The memory the instance is sized for (service.memory_limit_bytes)",
             bytes(),
             m.memory_limit.clone(),
+        );
+        registry.register(
+            "leased_units",
+            "Units held by lease (key groups, or Kafka partitions)",
+            m.leased_units.clone(),
+        );
+        registry.register("lease_moves", "Units acquired or released", m.lease_moves.clone());
+        registry.register(
+            "fenced_dropped",
+            "Deliveries dropped as written by a deposed owner (an older fence)",
+            m.fenced_dropped.clone(),
+        );
+        registry.register_with_unit(
+            "snapshot",
+            "Bytes of key-group snapshots stored in the object store",
+            bytes(),
+            m.snapshot_bytes.clone(),
         );
         for (state, share) in [("busy", 0.0), ("backpressured", 0.0), ("idle", 1.0)] {
             m.time_share.get_or_create(&StateLabel { state }).set(share);

@@ -16,7 +16,7 @@
 //! Works with nats-server 2.9 (Debian's): the client is built without the
 //! 2.10+ features, consumers filter on one subject each.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::credit;
 use crate::hop::Hop;
+use crate::inbox::{FENCE_HEADER, FenceStamp};
 use crate::key_group::KeyGroup;
 use crate::publish_order::PublishOrder;
 
@@ -251,6 +252,8 @@ pub struct Delivery {
     pub ack: Option<AckToken>,
     /// Its sender's credit stamp (sender run, running total), if any.
     pub credit: Option<(credit::Sender, credit::Usage)>,
+    /// Its writer's lease fence, if the writer holds its unit by lease.
+    pub fence: Option<FenceStamp>,
 }
 
 /// How to acknowledge one delivered message: its reply subject. Publishing
@@ -270,18 +273,52 @@ impl AckToken {
     }
 }
 
+/// Delete every consumer of `stream` that reads one of `subjects`: the
+/// consumers of key groups this instance now holds under a new fence, left
+/// by their former owners (a work-queue stream allows one consumer per
+/// subject, and a deposed owner must not pull or acknowledge any more).
+async fn delete_consumers_of(stream: &mut stream::Stream, subjects: &BTreeSet<String>) -> Result<(), TransportError> {
+    let mut names = Vec::new();
+    let mut infos = stream.consumers();
+    while let Some(info) = infos.next().await {
+        let info = info.map_err(|e| js_err(String::from("listing consumers"))(Box::new(e)))?;
+        if subjects.contains(&info.config.filter_subject) {
+            names.push(info.name);
+        }
+    }
+    for name in names {
+        match stream.delete_consumer(&name).await {
+            Ok(_) => {}
+            Err(e) if e.to_string().contains("not found") => {}
+            Err(e) => return Err(js_err(format!("deleting consumer {name}"))(Box::new(e))),
+        }
+    }
+    Ok(())
+}
+
 /// Open the consumers of `key_groups` on `hop`, re-created so that they
 /// deliver every unacknowledged message in stream order, merged into one
-/// stream of deliveries.
+/// stream of deliveries. With `fences` (key groups held by lease), each
+/// consumer's name carries its key group's fence and every other consumer
+/// of the key group's subject is deleted first.
 pub async fn consume(
     stream: &stream::Stream,
     settings: &NatsSettings,
     hop: Hop,
     key_groups: impl IntoIterator<Item = KeyGroup>,
+    fences: Option<&BTreeMap<KeyGroup, u64>>,
 ) -> Result<BoxStream<'static, Result<Delivery, TransportError>>, TransportError> {
+    let key_groups: Vec<KeyGroup> = key_groups.into_iter().collect();
+    if fences.is_some() {
+        let subjects = key_groups.iter().map(|kg| hop.subject(&settings.prefix, *kg)).collect();
+        delete_consumers_of(&mut stream.clone(), &subjects).await?;
+    }
     let mut all = Vec::new();
     for kg in key_groups {
-        let name = hop.consumer(kg);
+        let name = match fences.and_then(|f| f.get(&kg)) {
+            Some(fence) => format!("{}-f{fence}", hop.consumer(kg)),
+            None => hop.consumer(kg),
+        };
         // A consumer left by an earlier run would redeliver its unacked
         // messages after newer ones; a fresh one starts at the oldest.
         match stream.delete_consumer(&name).await {
@@ -317,13 +354,20 @@ pub async fn consume(
             let info = message.info().map_err(|e| js_err(format!("reading a message of {name}"))(e))?;
             let (stream_seq, consumer_seq, pending) = (info.stream_sequence, info.consumer_sequence, info.pending);
             let jetstream::Message { message, .. } = message;
-            let credit = message
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(credit::STAMP_HEADER))
-                .and_then(|v| credit::parse_stamp(v.as_str()));
+            let header = |name: &str| message.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_owned());
+            let credit = header(credit::STAMP_HEADER).and_then(|v| credit::parse_stamp(&v));
+            let fence = header(FENCE_HEADER).and_then(|v| FenceStamp::parse(&v));
             let ack = message.reply.map(AckToken);
-            Ok(Delivery { key_group: kg, stream_seq, consumer_seq, pending, payload: message.payload, ack, credit })
+            Ok(Delivery {
+                key_group: kg,
+                stream_seq,
+                consumer_seq,
+                pending,
+                payload: message.payload,
+                ack,
+                credit,
+                fence,
+            })
         });
         all.push(deliveries.boxed());
     }
@@ -423,6 +467,9 @@ pub struct Outgoing {
     pub id: String,
     /// The encoded batch.
     pub payload: Bytes,
+    /// The writer's lease fence for the message's unit, if it holds the
+    /// unit by lease (sent as the [`FENCE_HEADER`]).
+    pub fence: Option<FenceStamp>,
 }
 
 pub use crate::handoff::ToPublisher;
@@ -464,6 +511,9 @@ fn send(js: &jetstream::Context, seq: u64, msg: Outgoing, stamp: Option<String>,
         let mut publish = jetstream::message::PublishMessage::build().message_id(&msg.id).payload(msg.payload.clone());
         if let Some(stamp) = &stamp {
             publish = publish.header(credit::STAMP_HEADER, stamp.as_str());
+        }
+        if let Some(fence) = &msg.fence {
+            publish = publish.header(FENCE_HEADER, fence.header_value().as_str());
         }
         let result = match js.send_publish(msg.subject.clone(), publish).await {
             Ok(ack) => match ack.await {

@@ -46,6 +46,8 @@ use crate::probe::Health;
 use crate::stage::{Stage, StageError};
 use crate::state::{self, CommitBatch, CommitStore, StateError, StateKey};
 
+mod leased;
+pub use leased::{LeaseRun, lease_bucket, snapshot_bucket};
 mod outbox;
 mod recovery;
 mod stage_thread;
@@ -56,15 +58,51 @@ mod crash_model;
 use recovery::recover;
 use stage_thread::{Channels, Intake, OutputShape, StageThread};
 
+/// How an instance comes by its key groups.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ownership {
+    /// Instance `service.instance` of `service.instances` owns key groups
+    /// `instance`, `instance + instances`, ...; changing either needs fresh
+    /// state directories.
+    #[default]
+    Static,
+    /// Instances divide the key groups among themselves through a lease
+    /// table in NATS KV ([`crate::ownership`]); key groups move, with their
+    /// state, when instances join, leave or die.
+    Leases,
+}
+
 /// Settings of a service instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServiceSettings {
-    /// This instance's index among the stage's instances (0-based). On
-    /// Kubernetes, the StatefulSet pod ordinal.
+    /// This instance's index among the stage's instances (0-based), with
+    /// `ownership = "static"`. On Kubernetes, the StatefulSet pod ordinal.
     pub instance: usize,
-    /// How many instances the stage runs; they split the key groups evenly.
+    /// How many instances the stage runs, with `ownership = "static"`; they
+    /// split the key groups evenly.
     pub instances: usize,
+    /// `static` (from `instance` and `instances`) or `leases` (dynamic: the
+    /// instance needs a unique name in `SLUICE_INSTANCE_NAME`, the pod name
+    /// on Kubernetes).
+    pub ownership: Ownership,
+    /// With leases: this instance's share relative to the others (2: twice
+    /// the key groups of a weight-1 instance).
+    pub weight: u32,
+    /// With leases: how often the instance heartbeats and re-plans.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// With leases: how long after an instance's last heartbeat the others
+    /// take its key groups over. At least three heartbeats.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    /// With leases: how often the key groups changed since the last
+    /// snapshot are snapshotted to the object store. Input is acknowledged
+    /// only once a snapshot covers it, so this bounds what a new owner
+    /// replays after an instance died, and what the streams hold meanwhile.
+    #[serde(with = "humantime_serde")]
+    pub snapshot_interval: Duration,
     /// The instance's state directory (sled).
     pub state_dir: PathBuf,
     /// Address of the HTTP server: `/metrics`, `/healthz`, `/readyz` (and
@@ -97,6 +135,11 @@ impl Default for ServiceSettings {
         Self {
             instance: 0,
             instances: 1,
+            ownership: Ownership::Static,
+            weight: 1,
+            heartbeat_interval: Duration::from_secs(1),
+            lease_ttl: Duration::from_secs(6),
+            snapshot_interval: Duration::from_secs(5),
             state_dir: PathBuf::from("state"),
             listen: "0.0.0.0:9090".into(),
             commit_interval: Duration::from_secs(1),
@@ -112,7 +155,7 @@ impl ServiceSettings {
     /// Check the values once, at start: a bad one names its key.
     pub fn validate(&self) -> Result<(), ServiceError> {
         let fail = |m: String| Err(ServiceError::Setup(m));
-        if self.instances == 0 || self.instance >= self.instances {
+        if self.ownership == Ownership::Static && (self.instances == 0 || self.instance >= self.instances) {
             return fail(format!(
                 "service.instance ({}) must be below service.instances ({})",
                 self.instance, self.instances
@@ -127,7 +170,34 @@ impl ServiceSettings {
         if self.drain_timeout.is_zero() {
             return fail("service.drain_timeout must be above 0".into());
         }
+        if self.ownership == Ownership::Leases {
+            if self.weight == 0 {
+                return fail("service.weight must be at least 1".into());
+            }
+            if self.heartbeat_interval.is_zero() || self.lease_ttl < self.heartbeat_interval * 3 {
+                return fail(format!(
+                    "service.lease_ttl ({:?}) must be at least three service.heartbeat_interval ({:?}), which must be above 0",
+                    self.lease_ttl, self.heartbeat_interval
+                ));
+            }
+            if self.snapshot_interval.is_zero() {
+                return fail("service.snapshot_interval must be above 0".into());
+            }
+        }
         Ok(())
+    }
+
+    /// With leases: the instance's member name, from `SLUICE_INSTANCE_NAME`.
+    /// Two processes under one name would both believe they hold the same
+    /// key groups, so there is no made-up default.
+    pub fn member_name(&self) -> Result<String, ServiceError> {
+        match std::env::var(INSTANCE_NAME_VAR) {
+            Ok(name) if !name.trim().is_empty() => Ok(name.trim().to_string()),
+            _ => Err(ServiceError::Setup(format!(
+                "service.ownership = \"leases\" needs a unique instance name in {INSTANCE_NAME_VAR} \
+                 (on Kubernetes, the pod name from the downward API)"
+            ))),
+        }
     }
 
     /// The key groups this instance owns, after checking the settings.
@@ -136,6 +206,9 @@ impl ServiceSettings {
         Ok(KeyGroupSet::share(p, self.instance, self.instances))
     }
 }
+
+/// The environment variable naming an instance that holds leases.
+pub const INSTANCE_NAME_VAR: &str = "SLUICE_INSTANCE_NAME";
 
 /// Why a service stopped other than by a clean drain.
 #[derive(Debug, thiserror::Error)]
@@ -172,6 +245,12 @@ pub enum ServiceError {
     /// The drain did not finish in time.
     #[error("the drain did not finish within {0:?}")]
     DrainTimeout(Duration),
+    /// The lease table failed, or this instance was fenced.
+    #[error(transparent)]
+    Lease(#[from] crate::ownership::kv::LeaseError),
+    /// A key-group snapshot could not be stored or read.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot_store::SnapshotError),
 }
 
 /// When a stage's outputs are published.
@@ -195,6 +274,9 @@ pub trait ConsumingStage: Stage<Input: Send, Output: Send> + Send + 'static {
     const INPUT: Hop;
     /// The hop it publishes to, if any.
     const OUTPUT: Option<Hop>;
+    /// The namespaces of its per-key-group state (each key group's records
+    /// under `namespace / key group / ...`): what moves with a key group.
+    const KEY_GROUP_STATE: &'static [&'static str];
     /// When outputs are published.
     const POLICY: OutputPolicy;
 
@@ -230,10 +312,21 @@ struct Assignment {
     instances: usize,
 }
 
-/// Refuse a state built for another share of the key groups: moving key
-/// groups between instances is not supported yet, and silently ignoring the
-/// state of key groups no longer owned would lose them.
+/// Marks a store of an instance holding key groups by lease (the number of key groups).
+const LEASED_KEY: &str = "service/leased";
+
+/// Refuse a state built for another share of the key groups: static
+/// instances cannot move key groups (with `ownership = "leases"` they can),
+/// and silently ignoring the state of key groups no longer owned would lose
+/// them.
 pub fn check_assignment(store: &CommitStore, p: KeyGroups, settings: &ServiceSettings) -> Result<(), ServiceError> {
+    if store.get(&StateKey::namespace(LEASED_KEY))?.is_some() {
+        return Err(ServiceError::Setup(format!(
+            "the state at {} belongs to an instance holding key groups by lease; \
+             run with service.ownership = \"leases\" or use a fresh state directory",
+            settings.state_dir.display()
+        )));
+    }
     let now = Assignment { key_groups: p.count(), instance: settings.instance, instances: settings.instances };
     match store.get(&StateKey::namespace(ASSIGNMENT_KEY))? {
         Some(bytes) => {
@@ -241,7 +334,7 @@ pub fn check_assignment(store: &CommitStore, p: KeyGroups, settings: &ServiceSet
             if was != now {
                 return Err(ServiceError::Setup(format!(
                     "the state at {} belongs to instance {} of {} with {} key groups, not instance {} of {} with {}; \
-                     use a fresh state directory (moving key groups between instances is not supported yet)",
+                     use a fresh state directory (or service.ownership = \"leases\", which moves key groups)",
                     settings.state_dir.display(),
                     was.instance,
                     was.instances,
@@ -255,6 +348,36 @@ pub fn check_assignment(store: &CommitStore, p: KeyGroups, settings: &ServiceSet
         None => {
             let mut tx = CommitBatch::default();
             tx.put(&StateKey::namespace(ASSIGNMENT_KEY), state::encode("assignment", &now)?);
+            store.commit(tx)?;
+        }
+    }
+    Ok(())
+}
+
+/// Refuse a state made by a static instance, or for another number of key
+/// groups, for an instance holding key groups by lease; mark a new one.
+fn check_leased(store: &CommitStore, p: KeyGroups, settings: &ServiceSettings) -> Result<(), ServiceError> {
+    if store.get(&StateKey::namespace(ASSIGNMENT_KEY))?.is_some() {
+        return Err(ServiceError::Setup(format!(
+            "the state at {} belongs to a static instance (service.instance of service.instances); \
+             use a fresh state directory for service.ownership = \"leases\"",
+            settings.state_dir.display()
+        )));
+    }
+    match store.get(&StateKey::namespace(LEASED_KEY))? {
+        Some(bytes) => {
+            let was: u16 = state::decode("leased", &bytes)?;
+            if was != p.count() {
+                return Err(ServiceError::Setup(format!(
+                    "the state at {} was made with {was} key groups, not {}; use a fresh state directory",
+                    settings.state_dir.display(),
+                    p.count()
+                )));
+            }
+        }
+        None => {
+            let mut tx = CommitBatch::default();
+            tx.put(&StateKey::namespace(LEASED_KEY), state::encode("leased", &p.count())?);
             store.commit(tx)?;
         }
     }
@@ -298,20 +421,38 @@ pub fn next_run(store: &CommitStore) -> Result<u64, StateError> {
     Ok(run)
 }
 
-/// Run `stage` as a service until `ctx.shutdown`, then drain and commit.
-pub async fn run<S>(mut stage: S, store: CommitStore, ctx: ServiceContext) -> Result<(), ServiceError>
+/// The key groups one run of an instance consumes.
+pub struct Holding {
+    /// The key groups.
+    pub owned: KeyGroupSet,
+    /// Held by lease: their fences and where their snapshots go.
+    pub lease: Option<leased::LeaseRun>,
+}
+
+/// Run `stage` over `holding` until `stop` (SIGTERM, or a change of the
+/// key groups held), then drain and commit.
+pub async fn run<S>(
+    mut stage: S,
+    store: CommitStore,
+    ctx: &ServiceContext,
+    holding: Holding,
+    stop: CancellationToken,
+) -> Result<(), ServiceError>
 where
     S: ConsumingStage,
 {
-    let recovered = recover(&mut stage, &store, ctx.key_groups, &ctx.settings)?;
+    let recovered = recover(&mut stage, &store, holding.owned.clone())?;
     let epoch = recovered.epoch;
+    let name = match &holding.lease {
+        Some(lease) => lease.member.clone(),
+        None => format!("{}-{}", stage.name(), ctx.settings.instance),
+    };
 
-    let js = nats::connect(&ctx.nats, &format!("sluice-{}-{}", stage.name(), ctx.settings.instance)).await?;
+    let js = nats::connect(&ctx.nats, &format!("sluice-{name}")).await?;
     let input = nats::ensure_stream(&js, &ctx.nats, S::INPUT).await?;
     if let Some(out) = S::OUTPUT {
         nats::ensure_stream(&js, &ctx.nats, out).await?;
     }
-    let name = format!("{}-{}", stage.name(), ctx.settings.instance);
     let sender_credit = S::OUTPUT
         .map(|hop| nats::PublisherCredit { sender: credit::Sender { name: name.clone(), epoch: recovered.run }, hop });
     let (pub_tx, pub_rx) = ctx.nats.handoff();
@@ -334,17 +475,31 @@ where
             move |bytes| {
                 metrics.credit_granted.set(bytes as i64);
             },
-            ctx.shutdown.clone(),
+            stop.clone(),
         ))
     });
 
     let kgs: Vec<KeyGroup> = ctx.key_groups.all().filter(|kg| recovered.owned.contains(*kg)).collect();
-    let mut deliveries = nats::consume(&input, &ctx.nats, S::INPUT, kgs.iter().copied()).await?;
+    let fences = holding.lease.as_ref().map(|l| &l.fences);
+    let mut deliveries = nats::consume(&input, &ctx.nats, S::INPUT, kgs.iter().copied(), fences).await?;
     let (intake_tx, mut intake_rx) = mpsc::channel::<Intake>(ctx.settings.intake_queue.max(1));
     let (ack_tx, ack_rx) = mpsc::channel::<Vec<AckToken>>(64);
     let acker = tokio::spawn(nats::run_acker(js.client(), ack_rx));
+    let (snapshot_tx, snapshot_task, leasing) = match holding.lease {
+        Some(lease) => {
+            let (tx, rx) = mpsc::channel(1);
+            let leasing = stage_thread::Leasing {
+                fences: lease.fences.clone(),
+                namespaces: S::KEY_GROUP_STATE.iter().copied().chain([INBOX_NS]).collect(),
+                interval: ctx.settings.snapshot_interval,
+            };
+            let task = tokio::spawn(leased::run_snapshots(rx, lease, ack_tx.clone(), ctx.metrics.clone()));
+            (Some(tx), Some(task), Some(leasing))
+        }
+        None => (None, None, None),
+    };
 
-    let shutdown = ctx.shutdown.clone();
+    let shutdown = stop.clone();
     let metrics = ctx.metrics.clone();
     let interval = ctx.settings.commit_interval;
     let batch_delay = ctx.settings.batch_delay;
@@ -385,8 +540,9 @@ where
     let thread = std::thread::Builder::new()
         .name(format!("sluice-{}", stage.name()))
         .spawn(move || {
-            let io = Channels { publisher: pub_tx, acker: ack_tx, ledger, metrics: metrics.clone() };
-            let mut worker = StageThread::resume(stage, store, recovered, io, shape, metrics.clone())?;
+            let io =
+                Channels { publisher: pub_tx, acker: ack_tx, ledger, metrics: metrics.clone(), snapshots: snapshot_tx };
+            let mut worker = StageThread::resume(stage, store, recovered, io, shape, metrics.clone(), leasing)?;
             let result = worker.run(&mut intake_rx);
             let bytes = worker.state_bytes();
             metrics.state_bytes.set(bytes as i64);
@@ -401,7 +557,7 @@ where
         let _ = done_tx.send(thread.join());
     });
     let drain_timeout = ctx.settings.drain_timeout;
-    let shutdown = ctx.shutdown.clone();
+    let shutdown = stop.clone();
     let stage_result = tokio::select! {
         r = done_rx => r,
         _ = async { shutdown.cancelled().await; tokio::time::sleep(drain_timeout).await } => {
@@ -420,6 +576,10 @@ where
     }
     let intake_result = intake.await.map_err(|e| ServiceError::Setup(format!("intake task: {e}")))?;
     let publish_result = publisher.await.map_err(|e| ServiceError::Setup(format!("publisher task: {e}")))?;
+    let snapshot_result = match snapshot_task {
+        Some(task) => task.await.map_err(|e| ServiceError::Setup(format!("snapshot task: {e}")))?,
+        None => Ok(()),
+    };
     let _ = acker.await;
     if let Some(task) = credit_task {
         task.await.map_err(|e| ServiceError::Setup(format!("credit task: {e}")))??;
@@ -427,6 +587,7 @@ where
     result?;
     intake_result?;
     publish_result?;
+    snapshot_result?;
     Ok(())
 }
 
@@ -446,27 +607,32 @@ pub struct Common<'a> {
 pub struct Launched<'a> {
     /// P.
     pub key_groups: KeyGroups,
-    /// The key groups this instance owns.
+    /// The key groups this instance owns (with leases: in this run).
     pub owned: &'a KeyGroupSet,
     /// The service's metrics.
     pub metrics: &'a Arc<Metrics>,
     /// Cancelled on SIGTERM: the stage's own tasks end with it.
     pub shutdown: &'a CancellationToken,
+    /// Whether this is the first stage built by this process. With leases
+    /// the stage is built again whenever the key groups held change; the
+    /// HTTP routes (and anything else started once) come from the first.
+    pub first: bool,
 }
 
 /// Start a consuming service: signals, metrics, probes (and `make`'s extra
 /// HTTP routes), the commit store, then [`run`] until SIGTERM and the drain.
 /// `make` builds the stage for the key groups this instance owns; it runs
 /// inside the runtime, so it may spawn the service's own tasks, which end
-/// when the shutdown token it is given is cancelled.
-pub async fn launch<S, F>(name: &'static str, common: Common<'_>, make: F) -> Result<(), ServiceError>
+/// when the shutdown token it is given is cancelled. With leases it is
+/// called again for every change of the key groups held.
+pub async fn launch<S, F>(name: &'static str, common: Common<'_>, mut make: F) -> Result<(), ServiceError>
 where
     S: ConsumingStage,
-    F: FnOnce(Launched<'_>) -> Result<(S, axum::Router), ServiceError>,
+    F: FnMut(Launched<'_>) -> Result<(S, axum::Router), ServiceError>,
 {
     let key_groups = KeyGroups::new(common.pipeline.key_groups)
         .ok_or_else(|| ServiceError::Setup("pipeline.key_groups must be between 1 and 32768".into()))?;
-    let owned = common.service.key_groups(key_groups)?;
+    common.service.validate()?;
     let shutdown =
         crate::shutdown::on_signal().map_err(|e| ServiceError::Setup(format!("installing signal handlers: {e}")))?;
     let metrics = Metrics::new(name, common.service.instance);
@@ -476,7 +642,11 @@ where
         shutdown.clone(),
     ));
     let health = Health::new();
-    let (stage, routes) = make(Launched { key_groups, owned: &owned, metrics: &metrics, shutdown: &shutdown })?;
+    let leases = common.service.ownership == Ownership::Leases;
+    // With leases the first stage owns nothing: it only brings the routes.
+    let first_owned = if leases { KeyGroupSet::none(key_groups) } else { common.service.key_groups(key_groups)? };
+    let (stage, routes) =
+        make(Launched { key_groups, owned: &first_owned, metrics: &metrics, shutdown: &shutdown, first: true })?;
     let router = crate::probe::router(metrics.clone(), health.clone(), routes);
     let (addr, http) = crate::probe::serve(&common.service.listen, router, shutdown.clone())
         .await
@@ -491,7 +661,19 @@ where
         health,
         shutdown: shutdown.clone(),
     };
-    let result = run(stage, store, ctx).await;
+    let result = if leases {
+        drop(stage);
+        leased::run_leased(name, store, &ctx, |owned| {
+            let (stage, _) =
+                make(Launched { key_groups, owned, metrics: &ctx.metrics, shutdown: &ctx.shutdown, first: false })?;
+            Ok(stage)
+        })
+        .await
+    } else {
+        check_assignment(&store, key_groups, &ctx.settings)?;
+        let holding = Holding { owned: first_owned, lease: None };
+        run(stage, store, &ctx, holding, shutdown.clone()).await
+    };
     shutdown.cancel();
     let _ = http.await;
     result

@@ -109,6 +109,8 @@ fn remove_unfinished_snapshots(path: &Path) -> std::io::Result<()> {
 }
 
 /// A stage's durable state: one sled tree, written only in atomic commits.
+/// Clones share the same store (sled's handle is shared).
+#[derive(Clone)]
 pub struct CommitStore {
     path: PathBuf,
     db: sled::Db,

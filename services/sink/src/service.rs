@@ -138,17 +138,32 @@ impl Stage for LiveSink {
     }
 }
 
+/// Bits of a row's version a window instance counts in; the bits above hold
+/// the fence of the window's lease on the row's key group.
+const VERSION_BITS: u32 = 40;
+
 impl ConsumingStage for LiveSink {
     const INPUT: Hop = Hop::Rows;
     const OUTPUT: Option<Hop> = None;
     const POLICY: OutputPolicy = OutputPolicy::Outbox;
+    const KEY_GROUP_STATE: &'static [&'static str] = crate::sink::KEY_GROUP_STATE;
 
     fn decode(bytes: &[u8]) -> Result<RowBatch, CodecError> {
         decode_rows(bytes)
     }
 
-    fn admit(_inbox: &mut Inbox, input: RowBatch, _dropped: &mut u64) -> Option<RowBatch> {
+    fn admit(inbox: &mut Inbox, mut input: RowBatch, _dropped: &mut u64) -> Option<RowBatch> {
         // Rows are absolute and versioned: applying one again changes nothing.
+        // A window instance counts versions per partial row; when a key group
+        // moves to another window instance (fence f), that one resumes from
+        // the last snapshot and may count the same versions again for newer
+        // values. The fence in the high bits orders every row of a later
+        // owner after every row of an earlier one. (Static windows: fence 0.)
+        if let Some(fence) = inbox.fence(input.key_group, "kg").filter(|f| *f > 0) {
+            for row in &mut input.rows {
+                row.version = (fence << VERSION_BITS) | (row.version & ((1 << VERSION_BITS) - 1));
+            }
+        }
         Some(input)
     }
 
@@ -247,6 +262,10 @@ pub fn main(config: Option<&std::path::Path>) -> anyhow::Result<()> {
         "sluice-sink runs as one instance (service.instances = {}): its API answers from all key groups",
         settings.service.instances
     );
+    anyhow::ensure!(
+        settings.service.ownership == service::Ownership::Static,
+        "sluice-sink runs as one instance with service.ownership = \"static\": its API answers from all key groups"
+    );
     service::block_on(serve(&settings)).context("starting tokio")?
 }
 
@@ -267,7 +286,10 @@ async fn serve(settings: &SinkServiceSettings) -> anyhow::Result<()> {
     };
     // The mirror ends when its input closes, not on the shutdown token: it
     // must first write what the stage's drain committed.
+    // Static ownership only (checked in `main`): built once.
+    let mut stage = Some(stage);
     let launched = service::launch("sink", common, move |_| {
+        let stage = stage.take().ok_or_else(|| service::ServiceError::Setup("the sink is built once".into()))?;
         let reader = stage.reader();
         Ok((stage, routes(reader)))
     })

@@ -35,6 +35,10 @@ pub struct Sink {
 /// Where [`Sink`] keeps its commit count in the store.
 const COMMITS_KEY: &str = "sink/commits";
 
+/// The namespaces of the sink's per-key-group tables.
+pub const KEY_GROUP_STATE: &[&str] =
+    &["sink/daily", "sink/sessions_per_device", "sink/custom_events", "sink/minute", "sink/rejects", "sink/covered"];
+
 impl Default for Sink {
     fn default() -> Self {
         Self::new()
@@ -66,12 +70,12 @@ impl Sink {
     /// Empty tables.
     pub fn new() -> Self {
         Self {
-            daily: TableStore::new("sink/daily"),
-            sessions: TableStore::new("sink/sessions_per_device"),
-            custom: TableStore::new("sink/custom_events"),
-            minute: TableStore::new("sink/minute"),
-            rejects: TableStore::new("sink/rejects"),
-            covered: TableStore::new("sink/covered"),
+            daily: TableStore::new(KEY_GROUP_STATE[0]),
+            sessions: TableStore::new(KEY_GROUP_STATE[1]),
+            custom: TableStore::new(KEY_GROUP_STATE[2]),
+            minute: TableStore::new(KEY_GROUP_STATE[3]),
+            rejects: TableStore::new(KEY_GROUP_STATE[4]),
+            covered: TableStore::new(KEY_GROUP_STATE[5]),
             changed: None,
             commits: 0,
             version: 1,

@@ -27,15 +27,19 @@ use serde::{Deserialize, Serialize};
 use sluice_runtime::codec::encode_raw_within;
 use sluice_runtime::handoff::{Handoff, PublisherGone};
 use sluice_runtime::hop::Hop;
+use sluice_runtime::inbox::FenceStamp;
 use sluice_runtime::key_group::KeyGroups;
 use sluice_runtime::lineage::Lineage;
 use sluice_runtime::metrics::Metrics;
 use sluice_runtime::nats::{self, NatsSettings, Outgoing};
+use sluice_runtime::ownership::Me;
+use sluice_runtime::ownership::kv::{LeaseError, LeaseGroup, Membership, View};
 use sluice_runtime::probe::{self, Health};
+use sluice_runtime::service::lease_bucket;
 use sluice_runtime::service::{self, ServiceSettings};
 use sluice_runtime::settings::PipelineSettings;
 use sluice_runtime::state::{self, CommitBatch, CommitStore, StateKey, StateSettings};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::batcher::Batcher;
@@ -92,14 +96,18 @@ async fn run(settings: SourceServiceSettings) -> anyhow::Result<()> {
     tracing::info!(%addr, "source: HTTP on {addr}");
     let store = CommitStore::open(&settings.service.state_dir, &settings.state)
         .with_context(|| format!("opening state at {}", settings.service.state_dir.display()))?;
-    let js = nats::connect(&settings.nats, &format!("sluice-source-{}", settings.service.instance)).await?;
+    let leased = settings.service.ownership == service::Ownership::Leases;
+    // With leases, the member name (unique per process) names the sender too.
+    let name = if leased { settings.service.member_name()? } else { format!("source-{}", settings.service.instance) };
+    let js = nats::connect(&settings.nats, &format!("sluice-{name}")).await?;
     nats::ensure_stream(&js, &settings.nats, Hop::Raw).await?;
     // Flow control: this run's sender identity on the raw hop.
     let run = sluice_runtime::service::next_run(&store)?;
     let credit = nats::PublisherCredit {
-        sender: sluice_runtime::credit::Sender { name: format!("source-{}", settings.service.instance), epoch: run },
+        sender: sluice_runtime::credit::Sender { name: name.clone(), epoch: run },
         hop: Hop::Raw,
     };
+    let lease = leased.then(|| SourceLease { handle: tokio::runtime::Handle::current(), js: js.clone(), member: name });
     let (pub_tx, pub_rx) = settings.nats.handoff();
     let publisher = tokio::spawn(nats::run_publisher(js, settings.nats.clone(), pub_rx, metrics.clone(), Some(credit)));
 
@@ -125,6 +133,8 @@ async fn run(settings: SourceServiceSettings) -> anyhow::Result<()> {
                     buffers: BTreeMap::new(),
                     published: BTreeMap::new(),
                     committed: BTreeMap::new(),
+                    lease,
+                    leasing: None,
                 };
                 let _ = done_tx.send(source.run(&shutdown));
             })
@@ -153,6 +163,25 @@ async fn run(settings: SourceServiceSettings) -> anyhow::Result<()> {
     result?;
     published?;
     Ok(())
+}
+
+/// The first view written after `after` (any, if `None`); `None` at SIGTERM.
+fn wait_view(
+    views: &watch::Receiver<Option<View>>,
+    after: Option<Instant>,
+    shutdown: &CancellationToken,
+) -> Option<View> {
+    loop {
+        if shutdown.is_cancelled() {
+            return None;
+        }
+        if let Some(v) = views.borrow().as_ref()
+            && after.is_none_or(|a| v.written_at > a)
+        {
+            return Some(v.clone());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// One Kafka partition's records parsed since its last flush.
@@ -188,6 +217,27 @@ struct KafkaSource {
     published: BTreeMap<i32, i64>,
     /// Next offset per partition as of the last commit.
     committed: BTreeMap<i32, i64>,
+    /// With leases: how to reach the lease table (taken by `run`).
+    lease: Option<SourceLease>,
+    /// With leases, while consuming: the partitions' fences and checkpoints.
+    leasing: Option<Leasing>,
+}
+
+/// What the Kafka thread needs to hold partitions by lease.
+struct SourceLease {
+    handle: tokio::runtime::Handle,
+    js: async_nats::jetstream::Context,
+    member: String,
+}
+
+/// The partitions held by lease while they are read.
+struct Leasing {
+    group: Arc<LeaseGroup>,
+    handle: tokio::runtime::Handle,
+    /// Fence per partition held.
+    fences: BTreeMap<i32, u64>,
+    /// When the committed offsets were last recorded as checkpoints.
+    recorded: Instant,
 }
 
 impl KafkaSource {
@@ -236,16 +286,34 @@ impl KafkaSource {
         // Waiting for the topic is a normal idle state, not unreadiness.
         self.health.set_ready(true);
         let Some(count) = self.partition_count(&consumer, shutdown)? else { return Ok(()) };
+        drop(consumer);
+        if let Some(lease) = self.lease.take() {
+            return self.run_leased(count, lease, shutdown);
+        }
         let parts = kafka::partitions_of(count, self.settings.service.instance, self.settings.service.instances);
+        let starts = kafka::start_offsets(&parts, &self.stored_offsets(&parts)?);
+        self.consume(&starts, &|| shutdown.is_cancelled())
+    }
+
+    /// The offsets in the store of `parts`.
+    fn stored_offsets(&self, parts: &[i32]) -> anyhow::Result<BTreeMap<i32, i64>> {
         let mut stored = BTreeMap::new();
-        for p in &parts {
+        for p in parts {
             if let Some(bytes) = self.store.get(&Self::offset_key(*p))? {
                 stored.insert(*p, state::decode::<i64>("Kafka offset", &bytes)?);
             }
         }
-        let starts = kafka::start_offsets(&parts, &stored);
+        Ok(stored)
+    }
+
+    /// Read the partitions of `starts` from their start offsets (`None`: the
+    /// beginning) until `stop` says so, then publish what was read and
+    /// commit it.
+    fn consume(&mut self, starts: &BTreeMap<i32, Option<i64>>, stop: &dyn Fn() -> bool) -> anyhow::Result<()> {
+        let k = self.settings.kafka.clone();
+        let consumer = kafka::consumer(&k).with_context(|| format!("creating a Kafka consumer for {}", k.brokers))?;
         let mut assign = TopicPartitionList::new();
-        for (p, start) in &starts {
+        for (p, start) in starts {
             let offset = start.map_or(Offset::Beginning, Offset::Offset);
             assign.add_partition_offset(&k.topic, *p, offset).context("building the assignment")?;
             if let Some(o) = start {
@@ -255,11 +323,12 @@ impl KafkaSource {
         }
         consumer.assign(&assign).context("assigning partitions")?;
         self.assignment = assign;
+        let parts: Vec<i32> = starts.keys().copied().collect();
         tracing::info!(topic = %k.topic, partitions = ?parts, starts = ?starts, "consuming");
 
         let interval = self.settings.service.commit_interval;
         let (mut last_commit, mut last_check) = (Instant::now(), Instant::now());
-        while !shutdown.is_cancelled() {
+        while !stop() {
             let t0 = Instant::now();
             let polled = consumer.poll(Duration::from_millis(10));
             let waited_before = self.metrics.backpressured_seconds.get();
@@ -313,6 +382,9 @@ impl KafkaSource {
                 }
             }
             self.finish_commit(&consumer, false)?;
+            if self.leasing.as_ref().is_some_and(|l| l.recorded.elapsed() >= self.settings.service.snapshot_interval) {
+                self.record_checkpoints()?;
+            }
             if last_commit.elapsed() >= interval {
                 self.start_commit()?;
                 last_commit = Instant::now();
@@ -328,6 +400,134 @@ impl KafkaSource {
         }
         self.commit_all(&consumer)?;
         tracing::info!(offsets = ?self.committed, "drained");
+        Ok(())
+    }
+
+    /// Hold partitions by lease (`service.ownership = "leases"`): join the
+    /// source group's lease table, read what it gives this instance, and
+    /// re-read the table's verdict at every change; on SIGTERM release
+    /// everything with its committed offset.
+    fn run_leased(&mut self, count: i32, lease: SourceLease, shutdown: &CancellationToken) -> anyhow::Result<()> {
+        let SourceLease { handle, js, member } = lease;
+        let me = Me {
+            name: member.clone(),
+            weight: self.settings.service.weight,
+            ttl: self.settings.service.lease_ttl,
+            leaving: false,
+        };
+        let membership = Membership {
+            bucket: lease_bucket(&self.settings.nats.prefix),
+            key: "source".into(),
+            // The partition count is positive (the topic has partitions).
+            units: count as usize,
+            me,
+            interval: self.settings.service.heartbeat_interval,
+        };
+        let group = Arc::new(handle.block_on(LeaseGroup::join(&js, membership))?);
+        tracing::info!(%member, partitions = count, "joining the source group");
+        let mut views = group.watch();
+        let result = self.leased_loop(&group, &handle, &mut views, shutdown);
+        group.leave();
+        if result.is_ok() {
+            let held = views.borrow().as_ref().map(|v| v.held.clone()).unwrap_or_default();
+            let checkpoints = self.checkpoints(&held);
+            match handle.block_on(group.checkpoint(&checkpoints, true)) {
+                Ok(()) => tracing::info!(partitions = held.len(), "released every partition"),
+                Err(e) => tracing::warn!("releasing on the way out: {e}"),
+            }
+        }
+        if let Err(e) = handle.block_on(group.depart()) {
+            tracing::warn!("leaving the group: {e}");
+        }
+        result
+    }
+
+    fn leased_loop(
+        &mut self,
+        group: &Arc<LeaseGroup>,
+        handle: &tokio::runtime::Handle,
+        views: &mut watch::Receiver<Option<View>>,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let mut after = None;
+        loop {
+            let Some(view) = wait_view(views, after, shutdown) else { return Ok(()) };
+            after = Some(Instant::now());
+            if !view.to_release.is_empty() {
+                // The last read drained and committed: hand the partitions
+                // over at their committed offsets.
+                let held =
+                    view.held.iter().filter(|(p, _)| view.to_release.contains(p)).map(|(p, f)| (*p, *f)).collect();
+                match handle.block_on(group.checkpoint(&self.checkpoints(&held), true)) {
+                    Ok(()) | Err(LeaseError::Fenced(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                for p in view.to_release.iter() {
+                    let p = *p as i32;
+                    self.next.remove(&p);
+                    self.published.remove(&p);
+                    self.committed.remove(&p);
+                    self.buffers.remove(&p);
+                }
+                self.metrics.lease_moves.inc_by(view.to_release.len() as u64);
+                tracing::info!(partitions = ?view.to_release, "released");
+                continue;
+            }
+            let held: BTreeMap<i32, u64> = view.held.iter().map(|(p, f)| (*p as i32, *f)).collect();
+            self.metrics.leased_units.set(held.len() as i64);
+            if held.is_empty() || !view.is_current(Instant::now()) {
+                continue;
+            }
+            let parts: Vec<i32> = held.keys().copied().collect();
+            let stored = self.stored_offsets(&parts)?;
+            let mut starts = BTreeMap::new();
+            for p in &parts {
+                // Both are points before which everything was published:
+                // the later one re-reads less.
+                let checkpoint = view.table.leases.get(*p as usize).and_then(|l| l.checkpoint).map(|o| o as i64);
+                starts.insert(*p, checkpoint.max(stored.get(p).copied()).filter(|o| *o >= 0));
+            }
+            for (p, start) in &starts {
+                if self.committed.get(p).is_some_and(|c| Some(*c) != *start) {
+                    self.committed.remove(p);
+                    self.published.remove(p);
+                }
+            }
+            self.leasing = Some(Leasing {
+                group: group.clone(),
+                handle: handle.clone(),
+                fences: held.clone(),
+                recorded: Instant::now(),
+            });
+            let watching = views.clone();
+            let changed = move || {
+                let v = watching.borrow();
+                let Some(v) = v.as_ref() else { return true };
+                let same = v.held.len() == held.len() && v.held.iter().all(|(p, f)| held.get(&(*p as i32)) == Some(f));
+                !same || !v.to_release.is_empty() || !v.is_current(Instant::now())
+            };
+            self.consume(&starts, &|| shutdown.is_cancelled() || changed())?;
+            self.record_checkpoints()?;
+            self.leasing = None;
+        }
+    }
+
+    /// Checkpoints of `held` partitions (partition → fence): their
+    /// committed offsets.
+    fn checkpoints(&self, held: &BTreeMap<u32, u64>) -> BTreeMap<u32, (u64, Option<u64>)> {
+        held.iter().map(|(p, f)| (*p, (*f, self.committed.get(&(*p as i32)).map(|o| (*o).max(0) as u64)))).collect()
+    }
+
+    /// Record the committed offsets of the partitions held as their
+    /// checkpoints (where a next owner starts). Fenced: another instance
+    /// owns one of them now; stop (a restart rejoins the group).
+    fn record_checkpoints(&mut self) -> anyhow::Result<()> {
+        let Some(leasing) = &mut self.leasing else { return Ok(()) };
+        leasing.recorded = Instant::now();
+        let held: BTreeMap<u32, u64> = leasing.fences.iter().map(|(p, f)| (*p as u32, *f)).collect();
+        let (group, handle) = (leasing.group.clone(), leasing.handle.clone());
+        let checkpoints = self.checkpoints(&held);
+        handle.block_on(group.checkpoint(&checkpoints, false)).context("recording the partitions' offsets")?;
         Ok(())
     }
 
@@ -353,7 +553,12 @@ impl KafkaSource {
                 // The same records cut the same way get the same id.
                 let id = format!("source-p{p}-{first}-{last}-kg{}-{part}", batch.key_group.0);
                 self.metrics.records_sent.inc_by(records);
-                let out = Outgoing { subject: subject.clone(), id, payload: Bytes::from(bytes) };
+                let fence = self
+                    .leasing
+                    .as_ref()
+                    .and_then(|l| l.fences.get(&p))
+                    .map(|f| FenceStamp { unit: format!("p{p}"), fence: *f });
+                let out = Outgoing { subject: subject.clone(), id, payload: Bytes::from(bytes), fence };
                 self.wait_for_room(consumer, out.payload.len());
                 let waited = self.pub_tx.blocking_publish(out)?;
                 self.metrics.backpressured_seconds.inc_by(waited.as_secs_f64());

@@ -36,6 +36,7 @@ impl ConsumingStage for Window {
     const INPUT: Hop = Hop::Enriched;
     const OUTPUT: Option<Hop> = Some(Hop::Rows);
     const POLICY: OutputPolicy = OutputPolicy::Outbox;
+    const KEY_GROUP_STATE: &'static [&'static str] = crate::window::KEY_GROUP_STATE;
 
     fn decode(bytes: &[u8]) -> Result<EnrichedBatch, CodecError> {
         decode_enriched(bytes)
@@ -71,6 +72,7 @@ pub fn main(config: Option<&std::path::Path>) -> anyhow::Result<()> {
         nats: &settings.nats,
         state: &settings.state,
     };
+    // With leases this is called again for every change of the key groups held.
     let launched =
         service::launch("window", common, |l| Ok((Window::new().owning(l.owned.clone()), axum::Router::new())));
     Ok(service::block_on(launched).context("starting tokio")??)

@@ -99,19 +99,30 @@ impl Default for Window {
     }
 }
 
+/// The namespaces of the window's per-key-group state: what moves with a key group.
+pub const KEY_GROUP_STATE: &[&str] = &[
+    "window/device-day",
+    "window/daily",
+    "window/sessions",
+    "window/custom",
+    "window/minute",
+    "window/rejects",
+    "window/covered",
+];
+
 impl Window {
     /// An empty window stage.
     pub fn new() -> Self {
         Self {
             device_days: HashMap::default(),
             dirty_days: Vec::new(),
-            device_day_log: ChangelogTable::new("window/device-day"),
-            daily: Partials::new("window/daily"),
-            sessions: Partials::new("window/sessions"),
-            custom: Partials::new("window/custom"),
-            minute: Partials::new("window/minute"),
-            rejects: Partials::new("window/rejects"),
-            covered: Partials::new("window/covered"),
+            device_day_log: ChangelogTable::new(KEY_GROUP_STATE[0]),
+            daily: Partials::new(KEY_GROUP_STATE[1]),
+            sessions: Partials::new(KEY_GROUP_STATE[2]),
+            custom: Partials::new(KEY_GROUP_STATE[3]),
+            minute: Partials::new(KEY_GROUP_STATE[4]),
+            rejects: Partials::new(KEY_GROUP_STATE[5]),
+            covered: Partials::new(KEY_GROUP_STATE[6]),
             owned: None,
             scratch: Vec::new(),
             emit_rows: true,

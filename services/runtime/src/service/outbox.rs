@@ -27,7 +27,7 @@ pub(super) struct OutboxEntry {
 impl OutboxEntry {
     /// The message to publish (again).
     pub(super) fn into_outgoing(self) -> Outgoing {
-        Outgoing { subject: self.subject, id: self.id, payload: Bytes::from(self.payload) }
+        Outgoing { subject: self.subject, id: self.id, payload: Bytes::from(self.payload), fence: None }
     }
 }
 
@@ -49,4 +49,25 @@ pub(super) fn load(store: &CommitStore) -> Result<Vec<(StateKey, Outgoing)>, Sta
         entries.push((StateKey::from_bytes(key.to_vec()), entry.into_outgoing()));
     }
     Ok(entries)
+}
+
+/// Delete the entries of key groups `keep` rejects (held by lease: a key
+/// group moved away, or replaced by its snapshot, whose new owner produces
+/// these outputs again from the snapshot's input position). Returns how
+/// many were deleted.
+pub(super) fn retain(
+    store: &CommitStore,
+    keep: impl Fn(crate::key_group::KeyGroup) -> bool,
+) -> Result<usize, StateError> {
+    let mut tx = crate::state::CommitBatch::default();
+    for (key, out) in load(store)? {
+        if !crate::hop::key_group_of_subject(&out.subject).is_some_and(&keep) {
+            tx.delete(&key);
+        }
+    }
+    let deleted = tx.len();
+    if deleted > 0 {
+        store.commit(tx)?;
+    }
+    Ok(deleted)
 }

@@ -10,11 +10,11 @@
 //! model restarts a stage exactly as [`run`](super::run) does.
 
 use crate::inbox::Inbox;
-use crate::key_group::{KeyGroupSet, KeyGroups};
+use crate::key_group::KeyGroupSet;
 use crate::nats::Outgoing;
 use crate::state::{self, CommitStore, StateKey};
 
-use super::{ConsumingStage, EPOCH_KEY, INBOX_NS, ServiceError, ServiceSettings, check_assignment, outbox};
+use super::{ConsumingStage, EPOCH_KEY, INBOX_NS, ServiceError, outbox};
 
 /// The last commit, as the stage thread starts from it.
 pub(super) struct Recovered {
@@ -31,16 +31,14 @@ pub(super) struct Recovered {
     pub(super) run: u64,
 }
 
-/// Check that the store belongs to this share of the key groups, restore
-/// `stage` from it and load the positions, the epoch and the outbox.
+/// Restore `stage` from the store (the caller checked the store belongs to
+/// this instance and holds `owned`'s state) and load the positions, the
+/// epoch and the outbox.
 pub(super) fn recover<S: ConsumingStage>(
     stage: &mut S,
     store: &CommitStore,
-    p: KeyGroups,
-    settings: &ServiceSettings,
+    owned: KeyGroupSet,
 ) -> Result<Recovered, ServiceError> {
-    let owned = settings.key_groups(p)?;
-    check_assignment(store, p, settings)?;
     stage.start(store)?;
     let mut inbox = Inbox::new(INBOX_NS);
     inbox.restore(store, |kg| owned.contains(kg))?;

@@ -10,16 +10,18 @@
 //! JetStream that can kill the process before any one of these effects,
 //! which is how every crash point is tested without a server.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
 use crate::credit;
 use crate::delivery_order::DeliveryOrder;
 use crate::handoff::{Handoff, PublisherGone};
-use crate::inbox::Inbox;
+use crate::inbox::{FenceStamp, Inbox};
 use crate::key_group::KeyGroup;
+use crate::key_group_state::{self, KeyGroupSnapshot};
 use crate::metrics::Metrics;
 use crate::nats::{AckToken, Delivery, Outgoing};
 use crate::state::{self, CommitBatch, CommitStore, StateKey};
@@ -53,6 +55,31 @@ pub(super) trait StageIo {
     /// Flow control: a batch stamped by `sender` with its running `total`
     /// was taken off `key_group`'s stream (applied or dropped).
     fn consumed(&mut self, _key_group: KeyGroup, _sender: &credit::Sender, _total: credit::Usage) {}
+
+    /// Key groups held by lease: store `snapshots` (taken at a commit whose
+    /// outputs are all stored), record them in the lease table, and only
+    /// then acknowledge `tokens`, the deliveries of every commit they cover:
+    /// a new owner restores the snapshot and finds every later delivery
+    /// still in the work queue.
+    fn snapshot(&mut self, _snapshots: Vec<KeyGroupSnapshot>, tokens: Vec<AckToken>) -> Result<(), ServiceError> {
+        if tokens.is_empty() { Ok(()) } else { self.acknowledge(tokens) }
+    }
+}
+
+/// Snapshots and the acknowledgements they cover, for the snapshot task.
+pub(super) struct SnapshotJob {
+    pub(super) snapshots: Vec<KeyGroupSnapshot>,
+    pub(super) acks: Vec<AckToken>,
+}
+
+/// How a stage thread holding key groups by lease snapshots them.
+pub(super) struct Leasing {
+    /// The fence each key group is held at.
+    pub(super) fences: BTreeMap<KeyGroup, u64>,
+    /// The namespaces of a key group's state.
+    pub(super) namespaces: Vec<&'static str>,
+    /// How often changed key groups are snapshotted.
+    pub(super) interval: Duration,
 }
 
 /// The service's [`StageIo`]: channels to the publisher
@@ -64,6 +91,8 @@ pub(super) struct Channels {
     pub(super) ledger: Option<Arc<Mutex<credit::Ledger>>>,
     /// Where waiting for the publisher is counted.
     pub(super) metrics: Arc<Metrics>,
+    /// The snapshot task, when key groups are held by lease.
+    pub(super) snapshots: Option<mpsc::Sender<SnapshotJob>>,
 }
 
 fn publisher_gone(e: PublisherGone) -> ServiceError {
@@ -90,6 +119,16 @@ impl StageIo for Channels {
     fn consumed(&mut self, key_group: KeyGroup, sender: &credit::Sender, total: credit::Usage) {
         if let Some(ledger) = &self.ledger {
             ledger.lock().unwrap_or_else(std::sync::PoisonError::into_inner).consumed(key_group, sender, total);
+        }
+    }
+
+    fn snapshot(&mut self, snapshots: Vec<KeyGroupSnapshot>, acks: Vec<AckToken>) -> Result<(), ServiceError> {
+        match &self.snapshots {
+            Some(tx) => tx
+                .blocking_send(SnapshotJob { snapshots, acks })
+                .map_err(|_| ServiceError::Setup("the snapshot task stopped".into())),
+            None if acks.is_empty() => Ok(()),
+            None => self.acknowledge(acks),
         }
     }
 }
@@ -129,6 +168,15 @@ pub(super) struct StageThread<S: ConsumingStage, I: StageIo> {
     uncommitted: bool,
     /// Outputs of the batch being applied (kept to reuse its allocation).
     outputs: Vec<S::Output>,
+    /// Key groups held by lease: their fences and snapshots.
+    leasing: Option<Leasing>,
+    /// Leasing: acknowledgements of committed deliveries, held until a
+    /// snapshot covers them.
+    held_acks: Vec<AckToken>,
+    /// Leasing: key groups changed since the last snapshot.
+    dirty: BTreeSet<KeyGroup>,
+    /// Leasing: when the last snapshot was taken.
+    last_snapshot: Instant,
 }
 
 impl<S: ConsumingStage, I: StageIo> StageThread<S, I> {
@@ -142,6 +190,7 @@ impl<S: ConsumingStage, I: StageIo> StageThread<S, I> {
         io: I,
         shape: OutputShape,
         metrics: Arc<Metrics>,
+        leasing: Option<Leasing>,
     ) -> Result<Self, ServiceError> {
         let Recovered { inbox, epoch, outbox, owned: _, run: _ } = recovered;
         let mut thread = Self {
@@ -157,15 +206,47 @@ impl<S: ConsumingStage, I: StageIo> StageThread<S, I> {
             pending_outbox: Vec::new(),
             uncommitted: false,
             outputs: Vec::new(),
+            leasing,
+            held_acks: Vec::new(),
+            dirty: BTreeSet::new(),
+            last_snapshot: Instant::now(),
         };
         if !outbox.is_empty() {
             tracing::info!(messages = outbox.len(), "publishing the outbox of the last run");
         }
-        for (key, out) in outbox {
+        for (key, mut out) in outbox {
+            out.fence = crate::hop::key_group_of_subject(&out.subject).and_then(|kg| thread.stamp(kg));
             thread.io.publish(out)?;
             thread.pending_outbox.push(key);
         }
         Ok(thread)
+    }
+
+    /// The fence stamp of outputs of `kg`, when it is held by lease.
+    fn stamp(&self, kg: KeyGroup) -> Option<FenceStamp> {
+        let fence = *self.leasing.as_ref()?.fences.get(&kg)?;
+        Some(FenceStamp { unit: "kg".into(), fence })
+    }
+
+    fn snapshot_due(&self) -> bool {
+        self.leasing.as_ref().is_some_and(|l| self.last_snapshot.elapsed() >= l.interval)
+            && (!self.held_acks.is_empty() || !self.dirty.is_empty())
+    }
+
+    /// Snapshot the key groups changed since the last snapshot and hand them
+    /// over with the acknowledgements they cover. Called only where every
+    /// output of every commit so far is stored and nothing is staged: after
+    /// a barrier, before the next commit's write.
+    fn snapshot(&mut self) -> Result<(), ServiceError> {
+        let Some(leasing) = &self.leasing else { return Ok(()) };
+        let mut snapshots = Vec::new();
+        for kg in std::mem::take(&mut self.dirty) {
+            let Some(&fence) = leasing.fences.get(&kg) else { continue };
+            snapshots.push(key_group_state::export(&self.store, self.stage.name(), &leasing.namespaces, kg, fence)?);
+        }
+        self.last_snapshot = Instant::now();
+        let acks = std::mem::take(&mut self.held_acks);
+        self.io.snapshot(snapshots, acks)
     }
 
     /// Bytes the store takes on disk (0 if sled cannot tell).
@@ -193,7 +274,7 @@ impl<S: ConsumingStage, I: StageIo> StageThread<S, I> {
     /// whose `max_ack_pending` they fill), and without this commit they would
     /// never leave.
     pub(super) fn on_tick(&mut self) -> Result<(), ServiceError> {
-        if self.uncommitted || !self.acks.is_empty() || !self.pending_outbox.is_empty() {
+        if self.uncommitted || !self.acks.is_empty() || !self.pending_outbox.is_empty() || self.snapshot_due() {
             self.commit()?;
         }
         Ok(())
@@ -205,6 +286,12 @@ impl<S: ConsumingStage, I: StageIo> StageThread<S, I> {
         self.commit()?;
         if !self.pending_outbox.is_empty() {
             self.commit()?;
+        }
+        if self.leasing.is_some() {
+            // Everything is committed and its outputs stored: the last
+            // snapshot, which the key groups' next owners resume from.
+            self.barrier()?;
+            self.snapshot()?;
         }
         Ok(())
     }
@@ -222,7 +309,7 @@ impl<S: ConsumingStage, I: StageIo> StageThread<S, I> {
     }
 
     fn apply(&mut self, d: Delivery) -> Result<(), ServiceError> {
-        let Delivery { key_group: kg, stream_seq: seq, consumer_seq, payload, ack, pending: _, credit } = d;
+        let Delivery { key_group: kg, stream_seq: seq, consumer_seq, payload, ack, pending: _, credit, fence } = d;
         // Before anything else: a delivery after a missing one must not be
         // applied (the missing one would then be dropped as old).
         self.order.observe(kg, consumer_seq)?;
@@ -230,16 +317,30 @@ impl<S: ConsumingStage, I: StageIo> StageThread<S, I> {
         if let Some((sender, total)) = &credit {
             self.io.consumed(kg, sender, *total);
         }
+        self.metrics.batches_received.inc();
+        if let Some(stamp) = &fence
+            && !self.inbox.admit_fence(kg, stamp)
+        {
+            // Written by an owner deposed since: its unit has a newer one.
+            self.metrics.fenced_dropped.inc();
+            self.acks.extend(ack);
+            return Ok(());
+        }
+        if self.inbox.is_dirty() {
+            self.uncommitted = true;
+        }
         let fresh = self.inbox.admit_delivery(kg, seq);
         if let Some(ack) = ack {
             self.acks.push(ack);
         }
-        self.metrics.batches_received.inc();
         if !fresh {
             self.metrics.duplicates_dropped.inc();
             return Ok(());
         }
         self.uncommitted = true;
+        if self.leasing.is_some() {
+            self.dirty.insert(kg);
+        }
         let input = S::decode(&payload).map_err(|source| ServiceError::Undecodable {
             hop: S::INPUT.name(),
             key_group: kg,
@@ -272,9 +373,15 @@ impl<S: ConsumingStage, I: StageIo> StageThread<S, I> {
         let Some(hop) = S::OUTPUT else { return Ok(()) };
         let (kg, parts) = S::encode(out, self.shape.max_bytes);
         let subject = hop.subject(&self.shape.prefix, kg);
+        let fence = self.stamp(kg);
         for (part, (bytes, records)) in parts.into_iter().enumerate() {
             self.metrics.records_sent.inc_by(records);
-            let out = Outgoing { subject: subject.clone(), id: format!("{id}-{part}"), payload: bytes.into() };
+            let out = Outgoing {
+                subject: subject.clone(),
+                id: format!("{id}-{part}"),
+                payload: bytes.into(),
+                fence: fence.clone(),
+            };
             self.io.publish(out)?;
         }
         Ok(())
@@ -293,6 +400,11 @@ impl<S: ConsumingStage, I: StageIo> StageThread<S, I> {
         // Immediate outputs of the input this commit covers, and the outbox
         // of the previous commit (whose entries this commit then deletes).
         self.barrier()?;
+        // The store holds the last commit and its outputs are stored: the
+        // one point where a snapshot is consistent with the streams.
+        if self.snapshot_due() {
+            self.snapshot()?;
+        }
         let t0 = Instant::now();
         let mut tx = CommitBatch::default();
         let mut outputs = Vec::new();
@@ -309,9 +421,15 @@ impl<S: ConsumingStage, I: StageIo> StageThread<S, I> {
                 S::count_rejects(out, &self.metrics);
                 let (kg, parts) = S::encode(out, self.shape.max_bytes);
                 let subject = hop.subject(&self.shape.prefix, kg);
+                // Unique per stream: instances share the stream's id space.
+                // A key group held by lease counts epochs per owner, so its
+                // fence tells one owner's epochs from another's.
+                let owner = match self.stamp(kg) {
+                    Some(stamp) => format!("-f{}", stamp.fence),
+                    None => String::new(),
+                };
                 for (part, (bytes, records)) in parts.into_iter().enumerate() {
-                    // Unique per stream: instances share the stream's id space.
-                    let id = format!("{}-{}-{}-{}-{part}", self.stage.name(), kg.0, self.epoch, i);
+                    let id = format!("{}-{}{owner}-{}-{}-{part}", self.stage.name(), kg.0, self.epoch, i);
                     let key = outbox::key(self.epoch, i, part);
                     let entry = outbox::OutboxEntry { subject: subject.clone(), id, payload: bytes };
                     tx.put(&key, state::encode("outbox entry", &entry)?);
@@ -325,12 +443,17 @@ impl<S: ConsumingStage, I: StageIo> StageThread<S, I> {
         self.metrics.commit_duration.observe(t0.elapsed().as_secs_f64());
         self.metrics.busy(t0.elapsed());
         self.uncommitted = false;
-        // Durable: now acknowledge the input and publish the outbox.
-        if !self.acks.is_empty() {
+        // Durable: now acknowledge the input (held by lease: once a
+        // snapshot covers it) and publish the outbox.
+        if self.leasing.is_some() {
+            self.held_acks.append(&mut self.acks);
+        } else if !self.acks.is_empty() {
             self.io.acknowledge(std::mem::take(&mut self.acks))?;
         }
         for (key, entry) in to_publish {
-            self.io.publish(entry.into_outgoing())?;
+            let mut out = entry.into_outgoing();
+            out.fence = crate::hop::key_group_of_subject(&out.subject).and_then(|kg| self.stamp(kg));
+            self.io.publish(out)?;
             self.pending_outbox.push(key);
         }
         Ok(())

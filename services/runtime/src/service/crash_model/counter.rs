@@ -176,6 +176,7 @@ impl<const OUTBOX: bool> ConsumingStage for Counter<OUTBOX> {
     const INPUT: Hop = Hop::Raw;
     const OUTPUT: Option<Hop> = Some(Hop::Enriched);
     const POLICY: OutputPolicy = if OUTBOX { OutputPolicy::Outbox } else { OutputPolicy::Immediate };
+    const KEY_GROUP_STATE: &'static [&'static str] = &[NAMESPACE];
 
     fn decode(bytes: &[u8]) -> Result<InputBatch, CodecError> {
         state::decode("model input", bytes).map_err(|_| CodecError::Invalid("model input batch"))

@@ -390,12 +390,14 @@ fn live<const OUTBOX: bool>(world: &RefCell<World>, dir: &Path, scenario: &Scena
     let settings = ServiceSettings { state_dir: dir.to_owned(), ..ServiceSettings::default() };
     let store = open_store(dir).map_err(|e| stop(world, e))?;
     let mut stage = Counter::<OUTBOX>::default();
-    let recovered = recover(&mut stage, &store, key_groups, &settings).map_err(|e| stop(world, e))?;
+    let owned = settings.key_groups(key_groups).map_err(|e| stop(world, e))?;
+    crate::service::check_assignment(&store, key_groups, &settings).map_err(|e| stop(world, e))?;
+    let recovered = recover(&mut stage, &store, owned).map_err(|e| stop(world, e))?;
     let owned = recovered.owned.clone();
     let shape = OutputShape { prefix: PREFIX.into(), max_bytes: usize::MAX };
     let metrics = Metrics::new("model", 0);
-    let mut thread =
-        StageThread::resume(stage, store, recovered, FakeIo { world }, shape, metrics).map_err(|e| stop(world, e))?;
+    let mut thread = StageThread::resume(stage, store, recovered, FakeIo { world }, shape, metrics, None)
+        .map_err(|e| stop(world, e))?;
     let mut since_tick = 0;
     loop {
         let next = {

@@ -138,6 +138,7 @@ impl FakeStream {
             payload: m.payload.clone(),
             ack: Some(AckToken::new(format!("{ACK_PREFIX}{seq}"))),
             credit: None,
+            fence: None,
         })
     }
 
