@@ -173,7 +173,11 @@ pub(super) struct StageThread<S: ConsumingStage, I: StageIo> {
     /// Leasing: acknowledgements of committed deliveries, held until a
     /// snapshot covers them.
     held_acks: Vec<AckToken>,
-    /// Leasing: key groups changed since the last snapshot.
+    /// Leasing: key groups changed by deliveries applied since the last
+    /// commit (their state is not in the store yet).
+    changed: BTreeSet<KeyGroup>,
+    /// Leasing: key groups changed by commits since the last snapshot: what
+    /// the next snapshot, which copies the store, must include.
     dirty: BTreeSet<KeyGroup>,
     /// Leasing: when the last snapshot was taken.
     last_snapshot: Instant,
@@ -208,6 +212,7 @@ impl<S: ConsumingStage, I: StageIo> StageThread<S, I> {
             outputs: Vec::new(),
             leasing,
             held_acks: Vec::new(),
+            changed: BTreeSet::new(),
             dirty: BTreeSet::new(),
             last_snapshot: Instant::now(),
         };
@@ -233,10 +238,12 @@ impl<S: ConsumingStage, I: StageIo> StageThread<S, I> {
             && (!self.held_acks.is_empty() || !self.dirty.is_empty())
     }
 
-    /// Snapshot the key groups changed since the last snapshot and hand them
-    /// over with the acknowledgements they cover. Called only where every
-    /// output of every commit so far is stored and nothing is staged: after
-    /// a barrier, before the next commit's write.
+    /// Snapshot the key groups commits changed since the last snapshot and
+    /// hand them over with the acknowledgements of those commits. Called
+    /// only where every output of every commit so far is stored and nothing
+    /// is staged: after a barrier, before the next commit's write. The store
+    /// holds the last commit, so deliveries applied since (`changed`) are
+    /// neither in the snapshot nor acknowledged by it.
     fn snapshot(&mut self) -> Result<(), ServiceError> {
         let Some(leasing) = &self.leasing else { return Ok(()) };
         let mut snapshots = Vec::new();
@@ -328,6 +335,9 @@ impl<S: ConsumingStage, I: StageIo> StageThread<S, I> {
         }
         if self.inbox.is_dirty() {
             self.uncommitted = true;
+            if self.leasing.is_some() {
+                self.changed.insert(kg);
+            }
         }
         let fresh = self.inbox.admit_delivery(kg, seq);
         if let Some(ack) = ack {
@@ -339,7 +349,7 @@ impl<S: ConsumingStage, I: StageIo> StageThread<S, I> {
         }
         self.uncommitted = true;
         if self.leasing.is_some() {
-            self.dirty.insert(kg);
+            self.changed.insert(kg);
         }
         let input = S::decode(&payload).map_err(|source| ServiceError::Undecodable {
             hop: S::INPUT.name(),
@@ -447,6 +457,7 @@ impl<S: ConsumingStage, I: StageIo> StageThread<S, I> {
         // snapshot covers it) and publish the outbox.
         if self.leasing.is_some() {
             self.held_acks.append(&mut self.acks);
+            self.dirty.append(&mut self.changed);
         } else if !self.acks.is_empty() {
             self.io.acknowledge(std::mem::take(&mut self.acks))?;
         }
