@@ -85,6 +85,15 @@ chaos DATA KILLS="20" SEED="":
     cargo build -q --release --workspace --bins
     PATH="$PATH:/usr/sbin:$HOME/.cargo/bin" target/release/sluice-stack chaos {{DATA}} {{KILLS}} {{SEED}}
 
+# Rescale: the stack with leases while the source scales 1→2→1 and enrich and
+# window 1→3→2→1 (started, SIGTERM'd, SIGKILL'd); tables into DATA/got/,
+# compared with oracle.py; steps (key groups per instance, move_s) in DATA/rescale.json.
+[group('test')]
+rescale DATA:
+    bash scripts/servers.sh
+    cargo build -q --release --workspace --bins
+    PATH="$PATH:/usr/sbin:$HOME/.cargo/bin" target/release/sluice-stack rescale {{DATA}}
+
 # Overload: the stack with the sink slowed to a tenth of the input rate for SECONDS; RSS per service, source and sink rates, Kafka lag growth into OUT/overload.json (DATA: a gen.py set; made in OUT/data when not given).
 [group('bench')]
 overload SECONDS="120" OUT="/tmp/sluice-overload" DATA="":

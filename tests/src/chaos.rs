@@ -305,14 +305,14 @@ impl Harness {
 
 /// The records of DATA/sdk-events.tsv, framed as `sluice produce` frames
 /// them (so the count is what it will send).
-fn count_records(data: &Path) -> anyhow::Result<u64> {
+pub(crate) fn count_records(data: &Path) -> anyhow::Result<u64> {
     let path = data.join(crate::INPUT_FILE);
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     Ok(sluice_source::framing::lines(&bytes).count() as u64)
 }
 
 /// Wait for the producer; the number it reports.
-fn producer_result(mut producer: Child) -> anyhow::Result<u64> {
+pub(crate) fn producer_result(mut producer: Child) -> anyhow::Result<u64> {
     use std::io::Read;
     let status = producer.wait().context("waiting for sluice produce")?;
     let mut out = String::new();

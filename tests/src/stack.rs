@@ -314,6 +314,32 @@ impl Stack {
         Ok(())
     }
 
+    /// Stop service `name` for good: SIGTERM (a drain; waiting at most
+    /// [`SERVICE_STOP_DEADLINE`], then SIGKILL) or SIGKILL, and forget it.
+    /// Returns whether a SIGTERM'd service exited 0.
+    pub fn remove_service(&mut self, name: &str, graceful: bool) -> anyhow::Result<bool> {
+        let at = self.processes.iter().position(|p| p.name == name).with_context(|| format!("no process {name}"))?;
+        let mut p = self.processes.remove(at);
+        if !graceful {
+            p.child.kill().with_context(|| format!("killing {name}"))?;
+            p.child.wait().with_context(|| format!("reaping {name}"))?;
+            return Ok(false);
+        }
+        terminate(&mut p.child);
+        let started = Instant::now();
+        loop {
+            if let Some(status) = p.child.try_wait()? {
+                return Ok(status.success());
+            }
+            if started.elapsed() > SERVICE_STOP_DEADLINE {
+                let _ = p.child.kill();
+                let _ = p.child.wait();
+                bail!("{name} did not exit within {SERVICE_STOP_DEADLINE:?} of SIGTERM; log: {}", p.log.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Start a service again as it was (same instance, state directory and
     /// share), on a new HTTP port.
     pub fn restart_service(&mut self, name: &str) -> anyhow::Result<()> {
@@ -431,7 +457,9 @@ impl Stack {
             .env("SLUICE_SERVICE__INSTANCES", n.to_string())
             .env("SLUICE_SERVICE__STATE_DIR", &state)
             .env("SLUICE_SERVICE__LISTEN", &http)
-            .env("SLUICE_NATS__URL", &self.nats_url);
+            .env("SLUICE_NATS__URL", &self.nats_url)
+            // The member name of an instance holding leases (its pod name on Kubernetes).
+            .env("SLUICE_INSTANCE_NAME", &name);
         match stage {
             "source" => {
                 cmd.env("SLUICE_KAFKA__BROKERS", &self.brokers);

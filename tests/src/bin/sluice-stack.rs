@@ -17,7 +17,12 @@
 //!   DATA's records (a gen.py set made in OUT/data when DATA is not given)
 //!   at 5,000 records/s, the sink slowed to a tenth of what that rate
 //!   needs, observed for SECONDS; writes OUT/overload.json
-//!   (`sluice_tests::overload`).
+//!   (`sluice_tests::overload`);
+//! - `rescale DATA`: a fresh stack with leases (`service.ownership =
+//!   "leases"`), DATA produced while the source scales 1 → 2 → 1 and enrich
+//!   and window 1 → 3 → 2 → 1 (`sluice_tests::rescale`); exports into
+//!   DATA/got/, compares with oracle.py's tables (DATA/expected/, computed
+//!   when missing) and writes DATA/rescale.json.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,7 +33,7 @@ use sluice_tests::stack::{Stack, StackConfig};
 
 fn usage() -> anyhow::Error {
     anyhow::anyhow!(
-        "usage: sluice-stack up ROOT [--data DIR] [--enrich N] [--window N] [--postgres] | down ROOT | e2e DATA [ENRICH] [WINDOW] | chaos DATA KILLS [SEED] | overload SECONDS OUT [DATA]"
+        "usage: sluice-stack up ROOT [--data DIR] [--enrich N] [--window N] [--postgres] | down ROOT | e2e DATA [ENRICH] [WINDOW] | chaos DATA KILLS [SEED] | overload SECONDS OUT [DATA] | rescale DATA"
     )
 }
 
@@ -60,6 +65,7 @@ fn run(args: &[String]) -> anyhow::Result<()> {
             };
             chaos(&data, kills, seed)
         }
+        Some("rescale") => rescale(&PathBuf::from(args.get(1).ok_or_else(usage)?)),
         Some("overload") => {
             let seconds = args.get(1).ok_or_else(usage)?.parse().context("SECONDS must be a number")?;
             let out = PathBuf::from(args.get(2).ok_or_else(usage)?);
@@ -172,6 +178,30 @@ fn chaos(data: &std::path::Path, kills: usize, seed: u64) -> anyhow::Result<()> 
     let json = data.join("chaos.json");
     std::fs::write(&json, serde_json::to_string_pretty(&report.to_json())? + "\n")?;
     eprintln!("{}", report.summary());
+    sluice_tests::assert_tables_equal(&expected, &out)?;
+    eprintln!("tables in {} equal oracle.py's; report in {}", out.display(), json.display());
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}
+
+/// `rescale DATA`: see the module's doc.
+fn rescale(data: &std::path::Path) -> anyhow::Result<()> {
+    let expected = data.join("expected");
+    if !expected.join("daily.jsonl").is_file() {
+        eprintln!("computing the expected tables with oracle.py");
+        sluice_tests::oracle(data)?;
+    }
+    let root = std::env::temp_dir().join(format!("sluice-rescale-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let config = sluice_tests::rescale::RescaleConfig::new(data, &root);
+    let started = Instant::now();
+    let out = data.join("got");
+    let report = sluice_tests::rescale::run(&config, &out, |line| {
+        eprintln!("[{:7.1}s] {line}", started.elapsed().as_secs_f64());
+    })?;
+    let json = data.join("rescale.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&report)? + "\n")?;
+    eprint!("{}", report.summary());
     sluice_tests::assert_tables_equal(&expected, &out)?;
     eprintln!("tables in {} equal oracle.py's; report in {}", out.display(), json.display());
     let _ = std::fs::remove_dir_all(&root);
