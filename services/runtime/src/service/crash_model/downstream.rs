@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::inbox::Inbox;
+use crate::inbox::{FenceStamp, Inbox};
 use crate::state;
 
 use super::counter::{Counted, CountedPart, RowPart};
@@ -33,6 +33,12 @@ fn window_view(output: &FakeStream) -> Result<Downstream, String> {
     let mut lineages = BTreeSet::new();
     for (seq, m) in output.messages() {
         let part: CountedPart = state::decode("counted part", &m.payload).map_err(|e| e.to_string())?;
+        // Written by a deposed owner after its successor wrote: dropped.
+        if let Some(fence) = m.fence
+            && !inbox.admit_fence(m.key_group, &FenceStamp { unit: "kg".into(), fence })
+        {
+            continue;
+        }
         let Some(last) = part.records.last() else { continue };
         if !inbox.admit_record(m.key_group, last.record.lineage()) {
             continue;
@@ -58,7 +64,11 @@ fn sink_view(output: &FakeStream) -> Result<Downstream, String> {
     for (seq, m) in output.messages() {
         let part: RowPart = state::decode("row part", &m.payload).map_err(|e| e.to_string())?;
         let kg = m.key_group.0;
-        for row in part.rows {
+        for mut row in part.rows {
+            // As the sink does: a later owner's rows order after an earlier one's.
+            if let Some(fence) = m.fence {
+                row.version |= fence << 40;
+            }
             if let Some(before) = seen.insert((kg, row.key.clone(), row.version), row.n)
                 && before != row.n
             {

@@ -18,7 +18,8 @@ use std::fmt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::key_group::KeyGroups;
+use crate::key_group::{KeyGroup, KeyGroups};
+use crate::key_group_state::{self, KeyGroupSnapshot};
 use crate::metrics::Metrics;
 use crate::nats::{AckToken, Outgoing};
 use crate::state::{CommitBatch, CommitStore, StateError, StateSettings};
@@ -26,8 +27,8 @@ use crate::state::{CommitBatch, CommitStore, StateError, StateSettings};
 use super::counter::Counter;
 use super::fake_jetstream::{FakeStream, Published};
 use crate::service::recovery::recover;
-use crate::service::stage_thread::{OutputShape, StageIo, StageThread};
-use crate::service::{ServiceError, ServiceSettings, outbox};
+use crate::service::stage_thread::{Leasing, OutputShape, StageIo, StageThread};
+use crate::service::{ConsumingStage, INBOX_NS, ServiceError, ServiceSettings, outbox};
 
 /// Subject prefix of both hops.
 pub(super) const PREFIX: &str = "model";
@@ -59,6 +60,11 @@ pub(super) struct Scenario {
     /// Transport faults: before the n-th delivery of the whole run (counted
     /// from 0, across lifetimes), the next one is lost in transit.
     pub(super) lost_deliveries: BTreeSet<u64>,
+    /// Key groups held by lease, and every death moves them: each lifetime
+    /// is a new owner (the next fence) on an empty store, restored from the
+    /// snapshots the last owners stored, as after an instance died and its
+    /// leases expired. Snapshots are taken at every commit.
+    pub(super) moves: bool,
 }
 
 impl Scenario {
@@ -70,7 +76,13 @@ impl Scenario {
             commit_every: 3,
             crashes: BTreeSet::new(),
             lost_deliveries: BTreeSet::new(),
+            moves: false,
         }
+    }
+
+    /// The same world with key groups held by lease, moving at every death.
+    pub(super) fn moving(&self) -> Self {
+        Self { moves: true, ..self.clone() }
     }
 
     pub(super) fn crashing_at(&self, crashes: impl IntoIterator<Item = u64>) -> Self {
@@ -96,6 +108,8 @@ pub(super) enum Step {
     /// The commit's atomic write and flush.
     SledWrite,
     Ack(u64),
+    /// Leases: snapshots stored and recorded (their acknowledgements follow).
+    Snapshot,
 }
 
 impl Step {
@@ -110,6 +124,7 @@ impl Step {
             Step::Barrier => "barrier",
             Step::SledWrite => "sled write",
             Step::Ack(_) => "ack",
+            Step::Snapshot => "snapshot",
         }
     }
 }
@@ -144,6 +159,10 @@ struct World {
     gaps_caught: u64,
     trace: Vec<Step>,
     died: bool,
+    /// Leases: the snapshot store (the last of each key group) and the
+    /// fence of the current owner.
+    snapshots: BTreeMap<KeyGroup, KeyGroupSnapshot>,
+    fence: u64,
 }
 
 /// The process died before a step (planned).
@@ -167,7 +186,8 @@ impl World {
 
     fn store(&mut self, out: Outgoing) -> Published {
         let now = self.now();
-        self.output.publish(&out.subject, &out.id, out.payload, now)
+        let fence = out.fence.map(|f| f.fence);
+        self.output.publish(&out.subject, &out.id, out.payload, fence, now)
     }
 
     /// A new process: the consumers are re-created, and nothing of the
@@ -223,6 +243,17 @@ impl StageIo for FakeIo<'_> {
             w.input.ack(&token);
         }
         Ok(())
+    }
+
+    fn snapshot(&mut self, snapshots: Vec<KeyGroupSnapshot>, tokens: Vec<AckToken>) -> Result<(), ServiceError> {
+        {
+            let mut w = self.world.borrow_mut();
+            w.step(Step::Snapshot).map_err(died)?;
+            for s in snapshots {
+                w.snapshots.insert(s.key_group, s);
+            }
+        }
+        self.acknowledge(tokens)
     }
 }
 
@@ -328,8 +359,15 @@ pub(super) fn run<const OUTBOX: bool>(scenario: &Scenario, input: FakeStream) ->
         gaps_caught: 0,
         trace: Vec::new(),
         died: false,
+        snapshots: BTreeMap::new(),
+        fence: 0,
     });
+    // With moves, every lifetime is a new owner on a store of its own.
+    let mut dir = dir;
     loop {
+        if scenario.moves && world.borrow().fence > 0 {
+            dir = state_dir().map_err(|e| fail(format!("creating a state directory: {e}"), Vec::new()))?;
+        }
         match live::<OUTBOX>(&world, dir.path(), scenario) {
             Ok(()) => break,
             Err(Stop::Died) => continue,
@@ -391,14 +429,38 @@ fn live<const OUTBOX: bool>(world: &RefCell<World>, dir: &Path, scenario: &Scena
     let store = open_store(dir).map_err(|e| stop(world, e))?;
     let mut stage = Counter::<OUTBOX>::default();
     let owned = settings.key_groups(key_groups).map_err(|e| stop(world, e))?;
-    crate::service::check_assignment(&store, key_groups, &settings).map_err(|e| stop(world, e))?;
+    let leasing = if scenario.moves {
+        // A new owner: the next fence, each key group from its last snapshot.
+        let namespaces: Vec<&'static str> =
+            Counter::<OUTBOX>::KEY_GROUP_STATE.iter().copied().chain([INBOX_NS]).collect();
+        let fence = {
+            let mut w = world.borrow_mut();
+            w.fence += 1;
+            w.fence
+        };
+        let mut fences = BTreeMap::new();
+        for kg in owned.iter() {
+            let snapshot = world.borrow().snapshots.get(&kg).cloned();
+            key_group_state::replace(&store, &namespaces, kg, snapshot.as_ref(), fence).map_err(|e| stop(world, e))?;
+            fences.insert(kg, fence);
+        }
+        Some(Leasing { fences, namespaces, interval: Duration::ZERO })
+    } else {
+        crate::service::check_assignment(&store, key_groups, &settings).map_err(|e| stop(world, e))?;
+        None
+    };
     let recovered = recover(&mut stage, &store, owned).map_err(|e| stop(world, e))?;
     let owned = recovered.owned.clone();
     let shape = OutputShape { prefix: PREFIX.into(), max_bytes: usize::MAX };
     let metrics = Metrics::new("model", 0);
-    let mut thread = StageThread::resume(stage, store, recovered, FakeIo { world }, shape, metrics, None)
+    let mut thread = StageThread::resume(stage, store, recovered, FakeIo { world }, shape, metrics, leasing)
         .map_err(|e| stop(world, e))?;
     let mut since_tick = 0;
+    // Idle ticks in a row that changed nothing. With leases it takes two to
+    // acknowledge the last deliveries: a commit, then the snapshot at the
+    // next one covers it.
+    let mut unchanged = 0;
+    let patience = if scenario.moves { 2 } else { 1 };
     loop {
         let next = {
             let mut w = world.borrow_mut();
@@ -429,7 +491,9 @@ fn live<const OUTBOX: bool>(world: &RefCell<World>, dir: &Path, scenario: &Scena
         world.borrow_mut().step(Step::Tick)?;
         thread.on_tick().map_err(|e| stop(world, e))?;
         let mut w = world.borrow_mut();
-        if idle && w.input.len() == left && !w.input.has_deliverable(&owned) {
+        let stuck = idle && w.input.len() == left && !w.input.has_deliverable(&owned);
+        unchanged = if stuck { unchanged + 1 } else { 0 };
+        if stuck && unchanged >= patience {
             // A real consumer would redeliver after `ack_wait`: the same
             // messages, which change nothing either. A delivery lost in
             // transit is the exception (it was never seen): let `ack_wait`

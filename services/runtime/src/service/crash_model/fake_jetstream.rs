@@ -29,6 +29,8 @@ pub(super) struct Stored {
     pub(super) key_group: KeyGroup,
     pub(super) id: String,
     pub(super) payload: Bytes,
+    /// The writer's lease fence, when it held its key group by lease.
+    pub(super) fence: Option<u64>,
 }
 
 /// What a publish did.
@@ -74,7 +76,14 @@ impl FakeStream {
     }
 
     /// Publish to `subject` (`<prefix>.<hop>.<key group>`) at clock `now`.
-    pub(super) fn publish(&mut self, subject: &str, id: &str, payload: Bytes, now: u64) -> Published {
+    pub(super) fn publish(
+        &mut self,
+        subject: &str,
+        id: &str,
+        payload: Bytes,
+        fence: Option<u64>,
+        now: u64,
+    ) -> Published {
         let key_group = subject
             .rsplit('.')
             .next()
@@ -95,7 +104,7 @@ impl FakeStream {
         }
         self.last_seq += 1;
         self.stored_at.insert(id.to_owned(), now);
-        self.messages.insert(self.last_seq, Stored { key_group, id: id.to_owned(), payload });
+        self.messages.insert(self.last_seq, Stored { key_group, id: id.to_owned(), payload, fence });
         Published::Stored
     }
 

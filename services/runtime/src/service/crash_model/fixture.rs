@@ -40,7 +40,7 @@ pub(super) fn input_stream(scenario: &Scenario) -> FakeStream {
     for (i, batch) in input_batches().into_iter().enumerate() {
         let subject = Hop::Raw.subject(PREFIX, KeyGroup(batch.key_group));
         let payload = state::encode("model input", &batch).expect("postcard encodes the model's input");
-        stream.publish(&subject, &format!("source-{i}"), payload.into(), 0);
+        stream.publish(&subject, &format!("source-{i}"), payload.into(), None, 0);
     }
     stream
 }

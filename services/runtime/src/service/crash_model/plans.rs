@@ -23,6 +23,11 @@ pub(super) fn worlds() -> Vec<Scenario> {
     worlds
 }
 
+/// Every world, with key groups held by lease and moved at every death.
+pub(super) fn moving_worlds() -> Vec<Scenario> {
+    worlds().iter().map(Scenario::moving).collect()
+}
+
 /// The hardest worlds: every replay reaches the receiver, and a lost
 /// hand-over is really lost.
 pub(super) fn without_dedup_lazy() -> Vec<Scenario> {
