@@ -51,7 +51,6 @@ impl RescaleConfig {
             produce_seconds: 30.0,
             key_groups: 16,
             lease_env: vec![
-                ("SLUICE_SERVICE__OWNERSHIP".into(), "leases".into()),
                 ("SLUICE_SERVICE__HEARTBEAT_INTERVAL".into(), "300ms".into()),
                 ("SLUICE_SERVICE__LEASE_TTL".into(), "2s".into()),
                 ("SLUICE_SERVICE__SNAPSHOT_INTERVAL".into(), "1s".into()),
@@ -147,6 +146,7 @@ pub fn run(config: &RescaleConfig, out: &Path, mut log: impl FnMut(&str)) -> any
     let rate = ((records as f64 / config.produce_seconds).ceil() as u64).max(1);
     let mut stack_config = StackConfig::new(&config.root, &config.data);
     stack_config.key_groups = config.key_groups;
+    stack_config.leases = true;
     for stage in LEASING {
         for i in 0..3 {
             stack_config.per_service.insert(format!("{stage}-{i}"), config.lease_env.clone());

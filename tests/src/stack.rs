@@ -40,6 +40,9 @@ pub struct StackConfig {
     /// Extra `SLUICE_*` variables for one process only, by its name
     /// (`sink-0`), after `env`; kept for its restarts.
     pub per_service: std::collections::BTreeMap<String, Vec<(String, String)>>,
+    /// Source, enrich and window hold their units by lease
+    /// (`service.ownership = "leases"`); the sink stays static.
+    pub leases: bool,
 }
 
 /// The Kafka broker's storage engine.
@@ -65,9 +68,14 @@ impl StackConfig {
             postgres: false,
             kafka_storage: KafkaStorage::Memory,
             per_service: Default::default(),
+            leases: std::env::var(LEASES_VAR).is_ok_and(|v| v == "1"),
         }
     }
 }
+
+/// `SLUICE_STACK_LEASES=1`: stacks start with [`StackConfig::leases`] (for
+/// `sluice-stack up`, `e2e`, `bench` and the A/B script's `A_ENV`).
+pub const LEASES_VAR: &str = "SLUICE_STACK_LEASES";
 
 /// A running process of the stack.
 pub struct Process {
@@ -473,7 +481,11 @@ impl Stack {
         }
         // Settings from the caller's environment and the configuration, each
         // given only to the services that have its section.
-        let inherited = std::env::vars().filter(|(k, _)| k.starts_with("SLUICE_") && k != "SLUICE_LOG");
+        if self.config.leases && stage != "sink" {
+            cmd.env("SLUICE_SERVICE__OWNERSHIP", "leases");
+        }
+        let inherited =
+            std::env::vars().filter(|(k, _)| k.starts_with("SLUICE_") && k != "SLUICE_LOG" && k != LEASES_VAR);
         let own = self.config.per_service.get(&name).cloned().unwrap_or_default();
         for (k, v) in inherited.chain(self.config.env.iter().cloned()).chain(own) {
             if setting_applies(&k, stage) {

@@ -23,6 +23,9 @@
 //!   and window 1 → 3 → 2 → 1 (`sluice_tests::rescale`); exports into
 //!   DATA/got/, compares with oracle.py's tables (DATA/expected/, computed
 //!   when missing) and writes DATA/rescale.json.
+//!
+//! `SLUICE_STACK_LEASES=1` starts source, enrich and window with
+//! `service.ownership = "leases"` (`up`, `e2e`, `bench`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
