@@ -16,7 +16,8 @@ library. What validates what (k8s/README.md, "Validation"):
   fail;
 - Strimzi kinds: no schema is obtainable offline (skipped, reason printed);
 - the sluice checks: each stage's TOML against docs/configuration.md, memory
-  limits against service.memory_limit_bytes, probes, grace periods, names
+  limits against service.memory_limit_bytes, probes, grace periods,
+  ownership (leases for more than one instance, the sink static), names
   shared with the code (streams, consumers, metrics), selectors.
 """
 
@@ -42,6 +43,9 @@ STAGES = ["source", "enrich", "window", "sink"]
 BINARY = {s: f"sluice-{s}" for s in STAGES}
 WORKLOAD_KIND = {"source": "Deployment", "enrich": "StatefulSet", "window": "StatefulSet", "sink": "StatefulSet"}
 INPUT_HOP = {"enrich": "raw", "window": "enriched", "sink": "rows"}
+# The stage whose senders publish each stage's input (KEDA may wake a stage
+# on its sender's metrics: with none of its own pods running it has none).
+UPSTREAM = {"enrich": "source", "window": "enrich", "sink": "window"}
 # The scaling floors issue 6 asks for: source, enrich and window can sleep
 # (their input waits in Kafka or JetStream); the sink serves the API.
 MIN_REPLICAS = {"source": 0, "enrich": 0, "window": 0, "sink": 1}
@@ -320,6 +324,21 @@ def check_stage(docs, stage: str, facts: dict, where: str, report: Report) -> tu
     service = config.get("service", {})
     report.check("instance" not in service and "instances" not in service,
                  f"{name}: service.instance/instances set in the TOML: key groups are leased, not assigned per pod")
+    # Ownership: the sink is one static instance (the binary refuses leases);
+    # more than one instance of another stage needs leases, since no pod is
+    # given an instance index (each would take every key group or partition).
+    ownership = service.get("ownership", "static")
+    replicas = workload["spec"].get("replicas", 1)
+    if stage == "sink":
+        report.check(ownership == "static" and replicas == 1,
+                     f"{name}: the sink runs as one static instance (ownership {ownership!r}, {replicas} replicas)")
+    else:
+        report.check(ownership == "leases" or replicas <= 1,
+                     f"{name}: {replicas} replicas with service.ownership {ownership!r}: more than one needs leases")
+    if ownership == "leases":
+        beat, ttl = seconds(service.get("heartbeat_interval", "1s")), seconds(service.get("lease_ttl", "6s"))
+        report.check(beat > 0 and ttl >= 3 * beat,
+                     f"{name}: service.lease_ttl must be at least three service.heartbeat_interval")
     spec = workload["spec"]["template"]["spec"]
     container = spec["containers"][0]
     # Memory: the container's limit is service.memory_limit_bytes.
@@ -450,6 +469,7 @@ def check_build(docs: list[dict], facts: dict, where: str, report: Report, base_
         n = f"{where}: ScaledObject {so['metadata']['name']}"
         if not report.check(stage is not None, f"{n}: scaleTargetRef {ref} is no stage workload"):
             continue
+        leased = configs.get(stage, {}).get("service", {}).get("ownership", "static") == "leases"
         report.check(so["spec"].get("minReplicaCount") == MIN_REPLICAS[stage],
                      f"{n}: minReplicaCount {so['spec'].get('minReplicaCount')}, want {MIN_REPLICAS[stage]}")
         top = so["spec"].get("maxReplicaCount", 100)
@@ -461,6 +481,8 @@ def check_build(docs: list[dict], facts: dict, where: str, report: Report, base_
             report.check(top <= topics[kafka.get("topic", "sdk-events")]["spec"]["partitions"], f"{n}: more replicas than partitions")
         else:
             report.check(top <= key_groups, f"{n}: more replicas than key groups")
+        if stage != "sink" and isinstance(top, int):
+            report.check(leased or top <= 1, f"{n}: maxReplicaCount {top} without service.ownership = \"leases\"")
         for trigger in so["spec"]["triggers"]:
             meta = trigger.get("metadata", {})
             if trigger["type"] == "kafka":
@@ -471,6 +493,11 @@ def check_build(docs: list[dict], facts: dict, where: str, report: Report, base_
                     check_remote(broker, services, namespace, f"{n}: bootstrapServers", report)
             elif trigger["type"] == "nats-jetstream":
                 hop = INPUT_HOP.get(stage)
+                # With leases the consumers are named by fence
+                # ("<hop>-kg<NNNNN>-f<fence>"), a new name at every move: a
+                # fixed name in the trigger finds no consumer.
+                report.check(not leased, f"{n}: a nats-jetstream trigger on a leased stage: its consumers are named by "
+                             "fence, so no fixed consumer name matches (use the prometheus trigger)")
                 report.check(hop is not None and meta.get("stream") == f"{prefix.upper()}_{hop.upper()}",
                              f"{n}: stream {meta.get('stream')} is not the input of {stage}")
                 m = re.fullmatch(r"(\w+)-kg(\d{5})", meta.get("consumer", ""))
@@ -478,8 +505,10 @@ def check_build(docs: list[dict], facts: dict, where: str, report: Report, base_
                              f"{n}: consumer {meta.get('consumer')} is not a key group's consumer of {hop} (Hop::consumer)")
                 check_remote(meta.get("natsServerMonitoringEndpoint", ""), services, namespace, f"{n}: natsServerMonitoringEndpoint", report)
             elif trigger["type"] == "prometheus":
-                report.check(f'stage="{stage}"' in meta.get("query", "") and f'namespace="{namespace}"' in meta.get("query", ""),
-                             f"{n}: prometheus query is not about {stage} in {namespace}")
+                query = meta.get("query", "")
+                about = {s for s in (stage, UPSTREAM.get(stage)) if s and f'stage="{s}"' in query}
+                report.check(bool(about) and f'namespace="{namespace}"' in query,
+                             f"{n}: prometheus query is not about {stage} (or its sender {UPSTREAM.get(stage)}) in {namespace}")
                 names = set(re.findall(r"\bsluice_\w+", meta.get("query", "")))
                 report.check(names <= facts["metrics"], f"{n}: unknown metrics {sorted(names - facts['metrics'])}")
             else:

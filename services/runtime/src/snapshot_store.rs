@@ -1,9 +1,11 @@
 //! Where key-group snapshots live between owners: the JetStream object store.
 //!
 //! Why there: it is the one shared, durable place every instance already
-//! reaches (no extra volume or cloud bucket to provision, replicated with
-//! the NATS cluster in production), and it chunks objects of any size under
-//! the server's max payload. A snapshot is named by stage, key group and
+//! reaches (no extra volume or cloud bucket to provision), with the same
+//! durability as the streams whose positions the snapshots record (both are
+//! created with one replica, like the hops: see docs/exactly-once.md,
+//! Limits), and it chunks objects of any size under the server's max
+//! payload. A snapshot is named by stage, key group and
 //! the **fence** its owner held it at, so a zombie owner can only ever
 //! overwrite its own generation: the lease table says which generation a
 //! new owner restores ([`crate::ownership::Lease::checkpoint`]).
