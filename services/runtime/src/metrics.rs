@@ -1,6 +1,7 @@
 //! The metrics every service exposes, named once, here.
 //!
-//! All are labelled with `stage` and `instance` (constant labels of the
+//! All are labelled with `stage` and `instance` (the instance index, or with
+//! leases its member name: the pod name; constant labels of the
 //! registry). Counters are counted per batch, not per record, and end in
 //! `_total` in the exposition; units are plural base units (seconds, bytes).
 //! Label values come from small fixed sets (`reason` is a reject reason's
@@ -152,8 +153,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// The metrics of instance `instance` of `stage`.
-    pub fn new(stage: &str, instance: usize) -> Arc<Self> {
+    /// The metrics of instance `instance` of `stage` (its index, or with
+    /// leases its member name).
+    pub fn new(stage: &str, instance: impl ToString) -> Arc<Self> {
         let labels = [("stage".into(), stage.to_owned().into()), ("instance".into(), instance.to_string().into())];
         let mut registry = Registry::with_prefix_and_labels("sluice", labels.into_iter());
         let m = Self {

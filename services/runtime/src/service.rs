@@ -635,7 +635,12 @@ where
     common.service.validate()?;
     let shutdown =
         crate::shutdown::on_signal().map_err(|e| ServiceError::Setup(format!("installing signal handlers: {e}")))?;
-    let metrics = Metrics::new(name, common.service.instance);
+    // With leases the index means nothing: the member name tells pods apart.
+    let instance = match common.service.ownership {
+        Ownership::Leases => common.service.member_name()?,
+        Ownership::Static => common.service.instance.to_string(),
+    };
+    let metrics = Metrics::new(name, instance);
     tokio::spawn(crate::metrics::observe_every_second(
         metrics.clone(),
         common.service.memory_limit_bytes,

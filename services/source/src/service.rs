@@ -82,7 +82,12 @@ async fn run(settings: SourceServiceSettings) -> anyhow::Result<()> {
         KeyGroups::new(settings.pipeline.key_groups).context("pipeline.key_groups must be between 1 and 32768")?;
     settings.service.validate()?;
     let shutdown = sluice_runtime::shutdown::on_signal().context("installing signal handlers")?;
-    let metrics = Metrics::new("source", settings.service.instance);
+    let leased = settings.service.ownership == service::Ownership::Leases;
+    // With leases the member name (unique per process) is the instance's
+    // label and its flow-control sender name too.
+    let name = if leased { settings.service.member_name()? } else { format!("source-{}", settings.service.instance) };
+    let instance = if leased { name.clone() } else { settings.service.instance.to_string() };
+    let metrics = Metrics::new("source", instance);
     tokio::spawn(sluice_runtime::metrics::observe_every_second(
         metrics.clone(),
         settings.service.memory_limit_bytes,
@@ -96,9 +101,6 @@ async fn run(settings: SourceServiceSettings) -> anyhow::Result<()> {
     tracing::info!(%addr, "source: HTTP on {addr}");
     let store = CommitStore::open(&settings.service.state_dir, &settings.state)
         .with_context(|| format!("opening state at {}", settings.service.state_dir.display()))?;
-    let leased = settings.service.ownership == service::Ownership::Leases;
-    // With leases, the member name (unique per process) names the sender too.
-    let name = if leased { settings.service.member_name()? } else { format!("source-{}", settings.service.instance) };
     let js = nats::connect(&settings.nats, &format!("sluice-{name}")).await?;
     nats::ensure_stream(&js, &settings.nats, Hop::Raw).await?;
     // Flow control: this run's sender identity on the raw hop.
