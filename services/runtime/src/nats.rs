@@ -273,20 +273,25 @@ impl AckToken {
     }
 }
 
-/// Delete every consumer of `stream` that reads one of `subjects`: the
-/// consumers of key groups this instance now holds under a new fence, left
-/// by their former owners (a work-queue stream allows one consumer per
-/// subject, and a deposed owner must not pull or acknowledge any more).
-async fn delete_consumers_of(stream: &mut stream::Stream, subjects: &BTreeSet<String>) -> Result<(), TransportError> {
-    let mut names = Vec::new();
-    let mut infos = stream.consumers();
-    while let Some(info) = infos.next().await {
-        let info = info.map_err(|e| js_err(String::from("listing consumers"))(Box::new(e)))?;
-        if subjects.contains(&info.config.filter_subject) {
-            names.push(info.name);
+/// Delete every consumer of `stream` of one of `key_groups`, whatever its
+/// fence: the consumers of key groups this instance now holds under a new
+/// fence, left by their former owners (a work-queue stream allows one
+/// consumer per subject, and a deposed owner must not pull or acknowledge
+/// any more). Found by name (`<hop>-kg<n>` and `<hop>-kg<n>-f<fence>`):
+/// async-nats cannot parse nats-server 2.9's consumer infos reliably, its
+/// list of names it can.
+async fn delete_consumers_of(stream: &stream::Stream, hop: Hop, key_groups: &[KeyGroup]) -> Result<(), TransportError> {
+    let prefixes: BTreeSet<String> = key_groups.iter().map(|kg| hop.consumer(*kg)).collect();
+    let mut doomed = Vec::new();
+    let mut names = stream.consumer_names();
+    while let Some(name) = names.next().await {
+        let name = name.map_err(|e| js_err(String::from("listing consumers"))(Box::new(e)))?;
+        let base = name.split_once("-f").map_or(name.as_str(), |(base, _)| base);
+        if prefixes.contains(base) {
+            doomed.push(name);
         }
     }
-    for name in names {
+    for name in doomed {
         match stream.delete_consumer(&name).await {
             Ok(_) => {}
             Err(e) if e.to_string().contains("not found") => {}
@@ -310,8 +315,7 @@ pub async fn consume(
 ) -> Result<BoxStream<'static, Result<Delivery, TransportError>>, TransportError> {
     let key_groups: Vec<KeyGroup> = key_groups.into_iter().collect();
     if fences.is_some() {
-        let subjects = key_groups.iter().map(|kg| hop.subject(&settings.prefix, *kg)).collect();
-        delete_consumers_of(&mut stream.clone(), &subjects).await?;
+        delete_consumers_of(stream, hop, &key_groups).await?;
     }
     let mut all = Vec::new();
     for kg in key_groups {
