@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use crate::chaos::{count_records, producer_result};
 use crate::overload::metric;
-use crate::stack::{Stack, StackConfig};
+use crate::stack::{KafkaStorage, Stack, StackConfig};
 
 /// How long one change may take to settle.
 const SETTLE_DEADLINE: Duration = Duration::from_secs(60);
@@ -147,6 +147,9 @@ pub fn run(config: &RescaleConfig, out: &Path, mut log: impl FnMut(&str)) -> any
     let mut stack_config = StackConfig::new(&config.root, &config.data);
     stack_config.key_groups = config.key_groups;
     stack_config.leases = true;
+    // A moved partition restarts at its committed offset, inside a producer
+    // batch: the in-memory store would skip the rest of that batch.
+    stack_config.kafka_storage = KafkaStorage::Sqlite;
     for stage in LEASING {
         for i in 0..3 {
             stack_config.per_service.insert(format!("{stage}-{i}"), config.lease_env.clone());

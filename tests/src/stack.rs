@@ -48,7 +48,10 @@ pub struct StackConfig {
 /// The Kafka broker's storage engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KafkaStorage {
-    /// tansu's in-memory store: fastest; lost when the broker stops.
+    /// tansu's in-memory store: fastest; lost when the broker stops. It
+    /// answers a fetch from an offset inside a stored record batch with the
+    /// batches after it, skipping the rest of that batch: only for stacks
+    /// whose source never restarts at a committed offset (docs/distributed.md).
     Memory,
     /// tansu's SQLite store under the stack's root: survives a broker restart
     /// (the fault harness restarts it), several times slower.
