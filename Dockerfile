@@ -5,7 +5,12 @@
 # The Kubernetes manifests (k8s/) run sluice-source, sluice-enrich,
 # sluice-window and sluice-sink from this image with --config FILE.
 
-FROM rust:1-bookworm AS build
+# Base images, fully qualified (podman has no default registry); override
+# them for a mirror: --build-arg RUST_IMAGE=... --build-arg RUNTIME_IMAGE=...
+ARG RUST_IMAGE=docker.io/library/rust:1-bookworm
+ARG RUNTIME_IMAGE=docker.io/library/debian:bookworm-slim
+
+FROM ${RUST_IMAGE} AS build
 # rdkafka 0.39 is built with default features off and only "tokio" (the
 # workspace Cargo.toml): rdkafka-sys compiles its bundled librdkafka 2.12
 # with librdkafka's own ./configure and make (not cmake), without SSL,
@@ -30,7 +35,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && cp target/release/sluice target/release/sluice-source target/release/sluice-enrich \
        target/release/sluice-window target/release/sluice-sink /out/
 
-FROM debian:bookworm-slim
+FROM ${RUNTIME_IMAGE}
 # The binaries link only libc, libm and libgcc_s (librdkafka is static and
 # without TLS; PostgreSQL is spoken without TLS), all in the base image:
 # nothing to install. The check below fails the build, not a pod, if that
