@@ -60,6 +60,22 @@ impl Hop {
     pub fn consumer(self, kg: KeyGroup) -> String {
         format!("{}-kg{:05}", self.name(), kg.0)
     }
+
+    /// The consumer of key group `kg` held by lease at `fence` (a new name
+    /// per owner), or [`Self::consumer`] without a lease.
+    pub fn fenced_consumer(self, kg: KeyGroup, fence: Option<u64>) -> String {
+        match fence {
+            Some(fence) => format!("{}-f{fence}", self.consumer(kg)),
+            None => self.consumer(kg),
+        }
+    }
+
+    /// Whether `name` is a consumer of key group `kg` on this hop, whatever
+    /// its fence ([`Self::fenced_consumer`]).
+    pub fn is_consumer_of(self, name: &str, kg: KeyGroup) -> bool {
+        name.strip_prefix(&self.consumer(kg))
+            .is_some_and(|rest| rest.is_empty() || rest.strip_prefix("-f").is_some_and(|f| f.parse::<u64>().is_ok()))
+    }
 }
 
 #[cfg(test)]
@@ -72,5 +88,16 @@ mod tests {
         assert_eq!(Hop::Enriched.subject("sluice", KeyGroup(7)), "sluice.enriched.7");
         assert_eq!(Hop::Rows.wildcard("sluice"), "sluice.rows.*");
         assert_eq!(Hop::Raw.consumer(KeyGroup(63)), "raw-kg00063");
+        assert_eq!(Hop::Raw.fenced_consumer(KeyGroup(63), Some(4)), "raw-kg00063-f4");
+    }
+
+    #[test]
+    fn a_consumer_is_known_by_its_key_group_whatever_its_fence() {
+        let kg = KeyGroup(3);
+        assert!(Hop::Enriched.is_consumer_of("enriched-kg00003", kg));
+        assert!(Hop::Enriched.is_consumer_of("enriched-kg00003-f12", kg));
+        assert!(!Hop::Enriched.is_consumer_of("enriched-kg00031-f12", kg));
+        assert!(!Hop::Enriched.is_consumer_of("enriched-kg00003-fx", kg));
+        assert!(!Hop::Raw.is_consumer_of("enriched-kg00003", kg));
     }
 }

@@ -277,28 +277,30 @@ impl AckToken {
 /// fence: the consumers of key groups this instance now holds under a new
 /// fence, left by their former owners (a work-queue stream allows one
 /// consumer per subject, and a deposed owner must not pull or acknowledge
-/// any more). Found by name (`<hop>-kg<n>` and `<hop>-kg<n>-f<fence>`):
-/// async-nats cannot parse nats-server 2.9's consumer infos reliably, its
-/// list of names it can.
+/// any more). Found by name ([`Hop::is_consumer_of`]): async-nats cannot
+/// parse nats-server 2.9's consumer infos reliably, its list of names it can.
 async fn delete_consumers_of(stream: &stream::Stream, hop: Hop, key_groups: &[KeyGroup]) -> Result<(), TransportError> {
-    let prefixes: BTreeSet<String> = key_groups.iter().map(|kg| hop.consumer(*kg)).collect();
     let mut doomed = Vec::new();
     let mut names = stream.consumer_names();
     while let Some(name) = names.next().await {
         let name = name.map_err(|e| js_err(String::from("listing consumers"))(Box::new(e)))?;
-        let base = name.split_once("-f").map_or(name.as_str(), |(base, _)| base);
-        if prefixes.contains(base) {
+        if key_groups.iter().any(|kg| hop.is_consumer_of(&name, *kg)) {
             doomed.push(name);
         }
     }
     for name in doomed {
-        match stream.delete_consumer(&name).await {
-            Ok(_) => {}
-            Err(e) if e.to_string().contains("not found") => {}
-            Err(e) => return Err(js_err(format!("deleting consumer {name}"))(Box::new(e))),
-        }
+        delete_consumer(stream, &name).await?;
     }
     Ok(())
+}
+
+/// Delete consumer `name` of `stream`, if it exists.
+async fn delete_consumer(stream: &stream::Stream, name: &str) -> Result<(), TransportError> {
+    match stream.delete_consumer(name).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.to_string().contains("not found") => Ok(()),
+        Err(e) => Err(js_err(format!("deleting consumer {name}"))(Box::new(e))),
+    }
 }
 
 /// Open the consumers of `key_groups` on `hop`, re-created so that they
@@ -319,16 +321,12 @@ pub async fn consume(
     }
     let mut all = Vec::new();
     for kg in key_groups {
-        let name = match fences.and_then(|f| f.get(&kg)) {
-            Some(fence) => format!("{}-f{fence}", hop.consumer(kg)),
-            None => hop.consumer(kg),
-        };
+        let name = hop.fenced_consumer(kg, fences.and_then(|f| f.get(&kg)).copied());
         // A consumer left by an earlier run would redeliver its unacked
         // messages after newer ones; a fresh one starts at the oldest.
-        match stream.delete_consumer(&name).await {
-            Ok(_) => {}
-            Err(e) if e.to_string().contains("not found") => {}
-            Err(e) => return Err(js_err(format!("deleting consumer {name}"))(Box::new(e))),
+        // (With fences, delete_consumers_of removed it already.)
+        if fences.is_none() {
+            delete_consumer(stream, &name).await?;
         }
         let config = consumer::pull::Config {
             durable_name: Some(name.clone()),
