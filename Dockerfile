@@ -26,7 +26,11 @@ RUN apt-get update \
 WORKDIR /src
 COPY . .
 # Cache mounts keep the registry and the build directory between builds, so
-# the binaries are copied out in the same step.
+# the binaries are copied out in the same step. No debug info in the image:
+# the workspace's line tables (and librdkafka's -g) are three quarters of
+# each binary (62 MB -> 15 MB for sluice-enrich); a panic still names its
+# file and line, and a backtrace its functions.
+ENV CARGO_PROFILE_RELEASE_DEBUG=false CARGO_PROFILE_RELEASE_STRIP=debuginfo
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
