@@ -18,7 +18,7 @@ FROM ${RUST_IMAGE} AS build
 # needs a C compiler, make and pkg-config only: no cmake, no libssl-dev or
 # libsasl2-dev. The rust image has them; they are named here so that a
 # slimmer base fails at this step. No capnp: the Cap'n Proto code is checked
-# in (services/runtime/src/generated/); no protoc: enrich's gRPC code is
+# in (services/model/src/generated/); no protoc: enrich's gRPC code is
 # compiled by protox, in Rust.
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends build-essential pkg-config \

@@ -39,7 +39,7 @@ export CARGO_INCREMENTAL=0
 step "format"
 cargo fmt --all -- --check
 
-step "generated code is current (schemas/ -> services/runtime/src/generated/)"
+step "generated code is current (schemas/ -> services/model/src/generated/)"
 cargo run -q -p sluice-codegen -- --check
 
 step "clippy"

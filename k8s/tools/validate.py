@@ -134,12 +134,12 @@ def code_facts() -> dict:
     settings = (ROOT / "services/runtime/src/settings.rs").read_text()
     m = re.search(r"const NOT_SETTINGS: &\[&str\] = &\[(.*?)\];", settings, re.S)
     facts["not_settings"] = set(re.findall(r'"([A-Z_]+)"', m.group(1))) if m else set()
-    metrics = (ROOT / "services/runtime/src/metrics.rs").read_text()
+    metrics = (ROOT / "services/runtime/src/observe/metrics.rs").read_text()
     m = re.search(r"pub const NAMES: \[&str; \d+\] = \[(.*?)\];", metrics, re.S)
     if not m:
-        raise SystemExit("services/runtime/src/metrics.rs: NAMES not found")
+        raise SystemExit("services/runtime/src/observe/metrics.rs: NAMES not found")
     facts["metrics"] = set(re.findall(r'"(sluice_\w+)"', m.group(1)))
-    hop = (ROOT / "services/runtime/src/hop.rs").read_text()
+    hop = (ROOT / "services/runtime/src/transport/hop.rs").read_text()
     facts["consumer_naming"] = 'format!("{}-kg{:05}", self.name(), kg.0)' in hop
     return facts
 
@@ -521,7 +521,7 @@ def check_build(docs: list[dict], facts: dict, where: str, report: Report, base_
             exprs = [t.get("expr", "") for p in dash.get("panels", []) for t in p.get("targets", [])]
             used = {re.sub(r"_(bucket|sum|count)$", "", n) for e in exprs for n in re.findall(r"\bsluice_\w+", e)}
             unknown = {n for n in used if n not in facts["metrics"]}
-            report.check(not unknown, f"{where}: {key}: metrics not in services/runtime/src/metrics.rs: {sorted(unknown)}")
+            report.check(not unknown, f"{where}: {key}: metrics not in services/runtime/src/observe/metrics.rs: {sorted(unknown)}")
             wanted = {"sluice_records_received_total", "sluice_records_sent_total", "sluice_consumer_lag", "sluice_time_share",
                       "sluice_credit_available_bytes", "sluice_credit_backlog_bytes", "sluice_credit_granted_bytes",
                       "sluice_resident_memory_bytes", "sluice_memory_limit_bytes", "sluice_records_rejected_total"}

@@ -36,7 +36,7 @@ pub fn metric(stack: &Stack, process: &str, name: &str) -> anyhow::Result<f64> {
 
 /// Resident memory of a process, bytes (`VmRSS`; 0 once it is gone).
 pub fn rss_bytes(pid: u32) -> u64 {
-    sluice_runtime::metrics::proc_status_bytes(&pid.to_string(), "VmRSS").unwrap_or(0)
+    sluice_runtime::observe::metrics::proc_status_bytes(&pid.to_string(), "VmRSS").unwrap_or(0)
 }
 
 /// One look at the stack.

@@ -32,7 +32,7 @@ fn run_with(enrich: usize, window: usize, env: &[(&str, &str)]) -> anyhow::Resul
 }
 
 /// Every service answers its probes and exposes every metric of
-/// `sluice_runtime::metrics`, labelled with its stage, having counted input.
+/// `sluice_runtime::observe::metrics`, labelled with its stage, having counted input.
 fn check_probes_and_metrics(stack: &Stack) -> anyhow::Result<()> {
     for p in stack.processes.iter().filter(|p| p.http.is_some()) {
         let addr = stack.http(&p.name)?;
@@ -41,7 +41,7 @@ fn check_probes_and_metrics(stack: &Stack) -> anyhow::Result<()> {
         ensure!(http_get(addr, "/readyz")?.0 == 200, "{}: /readyz", p.name);
         let (status, text) = http_get(addr, "/metrics")?;
         ensure!(status == 200, "{}: /metrics answered {status}", p.name);
-        for m in sluice_runtime::metrics::NAMES {
+        for m in sluice_runtime::observe::metrics::NAMES {
             ensure!(text.contains(m), "{}: {m} missing from /metrics", p.name);
         }
         ensure!(text.contains(&format!("stage=\"{stage}\"")), "{}: no stage label", p.name);

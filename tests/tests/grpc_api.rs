@@ -12,7 +12,7 @@ use sluice_enrich::grpc::proto::{
     self, EnrichBatchRequest, LoadDimensionsRequest, LookupAppRequest, LookupChannelRequest, LookupDeviceRequest,
     LookupGeoRequest,
 };
-use sluice_runtime::key_group::KeyGroups;
+use sluice_model::key_group::KeyGroups;
 use sluice_tests::stack::{Stack, StackConfig};
 use sluice_tests::{DataSet, scratch};
 use tonic::transport::Channel;

@@ -25,11 +25,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use serde_json::Value;
-use sluice_runtime::batch::RowBatch;
-use sluice_runtime::key_group::KeyGroup;
-use sluice_runtime::reject::RejectReason;
+use sluice_model::batch::RowBatch;
+use sluice_model::key_group::KeyGroup;
+use sluice_model::reject::RejectReason;
+use sluice_model::table::{PartialRow, RowKey, RowValue, Table};
 use sluice_runtime::stage::Stage;
-use sluice_runtime::table::{PartialRow, RowKey, RowValue, Table};
 use sluice_sink::Sink;
 use sluice_sink::postgres::mirror::{Mirror, Work};
 use sluice_sink::postgres::schema::{VERSION_COLUMN, upsert_sql};

@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicBool;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use sluice_runtime::reject::RejectReason;
+use sluice_model::reject::RejectReason;
 
 use crate::embedded;
 use crate::progress::{ProgressLine, si};

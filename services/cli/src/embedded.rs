@@ -34,12 +34,12 @@ use anyhow::{Context, bail};
 use crossbeam_channel::{Receiver, Sender, bounded};
 use sluice_enrich::Enricher;
 use sluice_enrich::dimensions::DimensionTables;
-use sluice_runtime::batch::{EnrichedBatch, RawBatch};
-use sluice_runtime::key_group::KeyGroupSet;
-use sluice_runtime::lineage::Lineage;
-use sluice_runtime::reject::RejectCounts;
+use sluice_model::batch::{EnrichedBatch, RawBatch};
+use sluice_model::key_group::KeyGroupSet;
+use sluice_model::lineage::Lineage;
+use sluice_model::reject::RejectCounts;
 use sluice_runtime::stage::Stage;
-use sluice_runtime::state::{self, CommitBatch, CommitStore, StateKey};
+use sluice_runtime::store::{self, CommitBatch, CommitStore, StateKey};
 use sluice_sink::Sink;
 use sluice_source::batcher::Batcher;
 use sluice_source::framing::{count_lines, lines, split_record};
@@ -97,7 +97,7 @@ pub fn peak_rss_bytes() -> u64 {
 /// Peak resident set size of process `pid` (a number, or `self`), in bytes;
 /// 0 when unknown (not Linux, or the process is gone).
 pub fn peak_rss_bytes_of(pid: &str) -> u64 {
-    sluice_runtime::metrics::proc_status_bytes(pid, "VmHWM").unwrap_or(0)
+    sluice_runtime::observe::metrics::proc_status_bytes(pid, "VmHWM").unwrap_or(0)
 }
 
 struct Chunk {
@@ -358,7 +358,7 @@ fn commit_loop(store: CommitStore, jobs: &Receiver<CommitJob>) -> anyhow::Result
         for staged in job.staged {
             tx.append(staged.tx);
         }
-        tx.put(&StateKey::namespace(POSITION_KEY), state::encode("file position", &job.position)?);
+        tx.put(&StateKey::namespace(POSITION_KEY), store::encode("file position", &job.position)?);
         let (writes, bytes) = (tx.len(), tx.value_bytes());
         store.commit(tx).context("committing state")?;
         busy += t0.elapsed();
@@ -371,7 +371,7 @@ fn check_key_groups(v: &Validated, store: &CommitStore, state_dir: &Path) -> any
     let p = u32::from(v.key_groups.count());
     match store.get(&StateKey::namespace(KEY_GROUPS_KEY))? {
         Some(stored) => {
-            let stored: u32 = state::decode("key groups", &stored)?;
+            let stored: u32 = store::decode("key groups", &stored)?;
             anyhow::ensure!(
                 stored == p,
                 "the state at {} was built with pipeline.key_groups = {stored}, not {p}; key groups are fixed for a state's lifetime",
@@ -380,7 +380,7 @@ fn check_key_groups(v: &Validated, store: &CommitStore, state_dir: &Path) -> any
         }
         None => {
             let mut tx = CommitBatch::default();
-            tx.put(&StateKey::namespace(KEY_GROUPS_KEY), state::encode("key groups", &p)?);
+            tx.put(&StateKey::namespace(KEY_GROUPS_KEY), store::encode("key groups", &p)?);
             store.commit(tx).context("recording the key groups")?;
         }
     }
@@ -389,7 +389,7 @@ fn check_key_groups(v: &Validated, store: &CommitStore, state_dir: &Path) -> any
 
 /// The tables of a state directory (for export): the window's committed
 /// partial rows, merged across key groups in a sink.
-pub fn open_sink(state_dir: &Path, settings: &sluice_runtime::state::StateSettings) -> anyhow::Result<Sink> {
+pub fn open_sink(state_dir: &Path, settings: &sluice_runtime::store::StateSettings) -> anyhow::Result<Sink> {
     anyhow::ensure!(state_dir.is_dir(), "no state directory at {}", state_dir.display());
     let store =
         CommitStore::open(state_dir, settings).with_context(|| format!("opening state at {}", state_dir.display()))?;
@@ -418,7 +418,7 @@ pub fn run(
         .with_context(|| format!("opening state at {}", state_dir.display()))?;
     check_key_groups(v, &store, state_dir)?;
     let mut position: FilePosition = match store.get(&StateKey::namespace(POSITION_KEY))? {
-        Some(bytes) => state::decode("file position", &bytes)?,
+        Some(bytes) => store::decode("file position", &bytes)?,
         None => FilePosition::default(),
     };
     let counters = Arc::new(Counters::default());
@@ -646,7 +646,7 @@ fn read_chunks(
 fn parse_chunks(
     rx: &Receiver<Chunk>,
     tx: &Sender<anyhow::Result<Parsed>>,
-    key_groups: sluice_runtime::key_group::KeyGroups,
+    key_groups: sluice_model::key_group::KeyGroups,
 ) {
     let mut batcher = Batcher::new(key_groups);
     for chunk in rx.iter() {

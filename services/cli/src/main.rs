@@ -16,5 +16,5 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = sluice_cli::commands::Cli::parse();
-    sluice_runtime::exit::report("sluice", sluice_cli::commands::dispatch(cli))
+    sluice_runtime::runner::exit::report("sluice", sluice_cli::commands::dispatch(cli))
 }

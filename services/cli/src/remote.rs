@@ -13,7 +13,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
-use sluice_runtime::table::Table;
+use sluice_model::table::Table;
 use sluice_source::framing::{lines, split_record};
 use std::sync::atomic::{AtomicU64, Ordering};
 

@@ -347,7 +347,7 @@ impl Json {
 /// A JSON string literal: control characters (so TAB and newline) are escaped,
 /// so a VALUE never holds a record or field separator.
 fn write_json_str(out: &mut String, s: &str) {
-    sluice_runtime::json::write_str(out, s);
+    sluice_model::json::write_str(out, s);
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sluice_enrich::EnrichSettings;
-use sluice_runtime::key_group::KeyGroups;
+use sluice_model::key_group::KeyGroups;
 use sluice_runtime::settings::PipelineSettings;
-use sluice_runtime::state::StateSettings;
+use sluice_runtime::store::StateSettings;
 use sluice_source::SourceSettings;
 
 /// Settings of the embedded runner (`[run]`).
@@ -71,7 +71,7 @@ impl Settings {
         let key_groups = KeyGroups::new(self.pipeline.key_groups).ok_or_else(|| {
             anyhow::anyhow!(
                 "pipeline.key_groups must be between 1 and {}, got {}",
-                sluice_runtime::key_group::MAX_KEY_GROUPS,
+                sluice_model::key_group::MAX_KEY_GROUPS,
                 self.pipeline.key_groups
             )
         })?;

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 
 /// A schema and where its generated Rust lives, relative to the workspace root.
-const CAPNP: &[(&str, &str)] = &[("schemas/batch.capnp", "services/runtime/src/generated/batch_capnp.rs")];
+const CAPNP: &[(&str, &str)] = &[("schemas/batch.capnp", "services/model/src/generated/batch_capnp.rs")];
 
 fn main() -> ExitCode {
     let check = std::env::args().skip(1).any(|a| a == "--check");

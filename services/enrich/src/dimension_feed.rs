@@ -20,11 +20,11 @@ use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use sluice_runtime::nats::NatsSettings;
+use sluice_runtime::transport::nats::NatsSettings;
 use tokio_util::sync::CancellationToken;
 
 use crate::dimensions::{DimensionError, DimensionTables};
-use crate::service::LiveEnricher;
+use crate::shared::SharedEnricher;
 
 /// The three dimension tables as CSV text: what is published, and what the
 /// instance keeps to fill in the tables a partial reload leaves unchanged.
@@ -113,7 +113,7 @@ pub async fn publish(
 pub async fn watch(
     js: jetstream::Context,
     settings: NatsSettings,
-    live: LiveEnricher,
+    live: SharedEnricher,
     current: Arc<Mutex<DimensionSource>>,
     shutdown: CancellationToken,
 ) -> Result<(), FeedError> {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use rustc_hash::FxBuildHasher;
 
-use sluice_runtime::batch::Dimensions as EventDimensions;
+use sluice_model::batch::Dimensions as EventDimensions;
 
 /// A dimension table that could not be loaded.
 #[derive(Debug, thiserror::Error)]

@@ -15,13 +15,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use rustc_hash::FxBuildHasher;
-use sluice_runtime::batch::{DailyCell, EnrichedBatch, EnrichedEvent, EnrichedUpload, FirstEventMove, RawBatch};
-use sluice_runtime::changelog::ChangelogTable;
-use sluice_runtime::event_time::LocalDay;
-use sluice_runtime::key_group::{KeyGroup, KeyGroupSet};
-use sluice_runtime::reject::RejectReason;
+use sluice_model::batch::{DailyCell, EnrichedBatch, EnrichedEvent, EnrichedUpload, FirstEventMove, RawBatch};
+use sluice_model::event_time::LocalDay;
+use sluice_model::key_group::{KeyGroup, KeyGroupSet};
+use sluice_model::reject::RejectReason;
 use sluice_runtime::stage::{Stage, StageError};
-use sluice_runtime::state::{CommitBatch, CommitStore};
+use sluice_runtime::store::changelog::ChangelogTable;
+use sluice_runtime::store::{CommitBatch, CommitStore};
 
 use crate::dimensions::{DimensionCache, DimensionTables};
 use crate::registry::{DeviceRecord, FirstEvent, StoredDevice};
@@ -252,9 +252,9 @@ impl Stage for Enricher {
 
 #[cfg(test)]
 mod tests {
-    use sluice_runtime::batch::{EventBody, RawEvent, RawUpload, Upload};
-    use sluice_runtime::lineage::Lineage;
-    use sluice_runtime::state::StateSettings;
+    use sluice_model::batch::{EventBody, RawEvent, RawUpload, Upload};
+    use sluice_model::lineage::Lineage;
+    use sluice_runtime::store::StateSettings;
 
     use super::*;
 

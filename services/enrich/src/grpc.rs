@@ -6,18 +6,18 @@
 use std::sync::{Arc, Mutex};
 
 use async_nats::jetstream;
-use sluice_runtime::batch::{
+use sluice_model::batch::{
     Dimensions, EnrichedBatch, EventBody, RawBatch, RawEvent, RawUpload as DomainUpload, Upload,
 };
-use sluice_runtime::key_group::{KeyGroupSet, KeyGroups};
-use sluice_runtime::lineage::Lineage;
-use sluice_runtime::nats::NatsSettings;
-use sluice_runtime::reject::RejectReason;
+use sluice_model::key_group::{KeyGroupSet, KeyGroups};
+use sluice_model::lineage::Lineage;
+use sluice_model::reject::RejectReason;
+use sluice_runtime::transport::nats::NatsSettings;
 use tonic::{Request, Response, Status};
 
 use crate::dimension_feed::{self, DimensionSource};
 use crate::dimensions::ipv4_to_u32;
-use crate::service::LiveEnricher;
+use crate::shared::SharedEnricher;
 
 /// The code generated from `schemas/enrich.proto`.
 #[allow(missing_docs, clippy::all, clippy::pedantic, clippy::unwrap_used)]
@@ -70,7 +70,7 @@ impl From<ApiError> for Status {
 
 /// The gRPC service of one enrich instance.
 pub struct EnrichApi {
-    live: LiveEnricher,
+    live: SharedEnricher,
     key_groups: KeyGroups,
     /// Static ownership: the key groups owned; `None` with leases, where
     /// the enricher in use knows which it holds now.
@@ -87,7 +87,7 @@ impl EnrichApi {
     /// `owned` (`None`: key groups held by lease, as `live` says).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
-        live: LiveEnricher,
+        live: SharedEnricher,
         key_groups: KeyGroups,
         owned: Option<KeyGroupSet>,
         (instance, instances): (usize, usize),
@@ -133,7 +133,7 @@ fn raw_event(e: proto::RawEvent) -> Result<RawEvent, ApiError> {
     Ok(RawEvent { ts: e.ts_ms, body })
 }
 
-fn enriched_event(e: &sluice_runtime::batch::EnrichedEvent) -> proto::EnrichedEvent {
+fn enriched_event(e: &sluice_model::batch::EnrichedEvent) -> proto::EnrichedEvent {
     let mut out = proto::EnrichedEvent { index: e.index, ts_ms: e.ts, ..Default::default() };
     match &e.body {
         EventBody::Launch => out.kind = "launch".into(),

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    sluice_runtime::binary::service_main(
+    sluice_runtime::runner::binary::service_main(
         "sluice-enrich",
         "Stage 2: rules 3-4, dimensions, the device registry.",
         sluice_enrich::service::main,

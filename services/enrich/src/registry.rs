@@ -24,7 +24,7 @@ use std::collections::HashMap;
 
 use rustc_hash::FxBuildHasher;
 use serde::{Deserialize, Serialize};
-use sluice_runtime::batch::DailyCell;
+use sluice_model::batch::DailyCell;
 
 /// The first event of a device: its order key and the `daily` cell it falls in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,8 +131,8 @@ impl DeviceRecord {
 
     /// A record from its durable form.
     pub fn from_stored(s: StoredDevice) -> Self {
-        use sluice_runtime::batch::Dimensions;
-        use sluice_runtime::event_time::LocalDay;
+        use sluice_model::batch::Dimensions;
+        use sluice_model::event_time::LocalDay;
         let first = s.first.map(|f| FirstEvent {
             ts: f.ts,
             mid: f.mid.into(),
@@ -171,8 +171,8 @@ pub struct StoredDevice {
 
 #[cfg(test)]
 mod tests {
-    use sluice_runtime::batch::Dimensions;
-    use sluice_runtime::event_time::LocalDay;
+    use sluice_model::batch::Dimensions;
+    use sluice_model::event_time::LocalDay;
 
     use super::*;
 

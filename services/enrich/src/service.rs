@@ -5,26 +5,26 @@
 //! message ids and the window drops them by lineage.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use sluice_runtime::batch::{EnrichedBatch, RawBatch};
-use sluice_runtime::codec::{CodecError, decode_raw, encode_enriched_within};
-use sluice_runtime::hop::Hop;
-use sluice_runtime::inbox::Inbox;
-use sluice_runtime::key_group::{KeyGroup, KeyGroups};
-use sluice_runtime::metrics::Metrics;
-use sluice_runtime::nats::NatsSettings;
-use sluice_runtime::service::{self, Common, ConsumingStage, OutputPolicy, ServiceSettings};
+use sluice_model::batch::{EnrichedBatch, RawBatch};
+use sluice_model::codec::{CodecError, decode_raw, encode_enriched_within};
+use sluice_model::key_group::{KeyGroup, KeyGroups};
+use sluice_runtime::observe::metrics::Metrics;
+use sluice_runtime::protocol::inbox::Inbox;
+use sluice_runtime::runner::service::{self, Common, ConsumingStage, OutputPolicy, ServiceSettings};
 use sluice_runtime::settings::PipelineSettings;
-use sluice_runtime::stage::{Stage, StageError};
-use sluice_runtime::state::{CommitBatch, CommitStore, StateSettings};
+use sluice_runtime::store::StateSettings;
+use sluice_runtime::transport::hop::Hop;
+use sluice_runtime::transport::nats::NatsSettings;
 
 use crate::dimension_feed::{self, DimensionSource};
 use crate::grpc::proto::enrich_server::EnrichServer;
 use crate::grpc::{EnrichApi, FILE_DESCRIPTOR_SET};
+use crate::shared::SharedEnricher;
 use crate::{EnrichSettings, Enricher};
 
 /// Everything `sluice-enrich` reads.
@@ -75,46 +75,7 @@ impl Default for DimensionSettings {
     }
 }
 
-/// The enricher shared between the stream path (the stage thread) and the
-/// gRPC API: each takes the lock for one batch or one call.
-#[derive(Clone)]
-pub struct LiveEnricher(Arc<Mutex<Enricher>>);
-
-impl LiveEnricher {
-    /// Share `enricher`.
-    pub fn new(enricher: Enricher) -> Self {
-        Self(Arc::new(Mutex::new(enricher)))
-    }
-
-    /// Lock it. A panic while locked is a bug that already stopped the
-    /// stage; the state it left is still the last one applied.
-    pub fn lock(&self) -> MutexGuard<'_, Enricher> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-impl Stage for LiveEnricher {
-    type Input = RawBatch;
-    type Output = EnrichedBatch;
-
-    fn name(&self) -> &'static str {
-        "enrich"
-    }
-
-    fn start(&mut self, store: &CommitStore) -> Result<(), StageError> {
-        self.lock().start(store)
-    }
-
-    fn batch(&mut self, input: RawBatch, out: &mut Vec<EnrichedBatch>) -> Result<(), StageError> {
-        self.lock().batch(input, out)
-    }
-
-    fn commit(&mut self, out: &mut Vec<EnrichedBatch>, tx: &mut CommitBatch) -> Result<(), StageError> {
-        self.lock().commit(out, tx)
-    }
-}
-
-impl ConsumingStage for LiveEnricher {
+impl ConsumingStage for SharedEnricher {
     const INPUT: Hop = Hop::Raw;
     const OUTPUT: Option<Hop> = Some(Hop::Enriched);
     const POLICY: OutputPolicy = OutputPolicy::Immediate;
@@ -162,7 +123,7 @@ pub fn main(config: Option<&std::path::Path>) -> anyhow::Result<()> {
         state: &settings.state,
     };
     let leased = settings.service.ownership == service::Ownership::Leases;
-    let live = LiveEnricher::new(Enricher::new(Arc::new(tables), &settings.enrich));
+    let live = SharedEnricher::new(Enricher::new(Arc::new(tables), &settings.enrich));
     let launched = async {
         let result = service::launch("enrich", common, |l| {
             // With leases the stage is built again for every change of the
@@ -194,9 +155,9 @@ pub fn main(config: Option<&std::path::Path>) -> anyhow::Result<()> {
 /// cancels `shutdown`, so the whole service drains and exits with it.
 async fn serve_api(
     settings: EnrichServiceSettings,
-    live: LiveEnricher,
+    live: SharedEnricher,
     key_groups: KeyGroups,
-    owned: Option<sluice_runtime::key_group::KeyGroupSet>,
+    owned: Option<sluice_model::key_group::KeyGroupSet>,
     current: Arc<Mutex<DimensionSource>>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
@@ -205,7 +166,7 @@ async fn serve_api(
     let run = async {
         let addr: std::net::SocketAddr =
             listen.parse().with_context(|| format!("grpc.listen {listen:?} is not an address"))?;
-        let js = sluice_runtime::nats::connect(&nats, &format!("sluice-enrich-{}-api", instances.0)).await?;
+        let js = sluice_runtime::transport::nats::connect(&nats, &format!("sluice-enrich-{}-api", instances.0)).await?;
         let feed = tokio::spawn(dimension_feed::watch(
             js.clone(),
             nats.clone(),

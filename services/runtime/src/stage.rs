@@ -8,7 +8,7 @@
 //! together with the input position, before it acknowledges or publishes
 //! anything that depends on it.
 
-use crate::state::{CommitBatch, CommitStore, StateError};
+use crate::store::{CommitBatch, CommitStore, StateError};
 
 /// An error a stage cannot handle itself: each of these is fatal for the
 /// stage (exit; a restart resumes from the last commit). Bad input is never
@@ -20,7 +20,7 @@ pub enum StageError {
     State(#[from] StateError),
     /// A batch from another process could not be read.
     #[error(transparent)]
-    Codec(#[from] crate::codec::CodecError),
+    Codec(#[from] sluice_model::codec::CodecError),
     /// Loading the stage's configuration or reference data failed.
     #[error("{0}")]
     Setup(String),

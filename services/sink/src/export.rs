@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::Path;
 
-use sluice_runtime::table::{Table, write_row};
+use sluice_model::table::{Table, write_row};
 
 use crate::Sink;
 

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    sluice_runtime::binary::service_main(
+    sluice_runtime::runner::binary::service_main(
         "sluice-sink",
         "Stage 4: materialised tables, merged across key groups.",
         sluice_sink::service::main,

@@ -1,13 +1,13 @@
 //! The sink stage: applies partial rows, keeps the tables, answers reads.
 
-use sluice_runtime::batch::RowBatch;
-use sluice_runtime::reject::RejectReason;
-use sluice_runtime::stage::{Stage, StageError};
-use sluice_runtime::state::{self, CommitBatch, CommitStore, StateKey};
-use sluice_runtime::table::{
+use sluice_model::batch::RowBatch;
+use sluice_model::reject::RejectReason;
+use sluice_model::table::{
     AppDay, CustomKey, CustomValue, DailyKey, DailyValue, MinuteBlockKey, MinuteCell, MinuteKey, RowKey, RowValue,
     Table, add_minute,
 };
+use sluice_runtime::stage::{Stage, StageError};
+use sluice_runtime::store::{self, CommitBatch, CommitStore, StateKey};
 
 use crate::table_store::{Applied, Contributions, TableStore};
 
@@ -217,7 +217,7 @@ impl Stage for Sink {
         self.rejects.restore(store)?;
         self.covered.restore(store)?;
         self.commits = match store.get(&StateKey::namespace(COMMITS_KEY))? {
-            Some(bytes) => state::decode("sink commits", &bytes)?,
+            Some(bytes) => store::decode("sink commits", &bytes)?,
             None => 0,
         };
         self.version = self.commits.saturating_add(1);
@@ -257,7 +257,7 @@ impl Stage for Sink {
         // Being asked to commit again means the last commit is durable.
         self.version = self.commits.saturating_add(1);
         self.commits = self.version;
-        tx.put(&StateKey::namespace(COMMITS_KEY), state::encode("sink commits", &self.commits)?);
+        tx.put(&StateKey::namespace(COMMITS_KEY), store::encode("sink commits", &self.commits)?);
         if let Some(changed) = &mut self.changed {
             changed.extend(daily.into_iter().map(RowKey::Daily));
             changed.extend(sessions.into_iter().map(RowKey::SessionsPerDevice));
@@ -271,9 +271,9 @@ impl Stage for Sink {
 
 #[cfg(test)]
 mod tests {
-    use sluice_runtime::event_time::{LocalDay, LocalMinute};
-    use sluice_runtime::key_group::KeyGroup;
-    use sluice_runtime::table::{CustomValue, MinuteValue, PartialRow};
+    use sluice_model::event_time::{LocalDay, LocalMinute};
+    use sluice_model::key_group::KeyGroup;
+    use sluice_model::table::{CustomValue, MinuteValue, PartialRow};
 
     use super::*;
 

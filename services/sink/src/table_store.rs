@@ -7,9 +7,9 @@ use std::hash::Hash;
 use rustc_hash::FxBuildHasher;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use sluice_runtime::changelog::ChangelogTable;
-use sluice_runtime::key_group::KeyGroup;
-use sluice_runtime::state::{CommitBatch, CommitStore, StateError};
+use sluice_model::key_group::KeyGroup;
+use sluice_runtime::store::changelog::ChangelogTable;
+use sluice_runtime::store::{CommitBatch, CommitStore, StateError};
 
 /// The partials of one key: (key group, version, value), at most one per key group.
 pub type Contributions<V> = Vec<(KeyGroup, u64, V)>;

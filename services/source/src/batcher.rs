@@ -5,9 +5,9 @@
 //! its raw Kafka key. Either way every record, and so every reject, is counted
 //! by exactly one key group.
 
-use sluice_runtime::batch::{RawBatch, RawUpload};
-use sluice_runtime::key_group::{KeyGroup, KeyGroups};
-use sluice_runtime::lineage::Lineage;
+use sluice_model::batch::{RawBatch, RawUpload};
+use sluice_model::key_group::{KeyGroup, KeyGroups};
+use sluice_model::lineage::Lineage;
 
 use crate::upload::{Labels, parse_upload_with};
 

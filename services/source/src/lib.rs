@@ -4,7 +4,7 @@
 //! file), reads both SDK generations into the unified model, applies the
 //! message rules it can decide alone (SPEC rules 1-2) and checks every event
 //! (rules 5-7, counted later by enrich), and groups the result into
-//! [`RawBatch`](sluice_runtime::batch::RawBatch)es, one per key group.
+//! [`RawBatch`](sluice_model::batch::RawBatch)es, one per key group.
 //!
 //! - [`json_reader`]: the strict JSON reader the rules are defined against;
 //! - [`upload`]: the v1/v2 mapping and the rules;

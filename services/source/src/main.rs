@@ -8,7 +8,7 @@ use std::process::ExitCode;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    sluice_runtime::binary::service_main(
+    sluice_runtime::runner::binary::service_main(
         "sluice-source",
         "Stage 1: frames and parses SDK uploads into raw batches by key group.",
         sluice_source::service::main,

@@ -24,21 +24,23 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
-use sluice_runtime::codec::encode_raw_within;
-use sluice_runtime::handoff::{Handoff, PublisherGone};
-use sluice_runtime::hop::Hop;
-use sluice_runtime::inbox::FenceStamp;
-use sluice_runtime::key_group::KeyGroups;
-use sluice_runtime::lineage::Lineage;
-use sluice_runtime::metrics::Metrics;
-use sluice_runtime::nats::{self, NatsSettings, Outgoing};
-use sluice_runtime::ownership::Me;
-use sluice_runtime::ownership::kv::{LeaseError, LeaseGroup, Membership, View};
-use sluice_runtime::probe::{self, Health};
-use sluice_runtime::service::lease_bucket;
-use sluice_runtime::service::{self, ServiceSettings};
+use sluice_model::codec::encode_raw_within;
+use sluice_model::key_group::KeyGroups;
+use sluice_model::lineage::Lineage;
+use sluice_runtime::observe::metrics::Metrics;
+use sluice_runtime::observe::probe::{self, Health};
+use sluice_runtime::protocol::fence::FenceStamp;
+use sluice_runtime::protocol::ownership::Me;
+use sluice_runtime::runner::service::lease_bucket;
+use sluice_runtime::runner::service::{self, ServiceSettings};
 use sluice_runtime::settings::PipelineSettings;
-use sluice_runtime::state::{self, CommitBatch, CommitStore, StateKey, StateSettings};
+use sluice_runtime::store::{self, CommitBatch, CommitStore, StateKey, StateSettings};
+use sluice_runtime::transport::handoff::Outgoing;
+use sluice_runtime::transport::handoff::{Handoff, PublisherGone};
+use sluice_runtime::transport::hop::Hop;
+use sluice_runtime::transport::lease_table::{LeaseError, LeaseGroup, Membership, View};
+use sluice_runtime::transport::nats::{self, NatsSettings};
+use sluice_runtime::transport::publisher::{self, PublisherCredit};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -81,14 +83,14 @@ async fn run(settings: SourceServiceSettings) -> anyhow::Result<()> {
     let key_groups =
         KeyGroups::new(settings.pipeline.key_groups).context("pipeline.key_groups must be between 1 and 32768")?;
     settings.service.validate()?;
-    let shutdown = sluice_runtime::shutdown::on_signal().context("installing signal handlers")?;
+    let shutdown = sluice_runtime::runner::shutdown::on_signal().context("installing signal handlers")?;
     let leased = settings.service.ownership == service::Ownership::Leases;
     // With leases the member name (unique per process) is the instance's
     // label and its flow-control sender name too.
     let name = if leased { settings.service.member_name()? } else { format!("source-{}", settings.service.instance) };
     let instance = if leased { name.clone() } else { settings.service.instance.to_string() };
     let metrics = Metrics::new("source", instance);
-    tokio::spawn(sluice_runtime::metrics::observe_every_second(
+    tokio::spawn(sluice_runtime::observe::metrics::observe_every_second(
         metrics.clone(),
         settings.service.memory_limit_bytes,
         shutdown.clone(),
@@ -104,14 +106,15 @@ async fn run(settings: SourceServiceSettings) -> anyhow::Result<()> {
     let js = nats::connect(&settings.nats, &format!("sluice-{name}")).await?;
     nats::ensure_stream(&js, &settings.nats, Hop::Raw).await?;
     // Flow control: this run's sender identity on the raw hop.
-    let run = sluice_runtime::service::next_run(&store)?;
-    let credit = nats::PublisherCredit {
-        sender: sluice_runtime::credit::Sender { name: name.clone(), epoch: run },
+    let run = sluice_runtime::runner::service::next_run(&store)?;
+    let credit = PublisherCredit {
+        sender: sluice_runtime::protocol::credit::Sender { name: name.clone(), epoch: run },
         hop: Hop::Raw,
     };
     let lease = leased.then(|| SourceLease { handle: tokio::runtime::Handle::current(), js: js.clone(), member: name });
     let (pub_tx, pub_rx) = settings.nats.handoff();
-    let publisher = tokio::spawn(nats::run_publisher(js, settings.nats.clone(), pub_rx, metrics.clone(), Some(credit)));
+    let publisher =
+        tokio::spawn(publisher::run_publisher(js, settings.nats.clone(), pub_rx, metrics.clone(), Some(credit)));
 
     let (done_tx, done_rx) = oneshot::channel();
     {
@@ -302,7 +305,7 @@ impl KafkaSource {
         let mut stored = BTreeMap::new();
         for p in parts {
             if let Some(bytes) = self.store.get(&Self::offset_key(*p))? {
-                stored.insert(*p, state::decode::<i64>("Kafka offset", &bytes)?);
+                stored.insert(*p, store::decode::<i64>("Kafka offset", &bytes)?);
             }
         }
         Ok(stored)
@@ -650,7 +653,7 @@ impl KafkaSource {
         let mut mirror = TopicPartitionList::new();
         for (p, next) in &published {
             if self.committed.get(p) != Some(next) {
-                batch.put(&Self::offset_key(*p), state::encode("Kafka offset", next)?);
+                batch.put(&Self::offset_key(*p), store::encode("Kafka offset", next)?);
                 mirror.add_partition_offset(&self.settings.kafka.topic, *p, Offset::Offset(*next))?;
             }
         }

@@ -13,8 +13,8 @@
 
 use std::sync::Arc;
 
-use sluice_runtime::batch::{EventBody, RawEvent, Upload};
-use sluice_runtime::reject::RejectReason;
+use sluice_model::batch::{EventBody, RawEvent, Upload};
+use sluice_model::reject::RejectReason;
 
 use crate::json_reader::{NotJson, Reader, Scalar};
 

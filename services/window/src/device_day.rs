@@ -14,9 +14,9 @@ use std::sync::Arc;
 use rustc_hash::FxBuildHasher;
 
 use serde::{Deserialize, Serialize};
-use sluice_runtime::batch::Dimensions;
-use sluice_runtime::key_group::KeyGroup;
-use sluice_runtime::table::sessions_bucket;
+use sluice_model::batch::Dimensions;
+use sluice_model::key_group::KeyGroup;
+use sluice_model::table::sessions_bucket;
 
 /// Members of a small set with a value each: a vector while small (the usual
 /// case: one or two members), a hash map beyond, so a device that sends

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    sluice_runtime::binary::service_main(
+    sluice_runtime::runner::binary::service_main(
         "sluice-window",
         "Stage 3: event-time aggregation into partial rows per key group.",
         sluice_window::service::main,

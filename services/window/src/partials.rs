@@ -13,9 +13,9 @@ use std::hash::Hash;
 use rustc_hash::FxBuildHasher;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use sluice_runtime::changelog::{ChangelogTable, Changes};
-use sluice_runtime::key_group::KeyGroup;
-use sluice_runtime::state::{CommitBatch, CommitStore, StateError};
+use sluice_model::key_group::KeyGroup;
+use sluice_runtime::store::changelog::{ChangelogTable, Changes};
+use sluice_runtime::store::{CommitBatch, CommitStore, StateError};
 
 /// A value and the version it was last emitted at.
 #[derive(Debug, Clone, Serialize, Deserialize)]

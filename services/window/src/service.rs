@@ -6,15 +6,15 @@
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use sluice_runtime::batch::{EnrichedBatch, RowBatch};
-use sluice_runtime::codec::{CodecError, decode_enriched, encode_rows_within};
-use sluice_runtime::hop::Hop;
-use sluice_runtime::inbox::Inbox;
-use sluice_runtime::key_group::KeyGroup;
-use sluice_runtime::nats::NatsSettings;
-use sluice_runtime::service::{self, Common, ConsumingStage, OutputPolicy, ServiceSettings};
+use sluice_model::batch::{EnrichedBatch, RowBatch};
+use sluice_model::codec::{CodecError, decode_enriched, encode_rows_within};
+use sluice_model::key_group::KeyGroup;
+use sluice_runtime::protocol::inbox::Inbox;
+use sluice_runtime::runner::service::{self, Common, ConsumingStage, OutputPolicy, ServiceSettings};
 use sluice_runtime::settings::PipelineSettings;
-use sluice_runtime::state::StateSettings;
+use sluice_runtime::store::StateSettings;
+use sluice_runtime::transport::hop::Hop;
+use sluice_runtime::transport::nats::NatsSettings;
 
 use crate::Window;
 

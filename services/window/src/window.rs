@@ -14,17 +14,17 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use rustc_hash::FxBuildHasher;
-use sluice_runtime::batch::{Dimensions, EnrichedBatch, EventBody, RowBatch};
-use sluice_runtime::changelog::ChangelogTable;
-use sluice_runtime::event_time::{LocalDay, LocalMinute};
-use sluice_runtime::key_group::{KeyGroup, KeyGroupSet};
-use sluice_runtime::reject::RejectReason;
-use sluice_runtime::stage::{Stage, StageError};
-use sluice_runtime::state::{CommitBatch, CommitStore};
-use sluice_runtime::table::{
+use sluice_model::batch::{Dimensions, EnrichedBatch, EventBody, RowBatch};
+use sluice_model::event_time::{LocalDay, LocalMinute};
+use sluice_model::key_group::{KeyGroup, KeyGroupSet};
+use sluice_model::reject::RejectReason;
+use sluice_model::table::{
     AppDay, CustomKey, CustomValue, DailyKey, DailyValue, MinuteBlockKey, MinuteCell, MinuteValue, PartialRow, RowKey,
     RowValue, add_minute, playtime_bucket,
 };
+use sluice_runtime::stage::{Stage, StageError};
+use sluice_runtime::store::changelog::ChangelogTable;
+use sluice_runtime::store::{CommitBatch, CommitStore};
 
 use crate::device_day::{DeviceDay, StoredDeviceDay};
 use crate::partials::Partials;
@@ -213,7 +213,7 @@ impl Window {
         app: &Arc<str>,
         dev: &Arc<str>,
         dims: &Dimensions,
-        events: &[sluice_runtime::batch::EnrichedEvent],
+        events: &[sluice_model::batch::EnrichedEvent],
     ) {
         // Sorted by time, an upload's days and minutes are runs: summing them
         // costs O(n log n) in its events, whatever their spread (an upload
@@ -416,9 +416,9 @@ impl Stage for Window {
 
 #[cfg(test)]
 mod tests {
-    use sluice_runtime::batch::{DailyCell, EnrichedEvent, EnrichedUpload, FirstEventMove};
-    use sluice_runtime::lineage::Lineage;
-    use sluice_runtime::state::StateSettings;
+    use sluice_model::batch::{DailyCell, EnrichedEvent, EnrichedUpload, FirstEventMove};
+    use sluice_model::lineage::Lineage;
+    use sluice_runtime::store::StateSettings;
 
     use super::*;
 
@@ -571,7 +571,7 @@ mod tests {
     #[test]
     fn rejects_and_first_event_moves_become_partials() {
         let mut w = Window::new();
-        let mut rejects = sluice_runtime::reject::RejectCounts::default();
+        let mut rejects = sluice_model::reject::RejectCounts::default();
         rejects.add(RejectReason::Duplicate);
         rejects.add(RejectReason::Duplicate);
         rejects.add(RejectReason::BadValue);
@@ -596,7 +596,7 @@ mod tests {
                 },
             ],
             rejects,
-            input: sluice_runtime::batch::InputSpan { records: 4, last: Lineage::line(3) },
+            input: sluice_model::batch::InputSpan { records: 4, last: Lineage::line(3) },
         };
         w.batch(batch, &mut Vec::new()).expect("batch");
         let rows = rows(&mut w);

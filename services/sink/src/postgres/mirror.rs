@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use sluice_runtime::table::{RowKey, RowValue, Table, write_row};
+use sluice_model::table::{RowKey, RowValue, Table, write_row};
 use tokio::sync::mpsc;
 use tokio_postgres::{Client, NoTls, Statement};
 
@@ -410,7 +410,7 @@ fn rows_by_table(sink: &Sink, keys: &[RowKey]) -> BTreeMap<Table, Vec<String>> {
 
 #[cfg(test)]
 mod tests {
-    use sluice_runtime::reject::RejectReason;
+    use sluice_model::reject::RejectReason;
 
     use super::*;
 
@@ -458,10 +458,10 @@ mod tests {
 
     #[test]
     fn changed_keys_become_rendered_rows_per_table() {
-        use sluice_runtime::batch::RowBatch;
-        use sluice_runtime::key_group::KeyGroup;
+        use sluice_model::batch::RowBatch;
+        use sluice_model::key_group::KeyGroup;
+        use sluice_model::table::PartialRow;
         use sluice_runtime::stage::Stage;
-        use sluice_runtime::table::PartialRow;
 
         let mut sink = Sink::new();
         let rows =

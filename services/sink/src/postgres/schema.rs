@@ -28,7 +28,7 @@
 //! a no-op. Tables created before the column existed get it on the next
 //! connection ([`upgrade_sql`]), at version 0, older than any write.
 
-use sluice_runtime::table::Table;
+use sluice_model::table::Table;
 
 /// A column's PostgreSQL type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -233,9 +233,9 @@ mod tests {
     use std::collections::BTreeSet;
     use std::sync::Arc;
 
-    use sluice_runtime::event_time::{LocalDay, LocalMinute};
-    use sluice_runtime::reject::RejectReason;
-    use sluice_runtime::table::{
+    use sluice_model::event_time::{LocalDay, LocalMinute};
+    use sluice_model::reject::RejectReason;
+    use sluice_model::table::{
         AppDay, CustomKey, CustomValue, DailyKey, DailyValue, MinuteKey, MinuteValue, RowKey, RowValue, write_row,
     };
 

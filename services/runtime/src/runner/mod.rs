@@ -1,0 +1,12 @@
+//! How a stage runs, and how a binary starts and ends.
+//!
+//! - [`service`]: a stage as a service that consumes one hop and publishes
+//!   to the next, with its recovery, outbox, leases and crash model;
+//! - [`binary`]: the `main` every service binary shares;
+//! - [`exit`]: how a binary reports its end;
+//! - [`shutdown`]: SIGTERM and SIGINT as one cancellation token.
+
+pub mod binary;
+pub mod exit;
+pub mod service;
+pub mod shutdown;
