@@ -5,7 +5,7 @@
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
-use crate::embedded::Progress;
+use sluice_runtime::runner::chained::Progress;
 
 /// Writes progress to stderr.
 pub struct ProgressLine {

@@ -19,6 +19,7 @@ use sluice_model::batch::{DailyCell, EnrichedBatch, EnrichedEvent, EnrichedUploa
 use sluice_model::event_time::LocalDay;
 use sluice_model::key_group::{KeyGroup, KeyGroupSet};
 use sluice_model::reject::RejectReason;
+use sluice_runtime::observe::metrics::Metrics;
 use sluice_runtime::stage::{Stage, StageError};
 use sluice_runtime::store::changelog::ChangelogTable;
 use sluice_runtime::store::{CommitBatch, CommitStore};
@@ -223,6 +224,15 @@ impl Stage for Enricher {
         }
         out.push(batch);
         Ok(())
+    }
+
+    /// What an enriched batch says for the metrics: its accepted events and
+    /// every reject of its input (the source's included: they travel in the
+    /// raw batch), so `sluice_records_rejected_total` of enrich is the
+    /// rejects table's total.
+    fn count_output(output: &EnrichedBatch, metrics: &Metrics) {
+        metrics.events_accepted.inc_by(output.uploads.iter().map(|u| u.events.len() as u64).sum());
+        metrics.rejects(&output.rejects);
     }
 
     fn commit(&mut self, _out: &mut Vec<EnrichedBatch>, tx: &mut CommitBatch) -> Result<(), StageError> {

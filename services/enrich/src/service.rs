@@ -13,7 +13,6 @@ use serde::{Deserialize, Serialize};
 use sluice_model::batch::{EnrichedBatch, RawBatch};
 use sluice_model::codec::{CodecError, decode_raw, encode_enriched_within};
 use sluice_model::key_group::{KeyGroup, KeyGroups};
-use sluice_runtime::observe::metrics::Metrics;
 use sluice_runtime::protocol::inbox::Inbox;
 use sluice_runtime::runner::service::{self, Common, ConsumingStage, OutputPolicy, ServiceSettings};
 use sluice_runtime::settings::PipelineSettings;
@@ -99,10 +98,6 @@ impl ConsumingStage for SharedEnricher {
 
     fn encode(output: &EnrichedBatch, max_bytes: usize) -> (KeyGroup, Vec<(Vec<u8>, u64)>) {
         (output.key_group, encode_enriched_within(output, max_bytes))
-    }
-
-    fn count_rejects(output: &EnrichedBatch, metrics: &Metrics) {
-        metrics.rejects(&output.rejects);
     }
 }
 

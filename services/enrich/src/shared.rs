@@ -6,6 +6,7 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use sluice_model::batch::{EnrichedBatch, RawBatch};
+use sluice_runtime::observe::metrics::Metrics;
 use sluice_runtime::stage::{Stage, StageError};
 use sluice_runtime::store::{CommitBatch, CommitStore};
 
@@ -47,5 +48,9 @@ impl Stage for SharedEnricher {
 
     fn commit(&mut self, out: &mut Vec<EnrichedBatch>, tx: &mut CommitBatch) -> Result<(), StageError> {
         self.lock().commit(out, tx)
+    }
+
+    fn count_output(output: &EnrichedBatch, metrics: &Metrics) {
+        Enricher::count_output(output, metrics);
     }
 }

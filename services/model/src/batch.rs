@@ -99,6 +99,18 @@ pub struct RawBatch {
     pub uploads: Vec<RawUpload>,
 }
 
+/// A batch that belongs to one key group: what a runner routes by.
+pub trait Keyed {
+    /// The key group of every record in it.
+    fn key_group(&self) -> KeyGroup;
+}
+
+impl Keyed for RawBatch {
+    fn key_group(&self) -> KeyGroup {
+        self.key_group
+    }
+}
+
 /// The dimensions an accepted message gives each of its events.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
 pub struct Dimensions {

@@ -9,9 +9,12 @@
 //! - [`json_reader`]: the strict JSON reader the rules are defined against;
 //! - [`upload`]: the v1/v2 mapping and the rules;
 //! - [`framing`]: KEY/VALUE records from TSV lines;
-//! - [`batcher`]: records into per-key-group batches.
+//! - [`batcher`]: records into per-key-group batches;
+//! - [`file_input`]: a file's lines as the chained runner's input (embedded mode);
+//! - [`kafka`] and [`service`]: Kafka in, JetStream out (`sluice-source`).
 
 pub mod batcher;
+pub mod file_input;
 pub mod framing;
 pub mod json_reader;
 pub mod kafka;

@@ -50,8 +50,9 @@ use sluice_model::reject::{RejectCounts, RejectReason};
 
 /// The name of every metric a service exposes (as exposed: counters end in
 /// `_total`), for tests that check a service exposes them all.
-pub const NAMES: [&str; 26] = [
+pub const NAMES: [&str; 27] = [
     "sluice_records_received_total",
+    "sluice_events_accepted_total",
     "sluice_records_sent_total",
     "sluice_batches_received_total",
     "sluice_batches_sent_total",
@@ -102,6 +103,8 @@ pub struct Metrics {
     pub records_received: Counter,
     /// Records published.
     pub records_sent: Counter,
+    /// Events that passed every rule (enrich counts them: what the tables are made of).
+    pub events_accepted: Counter,
     /// Input batches.
     pub batches_received: Counter,
     /// Batches published.
@@ -161,6 +164,7 @@ impl Metrics {
         let m = Self {
             records_received: Counter::default(),
             records_sent: Counter::default(),
+            events_accepted: Counter::default(),
             batches_received: Counter::default(),
             batches_sent: Counter::default(),
             records_rejected: Family::default(),
@@ -189,6 +193,7 @@ impl Metrics {
         };
         registry.register("records_received", "Input records", m.records_received.clone());
         registry.register("records_sent", "Records in published batches", m.records_sent.clone());
+        registry.register("events_accepted", "Events that passed every rule", m.events_accepted.clone());
         registry.register("batches_received", "Input batches", m.batches_received.clone());
         registry.register("batches_sent", "Batches published", m.batches_sent.clone());
         registry.register("records_rejected", "Rejected records and events, by reason", m.records_rejected.clone());
@@ -296,6 +301,11 @@ impl Metrics {
         for (reason, n) in rejects.iter() {
             self.reject(reason, n);
         }
+    }
+
+    /// Rejects of `reason` counted so far.
+    pub fn rejected(&self, reason: RejectReason) -> u64 {
+        self.records_rejected.get_or_create(&ReasonLabel { reason: reason.as_str() }).get()
     }
 
     /// Add `n` rejects of `reason`.

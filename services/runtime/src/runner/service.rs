@@ -296,9 +296,6 @@ pub trait ConsumingStage: Stage<Input: Send, Output: Send> + Send + 'static {
     /// `max_bytes` unless a single record is larger; with the records of
     /// each part (for metrics).
     fn encode(output: &Self::Output, max_bytes: usize) -> (KeyGroup, Vec<(Vec<u8>, u64)>);
-
-    /// Count an output's rejects in the metrics.
-    fn count_rejects(_output: &Self::Output, _metrics: &Metrics) {}
 }
 
 const ASSIGNMENT_KEY: &str = "service/assignment";

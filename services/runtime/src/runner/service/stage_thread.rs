@@ -370,7 +370,7 @@ impl<S: ConsumingStage, I: StageIo> StageThread<S, I> {
         if S::POLICY == OutputPolicy::Immediate {
             let outputs = std::mem::take(&mut self.outputs);
             for (i, out) in outputs.iter().enumerate() {
-                S::count_rejects(out, &self.metrics);
+                S::count_output(out, &self.metrics);
                 // Deterministic: the same input message yields the same ids on a replay.
                 let id = format!("{}-{}-{}-{}", self.stage.name(), kg.0, seq, i);
                 self.publish_immediate(out, &id)?;
@@ -430,7 +430,7 @@ impl<S: ConsumingStage, I: StageIo> StageThread<S, I> {
         let mut to_publish = Vec::new();
         if let Some(hop) = S::OUTPUT {
             for (i, out) in outputs.iter().enumerate() {
-                S::count_rejects(out, &self.metrics);
+                S::count_output(out, &self.metrics);
                 let (kg, parts) = S::encode(out, self.shape.max_bytes);
                 let subject = hop.subject(&self.shape.prefix, kg);
                 // Unique per stream: instances share the stream's id space.
