@@ -162,6 +162,10 @@ impl Input for FileInput {
         Ok(None)
     }
 
+    fn position(&self) -> FilePosition {
+        self.at
+    }
+
     fn total_bytes(&self) -> u64 {
         self.total
     }

@@ -84,6 +84,10 @@ pub trait Input: Send + Sized + 'static {
     /// The next chunk and the position after it; `None` at the end.
     fn read(&mut self) -> Result<Option<Next<Self>>, ChainError>;
 
+    /// Where the next chunk starts: the committed position the input was
+    /// opened at, before the first read.
+    fn position(&self) -> Self::Position;
+
     /// Input bytes in all (for progress).
     fn total_bytes(&self) -> u64;
 
@@ -203,7 +207,9 @@ where
 {
     let Job { input, parser, worker } = job;
     let started = Instant::now();
-    let mut position = committed_position::<I>(&store)?;
+    // The input was opened at the committed position (`committed_position`):
+    // it says where it stands, so the two cannot disagree.
+    let mut position = input.position();
     let mut progress =
         Progress { bytes_done: position.bytes(), bytes_total: input.total_bytes(), ..Default::default() };
     let mut workers = Workers::start(settings, &worker, &store)?;
