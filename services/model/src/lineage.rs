@@ -17,6 +17,17 @@ pub struct Lineage {
     pub offset: u64,
 }
 
+/// A partition of the input: a Kafka partition (0 for file input). The
+/// source's unit of ownership, as the key group is the other stages'.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Partition(pub u32);
+
+impl fmt::Display for Partition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "p{}", self.0)
+    }
+}
+
 impl Lineage {
     /// A line of a file input.
     pub fn line(number: u64) -> Self {

@@ -1,14 +1,17 @@
-//! The Kafka side of the source: settings, the consumer, and the decisions
-//! around it (which partitions an instance reads, where it starts).
+//! The Kafka side of the source: its settings and the consumer.
 //!
-//! Partitions are assigned from configuration, not by the consumer group's
-//! rebalancing: instance `i` of `n` reads partitions `i`, `i + n`, ... This
+//! Partitions are assigned by sluice, not by the consumer group's
+//! rebalancing: statically (instance `i` of `n` reads partitions `i`,
+//! `i + n`, ...) or by lease ([`sluice_runtime::runner::source`]). This
 //! keeps placement deterministic (DESIGN: never where a scheduler happened to
 //! put a task) and lets each instance keep its partitions' offsets in its own
-//! commit store. The group id is still used: offsets are mirrored to it after
-//! every commit, so lag tools and autoscalers (KEDA) see progress.
+//! commit store. Where a read starts is the offset in that store, committed
+//! only after every record before it was published; the consumer group's
+//! committed offsets are deliberately not read: they are a mirror for lag
+//! tools and autoscalers (KEDA), and another process (a zombie instance,
+//! another pipeline misconfigured with the same group) may have moved them
+//! past records this instance never published.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
@@ -70,40 +73,4 @@ pub fn consumer(settings: &KafkaSettings) -> Result<BaseConsumer, rdkafka::error
         .set("queued.max.messages.kbytes", settings.queued_max_kbytes.to_string())
         .set("enable.partition.eof", "false")
         .create()
-}
-
-/// The partitions instance `instance` of `instances` reads, of `count`.
-pub fn partitions_of(count: i32, instance: usize, instances: usize) -> Vec<i32> {
-    (0..count).filter(|p| (*p as usize) % instances.max(1) == instance).collect()
-}
-
-/// Where to start reading each partition: the offset in the instance's own
-/// store, committed only after every record before it was published; `None`
-/// (never committed): from the beginning. The consumer group's committed
-/// offsets are deliberately not used: they are a mirror for lag tools, and
-/// another process (a zombie instance, another pipeline misconfigured with
-/// the same group) may have moved them past records this instance never
-/// published. Starting before the true position is always safe: what is
-/// published again is dropped downstream by lineage.
-pub fn start_offsets(partitions: &[i32], stored: &BTreeMap<i32, i64>) -> BTreeMap<i32, Option<i64>> {
-    partitions.iter().map(|p| (*p, stored.get(p).copied().filter(|o| *o >= 0))).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn instances_split_partitions_evenly_and_disjointly() {
-        let all: Vec<Vec<i32>> = (0..3).map(|i| partitions_of(8, i, 3)).collect();
-        assert_eq!(all, vec![vec![0, 3, 6], vec![1, 4, 7], vec![2, 5]]);
-        assert_eq!(partitions_of(4, 0, 1), vec![0, 1, 2, 3]);
-    }
-
-    #[test]
-    fn starts_at_the_stored_position_or_the_beginning() {
-        let stored = BTreeMap::from([(0, 100), (1, 5), (3, -1001)]);
-        let got = start_offsets(&[0, 1, 2, 3], &stored);
-        assert_eq!(got, BTreeMap::from([(0, Some(100)), (1, Some(5)), (2, None), (3, None)]));
-    }
 }

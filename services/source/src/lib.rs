@@ -11,13 +11,15 @@
 //! - [`framing`]: KEY/VALUE records from TSV lines;
 //! - [`batcher`]: records into per-key-group batches;
 //! - [`file_input`]: a file's lines as the chained runner's input (embedded mode);
-//! - [`kafka`] and [`service`]: Kafka in, JetStream out (`sluice-source`).
+//! - [`kafka`], [`kafka_input`] and [`service`]: Kafka in, JetStream out
+//!   (`sluice-source`), an adapter over the runtime's source runner.
 
 pub mod batcher;
 pub mod file_input;
 pub mod framing;
 pub mod json_reader;
 pub mod kafka;
+pub mod kafka_input;
 pub mod position;
 pub mod service;
 pub mod settings;

@@ -22,6 +22,16 @@ pub struct FenceStamp {
 }
 
 impl FenceStamp {
+    /// A key group's stamp (the unit is the subject's own key group).
+    pub fn key_group(fence: u64) -> Self {
+        Self { unit: "kg".into(), fence }
+    }
+
+    /// The stamp of a message read from input partition `p`.
+    pub fn partition(p: sluice_model::lineage::Partition, fence: u64) -> Self {
+        Self { unit: p.to_string(), fence }
+    }
+
     /// The header value: `<unit>:<fence>`.
     pub fn header_value(&self) -> String {
         format!("{}:{}", self.unit, self.fence)

@@ -4,12 +4,18 @@
 //!   commit store (embedded mode);
 //! - [`service`]: a stage as a service that consumes one hop and publishes
 //!   to the next, with its recovery, outbox, leases and crash model;
+//! - [`lease_loop`]: holding units (key groups, partitions) by lease;
+//! - [`source`]: the source as a service, over a [`source::SourceInput`]
+//!   (Kafka), with the same boot, commit, lease and drain code;
 //! - [`binary`]: the `main` every service binary shares;
 //! - [`exit`]: how a binary reports its end;
 //! - [`shutdown`]: SIGTERM and SIGINT as one cancellation token.
 
 pub mod binary;
+mod boot;
 pub mod chained;
 pub mod exit;
+pub(crate) mod lease_loop;
 pub mod service;
 pub mod shutdown;
+pub mod source;

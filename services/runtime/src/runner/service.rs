@@ -244,6 +244,15 @@ pub enum ServiceError {
     /// Configuration or environment.
     #[error("{0}")]
     Setup(String),
+    /// The publisher stopped (its own error says why).
+    #[error(transparent)]
+    PublisherGone(#[from] crate::transport::handoff::PublisherGone),
+    /// A task of the service panicked.
+    #[error("the {0} panicked")]
+    Panicked(&'static str),
+    /// The input (Kafka, say) failed.
+    #[error("reading the input: {0}")]
+    Input(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The drain did not finish in time.
     #[error("the drain did not finish within {0:?}")]
     DrainTimeout(Duration),
@@ -636,57 +645,37 @@ where
     S: ConsumingStage,
     F: FnMut(Launched<'_>) -> Result<(S, axum::Router), ServiceError>,
 {
-    let key_groups = KeyGroups::new(common.pipeline.key_groups)
-        .ok_or_else(|| ServiceError::Setup("pipeline.key_groups must be between 1 and 32768".into()))?;
-    common.service.validate()?;
-    let shutdown = crate::runner::shutdown::on_signal()
-        .map_err(|e| ServiceError::Setup(format!("installing signal handlers: {e}")))?;
-    // With leases the index means nothing: the member name tells pods apart.
-    let instance = match common.service.ownership {
-        Ownership::Leases => common.service.member_name()?,
-        Ownership::Static => common.service.instance.to_string(),
-    };
-    let metrics = Metrics::new(name, instance);
-    tokio::spawn(crate::observe::metrics::observe_every_second(
-        metrics.clone(),
-        common.service.memory_limit_bytes,
-        shutdown.clone(),
-    ));
-    let health = Health::new();
     let leases = common.service.ownership == Ownership::Leases;
-    // With leases the first stage owns nothing: it only brings the routes.
-    let first_owned = if leases { KeyGroupSet::none(key_groups) } else { common.service.key_groups(key_groups)? };
-    let (stage, routes) =
-        make(Launched { key_groups, owned: &first_owned, metrics: &metrics, shutdown: &shutdown, first: true })?;
-    let router = crate::observe::probe::router(metrics.clone(), health.clone(), routes);
-    let (addr, http) = crate::observe::probe::serve(&common.service.listen, router, shutdown.clone())
-        .await
-        .map_err(|e| ServiceError::Setup(format!("listening on {}: {e}", common.service.listen)))?;
-    tracing::info!(%addr, instance = common.service.instance, "{name}: HTTP on {addr}");
-    let store = CommitStore::open(&common.service.state_dir, common.state)?;
-    let ctx = ServiceContext {
-        settings: common.service.clone(),
-        nats: common.nats.clone(),
-        key_groups,
-        metrics,
-        health,
-        shutdown: shutdown.clone(),
-    };
+    let booted = crate::runner::boot::boot(name, common, |ctx| {
+        // With leases the first stage owns nothing: it only brings the routes.
+        let key_groups = ctx.key_groups;
+        let owned = if leases { KeyGroupSet::none(key_groups) } else { ctx.settings.key_groups(key_groups)? };
+        let launched =
+            Launched { key_groups, owned: &owned, metrics: &ctx.metrics, shutdown: &ctx.shutdown, first: true };
+        let (stage, routes) = make(launched)?;
+        Ok(((stage, owned), routes))
+    })
+    .await?;
+    let (ctx, store, (stage, owned)) = (booted.ctx, booted.store, booted.built);
     let result = if leases {
         drop(stage);
         leased::run_leased(name, store, &ctx, |owned| {
-            let (stage, _) =
-                make(Launched { key_groups, owned, metrics: &ctx.metrics, shutdown: &ctx.shutdown, first: false })?;
-            Ok(stage)
+            let launched = Launched {
+                key_groups: ctx.key_groups,
+                owned,
+                metrics: &ctx.metrics,
+                shutdown: &ctx.shutdown,
+                first: false,
+            };
+            Ok(make(launched)?.0)
         })
         .await
     } else {
-        check_assignment(&store, key_groups, &ctx.settings)?;
-        let holding = Holding { owned: first_owned, lease: None };
-        run(stage, store, &ctx, holding, shutdown.clone()).await
+        check_assignment(&store, ctx.key_groups, &ctx.settings)?;
+        run(stage, store, &ctx, Holding { owned, lease: None }, ctx.shutdown.clone()).await
     };
-    shutdown.cancel();
-    let _ = http.await;
+    ctx.shutdown.cancel();
+    let _ = booted.http.await;
     result
 }
 

@@ -1,35 +1,28 @@
 //! An instance that holds its key groups by lease (`service.ownership =
-//! "leases"`): the loop around [`run`](super::run) that moves key groups.
+//! "leases"`): key groups as the units of the
+//! [lease loop](crate::runner::lease_loop), around [`run`](super::run).
 //!
-//! Each pass of the loop:
-//!
-//! 1. releases the key groups the plan gives to other instances (their
-//!    state was committed and snapshotted by the last run's drain; input
-//!    not covered by a snapshot was never acknowledged, so the next owner
-//!    finds it in the work queue);
-//! 2. makes the local store hold exactly the key groups still held: a key
-//!    group whose local copy was written under another fence (acquired, or
-//!    taken away and back) is replaced by the snapshot the lease table
-//!    points to; key groups held no more are forgotten, and so are their
-//!    outbox entries (the new owner produces them again);
-//! 3. builds the stage and runs it until the key groups held change, the
-//!    view goes stale (no successful heartbeat for a ttl: others may take
-//!    over), or SIGTERM;
-//!
-//! and on SIGTERM, after the drain's snapshot, releases everything and
-//! leaves the group, so the others take over at once.
+//! - a key group released was committed and snapshotted by the last run's
+//!   drain; input not covered by a snapshot was never acknowledged, so the
+//!   next owner finds it in the work queue. Its local state is forgotten,
+//!   and so are its outbox entries (the new owner produces them again);
+//! - before each run the local store is made to hold exactly the key groups
+//!   held: a key group whose local copy was written under another fence
+//!   (acquired, or taken away and back) is replaced by the snapshot the
+//!   lease table points to; key groups held no more are forgotten;
+//! - the stage is built for the key groups held and run until they change.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::Instant;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::stage_thread::SnapshotJob;
 use super::{ConsumingStage, Holding, INBOX_NS, ServiceContext, ServiceError, check_leased, outbox, run};
 use crate::observe::metrics::Metrics;
 use crate::protocol::ownership::Me;
+use crate::runner::lease_loop::{Checkpoints, Held, LeaseLoop, UnitHolder};
 use crate::store::CommitStore;
 use crate::store::key_group_state;
 use crate::store::snapshot_store::SnapshotStore;
@@ -103,7 +96,7 @@ pub(super) async fn run_leased<S, F>(
     name: &'static str,
     store: CommitStore,
     ctx: &ServiceContext,
-    mut make: F,
+    make: F,
 ) -> Result<(), ServiceError>
 where
     S: ConsumingStage,
@@ -120,178 +113,67 @@ where
         me,
         interval: ctx.settings.heartbeat_interval,
     };
-    let mut group = LeaseGroup::join(&js, membership).await?;
+    let group = Arc::new(LeaseGroup::join(&js, membership).await?);
     let snapshots = SnapshotStore::open(&js, &snapshot_bucket(&ctx.nats.prefix), name).await?;
-    let namespaces: Vec<&'static str> = S::KEY_GROUP_STATE.iter().copied().chain([INBOX_NS]).collect();
     tracing::info!(member = %member, "joining the {name} group");
-    let mut views = group.watch();
-    let mut view = tokio::select! {
-        v = group.first_view() => v?,
-        _ = ctx.shutdown.cancelled() => return Ok(()),
+    let mut holder = KeyGroupHolder {
+        namespaces: S::KEY_GROUP_STATE.iter().copied().chain([INBOX_NS]).collect(),
+        store,
+        snapshots,
+        member,
+        group: group.clone(),
+        ctx,
+        make,
     };
-    let group = Arc::new(group);
-    let result = async {
-        loop {
-            if ctx.shutdown.is_cancelled() {
-                return Ok(());
-            }
-            if !view.to_release.is_empty() {
-                let released_at = Instant::now();
-                release(&group, &store, &namespaces, &view, ctx).await?;
-                // The views written before the release still list what it gave up.
-                view = view_after(&mut views, released_at, ctx).await?;
-                continue;
-            }
-            let held: BTreeMap<KeyGroup, u64> = view
-                .held
-                .iter()
-                .filter(|(u, _)| !view.to_release.contains(u))
-                .map(|(u, f)| (KeyGroup(*u as u16), *f))
-                .collect();
-            ctx.metrics.leased_units.set(held.len() as i64);
-            if held.is_empty() || !view.is_current(Instant::now()) {
-                ctx.health.set_ready(held.is_empty() && view.is_current(Instant::now()));
-                view = next_view(&mut views, ctx).await?;
-                continue;
-            }
-            let restored_from = prepare(&store, &snapshots, &namespaces, &view, &held, ctx).await?;
-            let owned = KeyGroupSet::of(ctx.key_groups, held.keys().copied());
-            let stage = make(&owned)?;
-            let lease = LeaseRun {
-                member: member.clone(),
-                fences: held.clone(),
-                group: group.clone(),
-                snapshots: snapshots.clone(),
-                restored_from,
-            };
-            let stop = ctx.shutdown.child_token();
-            let watcher = tokio::spawn(stop_on_change(views.clone(), held.clone(), stop.clone()));
-            tracing::info!(key_groups = held.len(), "running");
-            let ran = run(stage, store.clone(), ctx, Holding { owned, lease: Some(lease) }, stop.clone()).await;
-            watcher.abort();
-            ran?;
-            if !stop.is_cancelled() {
-                // The input ended by itself: wait for something to change.
-                view = next_view(&mut views, ctx).await?;
-            } else {
-                view = views.borrow_and_update().clone().unwrap_or(view);
-            }
-        }
-    }
-    .await;
-    // Leave: give everything up (the drain snapshotted it) and go.
-    group.leave();
-    let held: BTreeMap<u32, (u64, Option<u64>)> =
-        views.borrow().as_ref().map(|v| v.held.iter().map(|(u, f)| (*u, (*f, None))).collect()).unwrap_or_default();
-    if result.is_ok() {
-        match group.checkpoint(&held, true).await {
-            Ok(()) => tracing::info!(key_groups = held.len(), "released every key group"),
-            Err(e) => tracing::warn!("releasing on the way out: {e}"),
-        }
-        ctx.metrics.lease_moves.inc_by(held.len() as u64);
-    }
-    if let Err(e) = group.depart().await {
-        tracing::warn!("leaving the group: {e}");
-    }
-    result
+    let lease_loop = LeaseLoop { group, metrics: &ctx.metrics, health: &ctx.health, shutdown: &ctx.shutdown };
+    lease_loop.hold(&mut holder).await
 }
 
-/// The first view written after `at`.
-async fn view_after(
-    views: &mut watch::Receiver<Option<View>>,
-    at: Instant,
-    ctx: &ServiceContext,
-) -> Result<View, ServiceError> {
-    loop {
-        if let Some(v) = views.borrow_and_update().clone()
-            && v.written_at > at
-        {
-            return Ok(v);
-        }
-        let v = next_view(views, ctx).await?;
-        if ctx.shutdown.is_cancelled() {
-            // The loop ends at its top.
-            return Ok(v);
-        }
-    }
+/// Key groups as the units of the lease loop: restored from snapshots when
+/// acquired, forgotten when released, run by [`run`].
+struct KeyGroupHolder<'a, F> {
+    store: CommitStore,
+    snapshots: SnapshotStore,
+    namespaces: Vec<&'static str>,
+    member: String,
+    group: Arc<LeaseGroup>,
+    ctx: &'a ServiceContext,
+    make: F,
 }
 
-/// The next view that differs from the last, or `Ok` at SIGTERM with the
-/// last one.
-async fn next_view(views: &mut watch::Receiver<Option<View>>, ctx: &ServiceContext) -> Result<View, ServiceError> {
-    loop {
-        tokio::select! {
-            changed = views.changed() => {
-                changed.map_err(|_| ServiceError::Lease(crate::transport::lease_table::LeaseError::Stopped))?;
-            }
-            _ = ctx.shutdown.cancelled() => {}
-        }
-        if let Some(v) = views.borrow_and_update().clone() {
-            return Ok(v);
-        }
-        if ctx.shutdown.is_cancelled() {
-            return Err(ServiceError::Setup("stopped before the first heartbeat".into()));
-        }
+impl<S, F> UnitHolder for KeyGroupHolder<'_, F>
+where
+    S: ConsumingStage,
+    F: FnMut(&KeyGroupSet) -> Result<S, ServiceError>,
+{
+    /// A key group's checkpoint is its last snapshot, recorded by the
+    /// drain's: keep it.
+    fn checkpoints(&self, units: &Held) -> Checkpoints {
+        units.iter().map(|(u, f)| (*u, (*f, None))).collect()
     }
-}
 
-/// Cancel `stop` once the view holds other key groups than `held`, names
-/// some to release, or goes stale.
-async fn stop_on_change(
-    mut views: watch::Receiver<Option<View>>,
-    held: BTreeMap<KeyGroup, u64>,
-    stop: CancellationToken,
-) {
-    loop {
-        let deadline = {
-            let view = views.borrow_and_update();
-            let Some(v) = view.as_ref() else { return };
-            let same =
-                v.held.len() == held.len() && v.held.iter().all(|(u, f)| held.get(&KeyGroup(*u as u16)) == Some(f));
-            if !same || !v.to_release.is_empty() {
-                tracing::info!(held = v.held.len(), release = v.to_release.len(), "the key groups held change");
-                stop.cancel();
-                return;
-            }
-            v.written_at + v.ttl
+    async fn released(&mut self, units: &BTreeSet<u32>) -> Result<(), ServiceError> {
+        for u in units {
+            key_group_state::forget(&self.store, &self.namespaces, KeyGroup(*u as u16))?;
+        }
+        outbox::retain(&self.store, |kg| !units.contains(&u32::from(kg.0)))?;
+        Ok(())
+    }
+
+    async fn run(&mut self, view: &View, held: &Held, stop: CancellationToken) -> Result<(), ServiceError> {
+        let held: BTreeMap<KeyGroup, u64> = held.iter().map(|(u, f)| (KeyGroup(*u as u16), *f)).collect();
+        let restored_from = prepare(&self.store, &self.snapshots, &self.namespaces, view, &held, self.ctx).await?;
+        let owned = KeyGroupSet::of(self.ctx.key_groups, held.keys().copied());
+        let stage = (self.make)(&owned)?;
+        let lease = LeaseRun {
+            member: self.member.clone(),
+            fences: held,
+            group: self.group.clone(),
+            snapshots: self.snapshots.clone(),
+            restored_from,
         };
-        tokio::select! {
-            changed = views.changed() => if changed.is_err() { stop.cancel(); return },
-            _ = tokio::time::sleep_until(deadline.into()) => {
-                tracing::warn!("no successful heartbeat for a lease ttl: stopping until the next one");
-                stop.cancel();
-                return;
-            }
-            _ = stop.cancelled() => return,
-        }
+        run(stage, self.store.clone(), self.ctx, Holding { owned, lease: Some(lease) }, stop).await
     }
-}
-
-/// Give up the key groups the view names: their checkpoints were recorded
-/// by the last run's snapshots; their local state is forgotten.
-async fn release(
-    group: &LeaseGroup,
-    store: &CommitStore,
-    namespaces: &[&str],
-    view: &View,
-    ctx: &ServiceContext,
-) -> Result<(), ServiceError> {
-    let releases: BTreeMap<u32, (u64, Option<u64>)> =
-        view.to_release.iter().filter_map(|u| view.held.get(u).map(|f| (*u, (*f, None)))).collect();
-    match group.checkpoint(&releases, true).await {
-        Ok(()) => {}
-        // Taken over meanwhile (this instance looked dead for a while):
-        // nothing left to give up; the local state is stale either way.
-        Err(crate::transport::lease_table::LeaseError::Fenced(e)) => tracing::warn!("releasing: {e}"),
-        Err(e) => return Err(e.into()),
-    }
-    for u in releases.keys() {
-        key_group_state::forget(store, namespaces, KeyGroup(*u as u16))?;
-    }
-    outbox::retain(store, |kg| !view.to_release.contains(&u32::from(kg.0)))?;
-    ctx.metrics.lease_moves.inc_by(releases.len() as u64);
-    tracing::info!(key_groups = releases.len(), "released");
-    Ok(())
 }
 
 /// Make the store hold exactly `held`: replace stale key groups by their

@@ -24,8 +24,8 @@ use crate::protocol::inbox::Inbox;
 use crate::store::key_group_state::{self, KeyGroupSnapshot};
 use crate::store::{self, CommitBatch, CommitStore, StateKey};
 use crate::transport::consumer::{AckToken, Delivery};
+use crate::transport::handoff::Handoff;
 use crate::transport::handoff::Outgoing;
-use crate::transport::handoff::{Handoff, PublisherGone};
 use sluice_model::key_group::KeyGroup;
 
 use super::recovery::Recovered;
@@ -97,19 +97,16 @@ pub(super) struct Channels {
     pub(super) snapshots: Option<mpsc::Sender<SnapshotJob>>,
 }
 
-fn publisher_gone(e: PublisherGone) -> ServiceError {
-    ServiceError::Setup(e.to_string())
-}
-
 impl StageIo for Channels {
     fn publish(&mut self, out: Outgoing) -> Result<(), ServiceError> {
-        let waited = self.publisher.blocking_publish(out).map_err(publisher_gone)?;
+        let waited = self.publisher.blocking_publish(out)?;
         self.metrics.backpressured_seconds.inc_by(waited.as_secs_f64());
         Ok(())
     }
 
     fn barrier(&mut self) -> Result<(), ServiceError> {
-        self.publisher.blocking_barrier().map_err(publisher_gone).map(|_| ())
+        self.publisher.blocking_barrier()?;
+        Ok(())
     }
 
     fn acknowledge(&mut self, tokens: Vec<AckToken>) -> Result<(), ServiceError> {
@@ -232,7 +229,7 @@ impl<S: ConsumingStage, I: StageIo> StageThread<S, I> {
     /// The fence stamp of outputs of `kg`, when it is held by lease.
     fn stamp(&self, kg: KeyGroup) -> Option<FenceStamp> {
         let fence = *self.leasing.as_ref()?.fences.get(&kg)?;
-        Some(FenceStamp { unit: "kg".into(), fence })
+        Some(FenceStamp::key_group(fence))
     }
 
     fn snapshot_due(&self) -> bool {

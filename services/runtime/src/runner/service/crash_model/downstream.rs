@@ -36,7 +36,7 @@ fn window_view(output: &FakeStream) -> Result<Downstream, String> {
         let part: CountedPart = store::decode("counted part", &m.payload).map_err(|e| e.to_string())?;
         // Written by a deposed owner after its successor wrote: dropped.
         if let Some(fence) = m.fence
-            && !inbox.admit_fence(m.key_group, &FenceStamp { unit: "kg".into(), fence })
+            && !inbox.admit_fence(m.key_group, &FenceStamp::key_group(fence))
         {
             continue;
         }

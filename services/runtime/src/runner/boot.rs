@@ -1,0 +1,66 @@
+//! What every service does before its first record, source or consuming
+//! stage alike: check the settings, catch SIGTERM, start the metrics and the
+//! HTTP probes (with the stage's own routes), and open the commit store.
+
+use tokio::task::JoinHandle;
+
+use crate::observe::metrics::Metrics;
+use crate::observe::probe::{self, Health};
+use crate::runner::service::{Common, Ownership, ServiceContext, ServiceError};
+use crate::store::CommitStore;
+use sluice_model::key_group::KeyGroups;
+
+/// A service started: its context, its store, its HTTP server, and what the
+/// stage built while it started.
+pub(crate) struct Booted<T> {
+    /// Settings, metrics, probes, SIGTERM.
+    pub(crate) ctx: ServiceContext,
+    /// The instance's commit store.
+    pub(crate) store: CommitStore,
+    /// The HTTP server; it ends with the shutdown token.
+    pub(crate) http: JoinHandle<std::io::Result<()>>,
+    /// What `build` returned besides its routes.
+    pub(crate) built: T,
+}
+
+/// Start service `name`. `build` runs once the context exists (inside the
+/// runtime, so it may spawn tasks that end with the context's shutdown
+/// token) and returns the stage's extra HTTP routes.
+pub(crate) async fn boot<T>(
+    name: &'static str,
+    common: Common<'_>,
+    build: impl FnOnce(&ServiceContext) -> Result<(T, axum::Router), ServiceError>,
+) -> Result<Booted<T>, ServiceError> {
+    let key_groups = KeyGroups::new(common.pipeline.key_groups)
+        .ok_or_else(|| ServiceError::Setup("pipeline.key_groups must be between 1 and 32768".into()))?;
+    common.service.validate()?;
+    let shutdown = crate::runner::shutdown::on_signal()
+        .map_err(|e| ServiceError::Setup(format!("installing signal handlers: {e}")))?;
+    // With leases the index means nothing: the member name tells pods apart.
+    let instance = match common.service.ownership {
+        Ownership::Leases => common.service.member_name()?,
+        Ownership::Static => common.service.instance.to_string(),
+    };
+    let metrics = Metrics::new(name, instance);
+    tokio::spawn(crate::observe::metrics::observe_every_second(
+        metrics.clone(),
+        common.service.memory_limit_bytes,
+        shutdown.clone(),
+    ));
+    let ctx = ServiceContext {
+        settings: common.service.clone(),
+        nats: common.nats.clone(),
+        key_groups,
+        metrics,
+        health: Health::new(),
+        shutdown,
+    };
+    let (built, routes) = build(&ctx)?;
+    let router = probe::router(ctx.metrics.clone(), ctx.health.clone(), routes);
+    let (addr, http) = probe::serve(&common.service.listen, router, ctx.shutdown.clone())
+        .await
+        .map_err(|e| ServiceError::Setup(format!("listening on {}: {e}", common.service.listen)))?;
+    tracing::info!(%addr, instance = common.service.instance, "{name}: HTTP on {addr}");
+    let store = CommitStore::open(&common.service.state_dir, common.state)?;
+    Ok(Booted { ctx, store, http, built })
+}
