@@ -340,7 +340,7 @@ pub fn run(config: &ChaosConfig, out: &Path, log: impl FnMut(&str) + 'static) ->
     stack_config.window = config.window;
     stack_config.kafka_storage = KafkaStorage::Sqlite;
     // Frequent commits: more crash points between two commits get exercised.
-    stack_config.env.push(("SLUICE_SERVICE__COMMIT_INTERVAL".into(), "200ms".into()));
+    stack_config.env.push(("SLUICE_STATE__COMMIT_INTERVAL".into(), "200ms".into()));
     let stack = Stack::start(stack_config)?;
     let mut h = Harness {
         stack,

@@ -54,7 +54,7 @@ impl RescaleConfig {
                 ("SLUICE_SERVICE__HEARTBEAT_INTERVAL".into(), "300ms".into()),
                 ("SLUICE_SERVICE__LEASE_TTL".into(), "2s".into()),
                 ("SLUICE_SERVICE__SNAPSHOT_INTERVAL".into(), "1s".into()),
-                ("SLUICE_SERVICE__COMMIT_INTERVAL".into(), "200ms".into()),
+                ("SLUICE_STATE__COMMIT_INTERVAL".into(), "200ms".into()),
             ],
         }
     }

@@ -13,7 +13,7 @@ use sluice_tests::{
 /// Commit as often as possible: after every chunk.
 fn tiny_commits() -> sluice_cli::settings::Settings {
     let mut s = settings();
-    s.run.commit_interval = Duration::from_millis(1);
+    s.state.commit_interval = Duration::from_millis(1);
     s.source.chunk_bytes = 256 * 1024;
     s
 }

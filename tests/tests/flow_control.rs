@@ -46,7 +46,7 @@ fn a_slow_sink_slows_the_source_to_its_pace_and_memory_stays_bounded() -> anyhow
         ("SLUICE_NATS__MAX_BATCH_BYTES", MAX_BATCH_BYTES.to_string()),
         ("SLUICE_NATS__PUBLISH_BUFFER_BYTES", (64u64 << 10).to_string()),
         ("SLUICE_SOURCE__CHUNK_BYTES", MAX_BATCH_BYTES.to_string()),
-        ("SLUICE_SERVICE__COMMIT_INTERVAL", "200ms".to_string()),
+        ("SLUICE_STATE__COMMIT_INTERVAL", "200ms".to_string()),
         ("SLUICE_SERVICE__MEMORY_LIMIT_BYTES", MEMORY_LIMIT.to_string()),
     ];
     config.env.extend(env.iter().map(|(k, v)| (k.to_string(), v.clone())));

@@ -152,7 +152,7 @@ pub fn run(
         parse_threads: v.parse_threads,
         workers: v.workers,
         queue_chunks: source.queue_chunks,
-        commit_interval: v.settings.run.commit_interval,
+        commit_interval: v.settings.state.commit_interval,
         progress_interval: v.settings.run.progress_interval,
     };
     let worker = |share: KeyGroupSet| {

@@ -16,11 +16,6 @@ use sluice_source::SourceSettings;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RunSettings {
-    /// How often the pipeline commits: state, input position and tables made
-    /// durable together. Shorter means less work repeated after a crash and
-    /// fresher tables on disk; longer means fewer, larger writes.
-    #[serde(with = "humantime_serde")]
-    pub commit_interval: Duration,
     /// Worker threads running the enrich and window stages, each owning an
     /// equal share of the key groups (as distributed instances do). 0 means
     /// one per core. More workers than cores only adds switching.
@@ -32,7 +27,7 @@ pub struct RunSettings {
 
 impl Default for RunSettings {
     fn default() -> Self {
-        Self { commit_interval: Duration::from_secs(2), workers: 0, progress_interval: Duration::from_millis(500) }
+        Self { workers: 0, progress_interval: Duration::from_millis(500) }
     }
 }
 
@@ -81,7 +76,7 @@ impl Settings {
             self.source.chunk_bytes
         );
         anyhow::ensure!(self.source.queue_chunks >= 1, "source.queue_chunks must be at least 1");
-        anyhow::ensure!(!self.run.commit_interval.is_zero(), "run.commit_interval must be positive");
+        self.state.validate().map_err(anyhow::Error::msg)?;
         let parse_threads = match self.source.parse_threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1)),
             n => n,

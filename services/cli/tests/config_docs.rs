@@ -401,7 +401,7 @@ fn documented_environment_overrides_work() -> Result<(), Box<dyn std::error::Err
     let doc = doc();
     for example in [
         "SLUICE_PIPELINE__KEY_GROUPS=128",
-        "SLUICE_RUN__COMMIT_INTERVAL=5s",
+        "SLUICE_STATE__COMMIT_INTERVAL=5s",
         "SLUICE_SERVICE__INSTANCE=1 SLUICE_SERVICE__INSTANCES=2 SLUICE_NATS__URL=nats://nats:4222 sluice-window",
         "SLUICE_KAFKA__BROKERS=kafka:9092",
     ] {
@@ -412,10 +412,10 @@ fn documented_environment_overrides_work() -> Result<(), Box<dyn std::error::Err
     }
 
     // sluice
-    let vars = env(&[("SLUICE_PIPELINE__KEY_GROUPS", "128"), ("SLUICE_RUN__COMMIT_INTERVAL", "5s")]);
+    let vars = env(&[("SLUICE_PIPELINE__KEY_GROUPS", "128"), ("SLUICE_STATE__COMMIT_INTERVAL", "5s")]);
     let s: Settings = sluice_runtime::settings::load_from(None, vars)?;
     assert_eq!(s.pipeline.key_groups, 128);
-    assert_eq!(s.run.commit_interval, std::time::Duration::from_secs(5));
+    assert_eq!(s.state.commit_interval, std::time::Duration::from_secs(5));
     assert_eq!(s.source, Settings::default().source, "other sections keep their defaults");
 
     // sluice-window: its place among the instances, and the server.
@@ -429,7 +429,7 @@ fn documented_environment_overrides_work() -> Result<(), Box<dyn std::error::Err
     assert_eq!((w.service.instance, w.service.instances), (1, 2));
     assert_eq!(w.nats.url, "nats://nats:4222");
     let defaults = WindowServiceSettings::default();
-    assert_eq!(w.service.commit_interval, defaults.service.commit_interval, "other keys keep their defaults");
+    assert_eq!(w.state.commit_interval, defaults.state.commit_interval, "other keys keep their defaults");
     assert_eq!(w.nats.prefix, defaults.nats.prefix, "other keys keep their defaults");
 
     // SLUICE_KAFKA__BROKERS: taken by sluice-source, refused by sluice-enrich, as the page says.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 fn sluice() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
-    cmd.env("SLUICE_RUN__COMMIT_INTERVAL", "15ms").stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.env("SLUICE_STATE__COMMIT_INTERVAL", "15ms").stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd
 }
 

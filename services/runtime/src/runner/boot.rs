@@ -34,6 +34,7 @@ pub(crate) async fn boot<T>(
     let key_groups = KeyGroups::new(common.pipeline.key_groups)
         .ok_or_else(|| ServiceError::Setup("pipeline.key_groups must be between 1 and 32768".into()))?;
     common.service.validate()?;
+    common.state.validate().map_err(ServiceError::Setup)?;
     let shutdown = crate::runner::shutdown::on_signal()
         .map_err(|e| ServiceError::Setup(format!("installing signal handlers: {e}")))?;
     // With leases the index means nothing: the member name tells pods apart.
@@ -50,6 +51,7 @@ pub(crate) async fn boot<T>(
     let ctx = ServiceContext {
         settings: common.service.clone(),
         nats: common.nats.clone(),
+        state: common.state.clone(),
         key_groups,
         metrics,
         health: Health::new(),

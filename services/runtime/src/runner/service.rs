@@ -110,10 +110,6 @@ pub struct ServiceSettings {
     /// Address of the HTTP server: `/metrics`, `/healthz`, `/readyz` (and
     /// the sink's table API).
     pub listen: String,
-    /// How often state, positions and outputs are committed. Shorter: less
-    /// replay after a crash and fresher tables; longer: fewer flushes.
-    #[serde(with = "humantime_serde")]
-    pub commit_interval: Duration,
     /// Deliveries buffered between NATS and the stage thread.
     pub intake_queue: usize,
     /// How long a drain (SIGTERM) may take before the service gives up and
@@ -144,7 +140,6 @@ impl Default for ServiceSettings {
             snapshot_interval: Duration::from_secs(5),
             state_dir: PathBuf::from("state"),
             listen: "0.0.0.0:9090".into(),
-            commit_interval: Duration::from_secs(1),
             intake_queue: 256,
             drain_timeout: Duration::from_secs(8),
             batch_delay: Duration::ZERO,
@@ -162,9 +157,6 @@ impl ServiceSettings {
                 "service.instance ({}) must be below service.instances ({})",
                 self.instance, self.instances
             ));
-        }
-        if self.commit_interval.is_zero() {
-            return fail("service.commit_interval must be above 0".into());
         }
         if self.intake_queue == 0 {
             return fail("service.intake_queue must be at least 1".into());
@@ -398,6 +390,8 @@ pub struct ServiceContext {
     pub settings: ServiceSettings,
     /// NATS settings.
     pub nats: NatsSettings,
+    /// Commit store settings (the commit interval).
+    pub state: crate::store::StateSettings,
     /// P.
     pub key_groups: KeyGroups,
     /// Its metrics.
@@ -516,7 +510,7 @@ where
 
     let shutdown = stop.clone();
     let metrics = ctx.metrics.clone();
-    let interval = ctx.settings.commit_interval;
+    let interval = ctx.state.commit_interval;
     let batch_delay = ctx.settings.batch_delay;
     let intake = tokio::spawn(async move {
         let mut tick = tokio::time::interval(interval);
@@ -709,7 +703,7 @@ mod tests {
         assert!(ok.validate().is_ok());
         let bad = ServiceSettings { instance: 2, instances: 2, ..ServiceSettings::default() };
         assert!(bad.validate().is_err());
-        let bad = ServiceSettings { commit_interval: Duration::ZERO, ..ServiceSettings::default() };
+        let bad = crate::store::StateSettings { commit_interval: Duration::ZERO, ..Default::default() };
         assert!(bad.validate().is_err());
     }
 }

@@ -95,7 +95,14 @@ async fn run<I: SourceInput>(ctx: &ServiceContext, store: CommitStore, input: I)
     let (handoff, intake) = ctx.nats.handoff();
     let publisher =
         tokio::spawn(publisher::run_publisher(js.clone(), ctx.nats.clone(), intake, ctx.metrics.clone(), Some(credit)));
-    let out = SourceOutput::new(handoff, store, ctx.metrics.clone(), I::OFFSETS, &ctx.settings);
+    let out = SourceOutput::new(
+        handoff,
+        store,
+        ctx.metrics.clone(),
+        I::OFFSETS,
+        ctx.state.commit_interval,
+        ctx.settings.snapshot_interval,
+    );
     let reading = Reading { input, out };
     let drain = ctx.settings.drain_timeout;
     let result = tokio::select! {

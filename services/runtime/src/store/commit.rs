@@ -69,6 +69,12 @@ pub enum StateError {
 #[derive(Debug, Clone, PartialEq, Eq, SerializeDerive, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StateSettings {
+    /// How often state, input positions and outputs are committed together,
+    /// in one atomic flushed write; the same setting in embedded mode and in
+    /// every service. Shorter: less replay after a crash and fresher tables;
+    /// longer: fewer flushes.
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: std::time::Duration,
     /// sled's page cache, bytes. sled's own default (1 GiB) would dominate a
     /// stage's memory; the working set lives in the stage's own maps anyway.
     pub cache_capacity_bytes: u64,
@@ -76,7 +82,17 @@ pub struct StateSettings {
 
 impl Default for StateSettings {
     fn default() -> Self {
-        Self { cache_capacity_bytes: 64 * 1024 * 1024 }
+        Self { commit_interval: std::time::Duration::from_secs(1), cache_capacity_bytes: 64 * 1024 * 1024 }
+    }
+}
+
+impl StateSettings {
+    /// Check the values once, at start: a bad one names its key.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.commit_interval.is_zero() {
+            return Err("state.commit_interval must be above 0".into());
+        }
+        Ok(())
     }
 }
 

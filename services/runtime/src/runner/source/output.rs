@@ -80,15 +80,16 @@ impl SourceOutput {
         store: CommitStore,
         metrics: Arc<Metrics>,
         namespace: &'static str,
-        settings: &crate::runner::service::ServiceSettings,
+        commit_interval: Duration,
+        snapshot_interval: Duration,
     ) -> Self {
         Self {
             handoff,
             store,
             metrics,
             namespace,
-            commit_interval: settings.commit_interval,
-            snapshot_interval: settings.snapshot_interval,
+            commit_interval,
+            snapshot_interval,
             paused: false,
             pending: None,
             last_commit: Instant::now(),
@@ -332,9 +333,8 @@ mod tests {
 
     fn output(store: &CommitStore, capacity: u64) -> (SourceOutput, crate::transport::handoff::Intake) {
         let (handoff, intake) = Handoff::new(capacity);
-        let settings =
-            crate::runner::service::ServiceSettings { commit_interval: Duration::ZERO, ..Default::default() };
-        (SourceOutput::new(handoff, store.clone(), Metrics::new("test", 0), NS, &settings), intake)
+        let metrics = Metrics::new("test", 0);
+        (SourceOutput::new(handoff, store.clone(), metrics, NS, Duration::ZERO, Duration::from_secs(5)), intake)
     }
 
     fn publish(out: &mut SourceOutput, p: u32, id: &str) -> Result<(), ServiceError> {
