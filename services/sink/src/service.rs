@@ -289,7 +289,7 @@ async fn serve(settings: &SinkServiceSettings) -> anyhow::Result<()> {
     // Static ownership only (checked in `main`): built once.
     let mut stage = Some(stage);
     let launched = service::launch("sink", common, move |_| {
-        let stage = stage.take().ok_or_else(|| service::ServiceError::Setup("the sink is built once".into()))?;
+        let stage = stage.take().ok_or_else(|| service::ServiceError::Settings("the sink runs with service.ownership = \"static\" only".into()))?;
         let reader = stage.reader();
         Ok((stage, routes(reader)))
     })

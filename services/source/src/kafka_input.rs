@@ -221,10 +221,8 @@ impl SourceInput for KafkaInput {
                 Err(e) => tracing::debug!(error = %e, "fetching metadata"),
             }
             if started.elapsed() > self.settings.topic_wait {
-                return Err(ServiceError::Setup(format!(
-                    "topic {topic} did not appear at {} within {:?}",
-                    self.settings.brokers, self.settings.topic_wait
-                )));
+                let (brokers, waited) = (self.settings.brokers.clone(), self.settings.topic_wait);
+                return Err(ServiceError::Input(Box::new(TopicMissing { topic: topic.clone(), brokers, waited })));
             }
             if !said {
                 tracing::info!(%topic, brokers = %self.settings.brokers, "waiting for the topic");
@@ -301,6 +299,18 @@ impl Lag {
         }
         metrics.consumer_lag.set(lag);
     }
+}
+
+/// The topic did not appear within `kafka.topic_wait`.
+#[derive(Debug, thiserror::Error)]
+#[error("topic {topic} did not appear at {brokers} within {waited:?} (kafka.topic_wait)")]
+pub struct TopicMissing {
+    /// The topic.
+    pub topic: String,
+    /// Where it was looked for.
+    pub brokers: String,
+    /// How long.
+    pub waited: Duration,
 }
 
 fn input_error(e: rdkafka::error::KafkaError) -> ServiceError {

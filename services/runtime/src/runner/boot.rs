@@ -32,11 +32,11 @@ pub(crate) async fn boot<T>(
     build: impl FnOnce(&ServiceContext) -> Result<(T, axum::Router), ServiceError>,
 ) -> Result<Booted<T>, ServiceError> {
     let key_groups = KeyGroups::new(common.pipeline.key_groups)
-        .ok_or_else(|| ServiceError::Setup("pipeline.key_groups must be between 1 and 32768".into()))?;
+        .ok_or_else(|| ServiceError::Settings("pipeline.key_groups must be between 1 and 32768".into()))?;
     common.service.validate()?;
-    common.state.validate().map_err(ServiceError::Setup)?;
+    common.state.validate().map_err(ServiceError::Settings)?;
     let shutdown = crate::runner::shutdown::on_signal()
-        .map_err(|e| ServiceError::Setup(format!("installing signal handlers: {e}")))?;
+        .map_err(|source| ServiceError::Os { what: "installing signal handlers".into(), source })?;
     // With leases the index means nothing: the member name tells pods apart.
     let instance = match common.service.ownership {
         Ownership::Leases => common.service.member_name()?,
@@ -61,7 +61,7 @@ pub(crate) async fn boot<T>(
     let router = probe::router(ctx.metrics.clone(), ctx.health.clone(), routes);
     let (addr, http) = probe::serve(&common.service.listen, router, ctx.shutdown.clone())
         .await
-        .map_err(|e| ServiceError::Setup(format!("listening on {}: {e}", common.service.listen)))?;
+        .map_err(|source| ServiceError::Os { what: format!("listening on {}", common.service.listen), source })?;
     tracing::info!(%addr, instance = common.service.instance, "{name}: HTTP on {addr}");
     let store = CommitStore::open(&common.service.state_dir, common.state)?;
     Ok(Booted { ctx, store, http, built })

@@ -39,11 +39,11 @@ use crate::observe::metrics::Metrics;
 use crate::observe::probe::Health;
 use crate::protocol::credit;
 use crate::protocol::inbox::Inbox;
-use crate::stage::{Stage, StageError};
+use crate::stage::Stage;
 use crate::store::{self, CommitBatch, CommitStore, StateError, StateKey};
 use crate::transport::consumer::{self, AckToken};
 use crate::transport::hop::Hop;
-use crate::transport::nats::{self, NatsSettings, TransportError};
+use crate::transport::nats::{self, NatsSettings};
 use crate::transport::{credit_channel, publisher};
 use sluice_model::codec::CodecError;
 use sluice_model::key_group::{KeyGroup, KeyGroupSet, KeyGroups};
@@ -151,7 +151,7 @@ impl Default for ServiceSettings {
 impl ServiceSettings {
     /// Check the values once, at start: a bad one names its key.
     pub fn validate(&self) -> Result<(), ServiceError> {
-        let fail = |m: String| Err(ServiceError::Setup(m));
+        let fail = |m: String| Err(ServiceError::Settings(m));
         if self.ownership == Ownership::Static && (self.instances == 0 || self.instance >= self.instances) {
             return fail(format!(
                 "service.instance ({}) must be below service.instances ({})",
@@ -187,7 +187,7 @@ impl ServiceSettings {
     pub fn member_name(&self) -> Result<String, ServiceError> {
         match std::env::var(INSTANCE_NAME_VAR) {
             Ok(name) if !name.trim().is_empty() => Ok(name.trim().to_string()),
-            _ => Err(ServiceError::Setup(format!(
+            _ => Err(ServiceError::Settings(format!(
                 "service.ownership = \"leases\" needs a unique instance name in {INSTANCE_NAME_VAR} \
                  (on Kubernetes, the pod name from the downward API)"
             ))),
@@ -204,57 +204,7 @@ impl ServiceSettings {
 /// The environment variable naming an instance that holds leases.
 pub const INSTANCE_NAME_VAR: &str = "SLUICE_INSTANCE_NAME";
 
-/// Why a service stopped other than by a clean drain.
-#[derive(Debug, thiserror::Error)]
-pub enum ServiceError {
-    /// NATS failed.
-    #[error(transparent)]
-    Transport(#[from] TransportError),
-    /// The stage failed.
-    #[error(transparent)]
-    Stage(#[from] StageError),
-    /// The commit store failed.
-    #[error(transparent)]
-    State(#[from] StateError),
-    /// A batch could not be read: written by an incompatible version.
-    #[error("a batch on {hop} (key group {key_group}, stream sequence {seq}) cannot be read: {source}")]
-    Undecodable {
-        /// The hop.
-        hop: &'static str,
-        /// Its key group.
-        key_group: KeyGroup,
-        /// Its stream sequence.
-        seq: u64,
-        /// The codec's error.
-        #[source]
-        source: CodecError,
-    },
-    /// A delivery went missing in transit: stop before applying anything
-    /// after it; the next start delivers in order.
-    #[error(transparent)]
-    DeliveryGap(#[from] crate::protocol::delivery_order::DeliveryGap),
-    /// Configuration or environment.
-    #[error("{0}")]
-    Setup(String),
-    /// The publisher stopped (its own error says why).
-    #[error(transparent)]
-    PublisherGone(#[from] crate::transport::handoff::PublisherGone),
-    /// A task of the service panicked.
-    #[error("the {0} panicked")]
-    Panicked(&'static str),
-    /// The input (Kafka, say) failed.
-    #[error("reading the input: {0}")]
-    Input(#[source] Box<dyn std::error::Error + Send + Sync>),
-    /// The drain did not finish in time.
-    #[error("the drain did not finish within {0:?}")]
-    DrainTimeout(Duration),
-    /// The lease table failed, or this instance was fenced.
-    #[error(transparent)]
-    Lease(#[from] crate::transport::lease_table::LeaseError),
-    /// A key-group snapshot could not be stored or read.
-    #[error(transparent)]
-    Snapshot(#[from] crate::store::snapshot_store::SnapshotError),
-}
+pub use crate::runner::error::{ErrorClass, ServiceError};
 
 /// When a stage's outputs are published.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -321,7 +271,7 @@ const LEASED_KEY: &str = "service/leased";
 /// them.
 pub fn check_assignment(store: &CommitStore, p: KeyGroups, settings: &ServiceSettings) -> Result<(), ServiceError> {
     if store.get(&StateKey::namespace(LEASED_KEY))?.is_some() {
-        return Err(ServiceError::Setup(format!(
+        return Err(ServiceError::ForeignState(format!(
             "the state at {} belongs to an instance holding key groups by lease; \
              run with service.ownership = \"leases\" or use a fresh state directory",
             settings.state_dir.display()
@@ -332,7 +282,7 @@ pub fn check_assignment(store: &CommitStore, p: KeyGroups, settings: &ServiceSet
         Some(bytes) => {
             let was: Assignment = store::decode("assignment", &bytes)?;
             if was != now {
-                return Err(ServiceError::Setup(format!(
+                return Err(ServiceError::ForeignState(format!(
                     "the state at {} belongs to instance {} of {} with {} key groups, not instance {} of {} with {}; \
                      use a fresh state directory (or service.ownership = \"leases\", which moves key groups)",
                     settings.state_dir.display(),
@@ -358,7 +308,7 @@ pub fn check_assignment(store: &CommitStore, p: KeyGroups, settings: &ServiceSet
 /// groups, for an instance holding key groups by lease; mark a new one.
 fn check_leased(store: &CommitStore, p: KeyGroups, settings: &ServiceSettings) -> Result<(), ServiceError> {
     if store.get(&StateKey::namespace(ASSIGNMENT_KEY))?.is_some() {
-        return Err(ServiceError::Setup(format!(
+        return Err(ServiceError::ForeignState(format!(
             "the state at {} belongs to a static instance (service.instance of service.instances); \
              use a fresh state directory for service.ownership = \"leases\"",
             settings.state_dir.display()
@@ -368,7 +318,7 @@ fn check_leased(store: &CommitStore, p: KeyGroups, settings: &ServiceSettings) -
         Some(bytes) => {
             let was: u16 = store::decode("leased", &bytes)?;
             if was != p.count() {
-                return Err(ServiceError::Setup(format!(
+                return Err(ServiceError::ForeignState(format!(
                     "the state at {} was made with {was} key groups, not {}; use a fresh state directory",
                     settings.state_dir.display(),
                     p.count()
@@ -558,7 +508,7 @@ where
             tracing::info!(state_dir = %state_dir.display(), state_bytes = bytes, "stage thread stopped");
             result
         })
-        .map_err(|e| ServiceError::Setup(format!("starting the stage thread: {e}")))?;
+        .map_err(|source| ServiceError::Os { what: "starting the stage thread".into(), source })?;
 
     // Wait for the stage thread without blocking the runtime.
     let (done_tx, done_rx) = oneshot::channel();
@@ -576,22 +526,22 @@ where
     };
     let result = match stage_result {
         Ok(Ok(r)) => r,
-        Ok(Err(_)) => Err(ServiceError::Setup("the stage thread panicked".into())),
-        Err(_) => Err(ServiceError::Setup("the stage thread vanished".into())),
+        Ok(Err(_)) => Err(ServiceError::Panicked("stage thread")),
+        Err(_) => Err(ServiceError::Panicked("stage thread")),
     };
     if result.is_err() {
         health.set_failed();
         cancel.cancel();
     }
-    let intake_result = intake.await.map_err(|e| ServiceError::Setup(format!("intake task: {e}")))?;
-    let publish_result = publisher.await.map_err(|e| ServiceError::Setup(format!("publisher task: {e}")))?;
+    let intake_result = intake.await.map_err(|_| ServiceError::Panicked("intake task"))?;
+    let publish_result = publisher.await.map_err(|_| ServiceError::Panicked("publisher task"))?;
     let snapshot_result = match snapshot_task {
-        Some(task) => task.await.map_err(|e| ServiceError::Setup(format!("snapshot task: {e}")))?,
+        Some(task) => task.await.map_err(|_| ServiceError::Panicked("snapshot task"))?,
         None => Ok(()),
     };
     let _ = acker.await;
     if let Some(task) = credit_task {
-        task.await.map_err(|e| ServiceError::Setup(format!("credit task: {e}")))??;
+        task.await.map_err(|_| ServiceError::Panicked("credit task"))??;
     }
     result?;
     intake_result?;

@@ -137,7 +137,7 @@ async fn on_thread<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) ->
         .spawn(move || {
             let _ = tx.send(f());
         })
-        .map_err(|e| ServiceError::Setup(format!("starting the input thread: {e}")))?;
+        .map_err(|source| ServiceError::Os { what: "starting the input thread".into(), source })?;
     rx.await.map_err(|_| ServiceError::Panicked("input thread"))
 }
 

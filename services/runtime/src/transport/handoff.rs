@@ -54,10 +54,15 @@ struct Pool {
     freed: Condvar,
 }
 
-/// The publisher is gone: it failed (its error says why) or stopped.
-#[derive(Debug, thiserror::Error)]
+/// The publisher is gone: it failed (its error says why) or stopped. A
+/// publish that found it gone hands its message back, unsent, so a caller
+/// can count it, set it aside or offer it to another publisher.
+#[derive(Debug, Default, thiserror::Error)]
 #[error("the publisher stopped (see its error)")]
-pub struct PublisherGone;
+pub struct PublisherGone {
+    /// The message of the publish that failed (none for a barrier).
+    pub unsent: Option<Box<Outgoing>>,
+}
 
 /// The stage's end of the hand-over.
 #[derive(Debug, Clone)]
@@ -134,7 +139,11 @@ impl Handoff {
         }
         let waited = t0.elapsed();
         let budget = Budget { bytes, pool: self.pool.clone() };
-        self.tx.blocking_send(ToPublisher::Publish(out, budget)).map_err(|_| PublisherGone)?;
+        self.tx.blocking_send(ToPublisher::Publish(out, budget)).map_err(|e| match e.0 {
+            // The budget it held is returned as it drops.
+            ToPublisher::Publish(out, _) => PublisherGone { unsent: Some(Box::new(out)) },
+            ToPublisher::Barrier(_) => PublisherGone::default(),
+        })?;
         Ok(waited)
     }
 
@@ -143,7 +152,7 @@ impl Handoff {
     /// thread outside the tokio runtime only.
     pub fn barrier(&self) -> Result<oneshot::Receiver<()>, PublisherGone> {
         let (tx, rx) = oneshot::channel();
-        self.tx.blocking_send(ToPublisher::Barrier(tx)).map_err(|_| PublisherGone)?;
+        self.tx.blocking_send(ToPublisher::Barrier(tx)).map_err(|_| PublisherGone::default())?;
         Ok(rx)
     }
 
@@ -151,7 +160,7 @@ impl Handoff {
     /// long that took. From a thread outside the tokio runtime only.
     pub fn blocking_barrier(&self) -> Result<Duration, PublisherGone> {
         let t0 = Instant::now();
-        self.barrier()?.blocking_recv().map_err(|_| PublisherGone)?;
+        self.barrier()?.blocking_recv().map_err(|_| PublisherGone::default())?;
         Ok(t0.elapsed())
     }
 }
@@ -239,7 +248,9 @@ mod tests {
     fn a_gone_publisher_is_an_error_not_a_hang() {
         let (handoff, intake) = Handoff::new(100);
         drop(intake);
-        assert!(handoff.blocking_publish(out(10)).is_err());
+        let gone = handoff.blocking_publish(out(10)).err().and_then(|e| e.unsent);
+        assert_eq!(gone.map(|m| m.payload.len()), Some(10), "the unsent message comes back");
+        assert_eq!(handoff.available(), 100, "and its budget is free again");
         assert!(handoff.blocking_barrier().is_err());
     }
 }

@@ -84,7 +84,7 @@ pub(super) async fn run_snapshots(
             }
         }
         if !job.acks.is_empty() && acker.send(job.acks).await.is_err() {
-            return Err(ServiceError::Setup("the acker stopped".into()));
+            return Err(ServiceError::TaskStopped("acker"));
         }
     }
     Ok(())
@@ -198,10 +198,7 @@ async fn prepare(
             Some(generation) => {
                 let s = snapshots.get(kg, generation).await?;
                 if s.is_none() {
-                    return Err(ServiceError::Setup(format!(
-                        "the lease table says {kg} was snapshotted at fence {generation}, but the snapshot is missing \
-                         from the object store; refusing to start it empty"
-                    )));
+                    return Err(ServiceError::SnapshotMissing { key_group: kg, generation });
                 }
                 restored_from.insert(kg, generation);
                 s

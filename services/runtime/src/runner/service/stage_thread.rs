@@ -125,7 +125,7 @@ impl StageIo for Channels {
         match &self.snapshots {
             Some(tx) => tx
                 .blocking_send(SnapshotJob { snapshots, acks })
-                .map_err(|_| ServiceError::Setup("the snapshot task stopped".into())),
+                .map_err(|_| ServiceError::TaskStopped("snapshot task")),
             None if acks.is_empty() => Ok(()),
             None => self.acknowledge(acks),
         }

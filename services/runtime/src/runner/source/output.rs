@@ -279,7 +279,7 @@ impl SourceOutput {
         let Some((mut stored, published)) = self.pending.take() else { return Ok(None) };
         if wait {
             let t0 = Instant::now();
-            stored.blocking_recv().map_err(|_| PublisherGone)?;
+            stored.blocking_recv().map_err(|_| PublisherGone::default())?;
             self.metrics.backpressured_seconds.inc_by(t0.elapsed().as_secs_f64());
         } else {
             match stored.try_recv() {
@@ -288,7 +288,7 @@ impl SourceOutput {
                     self.pending = Some((stored, published));
                     return Ok(None);
                 }
-                Err(oneshot::error::TryRecvError::Closed) => return Err(PublisherGone.into()),
+                Err(oneshot::error::TryRecvError::Closed) => return Err(PublisherGone::default().into()),
             }
         }
         let t1 = Instant::now();

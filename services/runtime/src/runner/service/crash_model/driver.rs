@@ -201,7 +201,7 @@ impl World {
 }
 
 fn died(_: Died) -> ServiceError {
-    ServiceError::Setup("crash model: the process died".into())
+    ServiceError::TaskStopped("process (the crash model killed it)")
 }
 
 /// The stage thread's effects on the fake world, each one a step.
