@@ -159,7 +159,9 @@ impl ConsumingStage for LiveSink {
         // the last snapshot and may count the same versions again for newer
         // values. The fence in the high bits orders every row of a later
         // owner after every row of an earlier one. (Static windows: fence 0.)
-        if let Some(fence) = inbox.fence(input.key_group, "kg").filter(|f| *f > 0) {
+        if let Some(fence) =
+            inbox.fence(input.key_group, &sluice_runtime::protocol::fence::Unit::KeyGroup).filter(|f| *f > 0)
+        {
             for row in &mut input.rows {
                 row.version = (fence << VERSION_BITS) | (row.version & ((1 << VERSION_BITS) - 1));
             }
@@ -289,7 +291,9 @@ async fn serve(settings: &SinkServiceSettings) -> anyhow::Result<()> {
     // Static ownership only (checked in `main`): built once.
     let mut stage = Some(stage);
     let launched = service::launch("sink", common, move |_| {
-        let stage = stage.take().ok_or_else(|| service::ServiceError::Settings("the sink runs with service.ownership = \"static\" only".into()))?;
+        let stage = stage.take().ok_or_else(|| {
+            service::ServiceError::Settings("the sink runs with service.ownership = \"static\" only".into())
+        })?;
         let reader = stage.reader();
         Ok((stage, routes(reader)))
     })

@@ -2,7 +2,7 @@
 //!
 //! A **channel** is one sender instance publishing to one receiver key group
 //! on a hop. The sender counts what it has sent on the channel since it
-//! started (its **epoch**), in batches and bytes, and stamps every batch
+//! started (in its **run**: a sender's runs are numbered), in batches and bytes, and stamps every batch
 //! with that running total. The receiver notes, per channel, the highest
 //! total it has taken off the stream, and announces an absolute **limit** in
 //! the sender's own counting: "you may send until your total reaches N".
@@ -79,8 +79,9 @@ pub struct Sender {
     /// The sender's name, unique among a hop's senders (`enrich-1`).
     pub name: String,
     /// Its run: changes at every start, so totals from an earlier run are
-    /// never mistaken for this one's.
-    pub epoch: u64,
+    /// never mistaken for this one's. (`epoch` on the wire, as before.)
+    #[serde(rename = "epoch")]
+    pub run: u64,
 }
 
 /// A receiver's announcement for one channel.
@@ -272,9 +273,9 @@ impl Ledger {
 /// running total on the channel, including this batch.
 pub const STAMP_HEADER: &str = "Sluice-Credit";
 
-/// The stamp of a batch: `<sender name> <epoch> <batches> <bytes>`.
+/// The stamp of a batch: `<sender name> <run> <batches> <bytes>`.
 pub fn stamp(sender: &Sender, total: Usage) -> String {
-    format!("{} {} {} {}", sender.name, sender.epoch, total.batches, total.bytes)
+    format!("{} {} {} {}", sender.name, sender.run, total.batches, total.bytes)
 }
 
 /// Read a stamp; `None` when it is not one (a batch from a sender without
@@ -282,13 +283,13 @@ pub fn stamp(sender: &Sender, total: Usage) -> String {
 pub fn parse_stamp(text: &str) -> Option<(Sender, Usage)> {
     let mut parts = text.split(' ');
     let name = parts.next().filter(|n| !n.is_empty())?.to_string();
-    let epoch = parts.next()?.parse().ok()?;
+    let run = parts.next()?.parse().ok()?;
     let batches = parts.next()?.parse().ok()?;
     let bytes = parts.next()?.parse().ok()?;
     if parts.next().is_some() {
         return None;
     }
-    Some((Sender { name, epoch }, Usage::new(batches, bytes)))
+    Some((Sender { name, run }, Usage::new(batches, bytes)))
 }
 
 /// The subject a hop's senders report their status on (core NATS, not
@@ -317,8 +318,8 @@ mod tests {
 
     const POLICY: CreditPolicy = CreditPolicy { exclusive: Usage::new(4, 4000), floating: Usage::new(8, 8000) };
 
-    fn sender(name: &str, epoch: u64) -> Sender {
-        Sender { name: name.into(), epoch }
+    fn sender(name: &str, run: u64) -> Sender {
+        Sender { name: name.into(), run }
     }
 
     fn limit_of(ledger: &Ledger, kg: u16, name: &str) -> Option<Usage> {

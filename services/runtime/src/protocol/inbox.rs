@@ -31,7 +31,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::protocol::fence::FenceStamp;
+use crate::protocol::fence::{FenceStamp, Unit};
 use crate::store::{self, CommitBatch, CommitStore, StateError, StateKey};
 use sluice_model::key_group::KeyGroup;
 use sluice_model::lineage::Lineage;
@@ -53,7 +53,7 @@ const FENCES_PART: &[u8] = b"fence";
 pub struct Inbox {
     namespace: &'static str,
     positions: BTreeMap<KeyGroup, KeyGroupPosition>,
-    fences: BTreeMap<KeyGroup, BTreeMap<String, u64>>,
+    fences: BTreeMap<KeyGroup, BTreeMap<Unit, u64>>,
     changed: BTreeSet<KeyGroup>,
 }
 
@@ -125,7 +125,7 @@ impl Inbox {
     }
 
     /// The highest fence seen of `unit` in `kg`.
-    pub fn fence(&self, kg: KeyGroup, unit: &str) -> Option<u64> {
+    pub fn fence(&self, kg: KeyGroup, unit: &Unit) -> Option<u64> {
         self.fences.get(&kg)?.get(unit).copied()
     }
 
@@ -196,7 +196,7 @@ mod tests {
 
     #[test]
     fn deposed_writers_are_fenced_off_across_restarts() -> Result<(), Box<dyn std::error::Error>> {
-        let stamp = |unit: &str, fence| FenceStamp { unit: unit.into(), fence };
+        let stamp = |unit: &str, fence| FenceStamp::parse(&format!("{unit}:{fence}")).expect("a stamp");
         let mut inbox = Inbox::new("t/inbox");
         assert!(inbox.admit_fence(KG, &stamp("p0", 1)));
         assert!(inbox.admit_fence(KG, &stamp("p0", 2)), "the unit moved");

@@ -406,7 +406,7 @@ where
         nats::ensure_stream(&js, &ctx.nats, out).await?;
     }
     let sender_credit = S::OUTPUT.map(|hop| publisher::PublisherCredit {
-        sender: credit::Sender { name: name.clone(), epoch: recovered.run },
+        sender: credit::Sender { name: name.clone(), run: recovered.run },
         hop,
     });
     let (pub_tx, pub_rx) = ctx.nats.handoff();

@@ -91,10 +91,15 @@ async fn run<I: SourceInput>(ctx: &ServiceContext, store: CommitStore, input: I)
     let js = nats::connect(&ctx.nats, &format!("sluice-{name}")).await?;
     nats::ensure_stream(&js, &ctx.nats, Hop::Raw).await?;
     let credit =
-        PublisherCredit { sender: credit::Sender { name: name.clone(), epoch: next_run(&store)? }, hop: Hop::Raw };
-    let (handoff, intake) = ctx.nats.handoff();
-    let publisher =
-        tokio::spawn(publisher::run_publisher(js.clone(), ctx.nats.clone(), intake, ctx.metrics.clone(), Some(credit)));
+        PublisherCredit { sender: credit::Sender { name: name.clone(), run: next_run(&store)? }, hop: Hop::Raw };
+    let (handoff, publisher_end) = ctx.nats.handoff();
+    let publisher = tokio::spawn(publisher::run_publisher(
+        js.clone(),
+        ctx.nats.clone(),
+        publisher_end,
+        ctx.metrics.clone(),
+        Some(credit),
+    ));
     let out = SourceOutput::new(
         handoff,
         store,

@@ -73,14 +73,14 @@ pub struct Handoff {
 }
 
 /// The publisher's end of the hand-over.
-pub type Intake = mpsc::Receiver<ToPublisher>;
+pub type PublisherEnd = mpsc::Receiver<ToPublisher>;
 
 /// Slots of the channel: only a guard, the bytes bound the hand-over.
 const SLOTS: usize = 4096;
 
 impl Handoff {
     /// A hand-over of `capacity` bytes (at least 1).
-    pub fn new(capacity: u64) -> (Handoff, Intake) {
+    pub fn new(capacity: u64) -> (Handoff, PublisherEnd) {
         let capacity = capacity.max(1);
         let (tx, rx) = mpsc::channel(SLOTS);
         let pool = Arc::new(Pool { free: Mutex::new(capacity), freed: Condvar::new() });
@@ -196,11 +196,11 @@ mod tests {
 
     #[test]
     fn the_budget_is_held_until_the_publisher_drops_the_message() {
-        let (handoff, mut intake) = Handoff::new(100);
+        let (handoff, mut end) = Handoff::new(100);
         handoff.blocking_publish(out(60)).expect("room for 60");
         assert!(handoff.would_wait(41));
         assert!(!handoff.would_wait(40));
-        let first = intake.try_recv().expect("handed over");
+        let first = end.try_recv().expect("handed over");
         assert_eq!(handoff.available(), 40);
         drop(first);
         assert_eq!(handoff.available(), 100);
@@ -208,17 +208,17 @@ mod tests {
 
     #[test]
     fn a_message_larger_than_the_budget_goes_alone() {
-        let (handoff, mut intake) = Handoff::new(10);
+        let (handoff, mut end) = Handoff::new(10);
         handoff.blocking_publish(out(1000)).expect("an empty budget takes anything");
         assert_eq!(handoff.available(), 0);
         assert!(handoff.would_wait(1));
-        drop(intake.try_recv().expect("handed over"));
+        drop(end.try_recv().expect("handed over"));
         assert_eq!(handoff.available(), 10);
     }
 
     #[test]
     fn a_full_hand_over_waits_until_the_publisher_stores() {
-        let (handoff, mut intake) = Handoff::new(100);
+        let (handoff, mut end) = Handoff::new(100);
         handoff.blocking_publish(out(100)).expect("room");
         let stage = {
             let handoff = handoff.clone();
@@ -226,19 +226,19 @@ mod tests {
         };
         std::thread::sleep(Duration::from_millis(50));
         assert!(!stage.is_finished(), "the second message must wait for the first to be stored");
-        drop(intake.try_recv().expect("the first"));
+        drop(end.try_recv().expect("the first"));
         let waited = stage.join().expect("no panic").expect("handed over");
         assert!(waited >= Duration::from_millis(40), "waited {waited:?}");
     }
 
     #[test]
     fn waiting_for_room_ends_at_the_timeout_or_when_room_is_made() {
-        let (handoff, mut intake) = Handoff::new(100);
+        let (handoff, mut end) = Handoff::new(100);
         handoff.blocking_publish(out(100)).expect("room");
         assert!(!handoff.wait_for_room(1, Duration::from_millis(20)), "no room while the message is held");
         let publisher = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(20));
-            drop(intake.try_recv());
+            drop(end.try_recv());
         });
         assert!(handoff.wait_for_room(100, Duration::from_secs(10)), "room once the message is stored");
         publisher.join().expect("no panic");
@@ -246,8 +246,8 @@ mod tests {
 
     #[test]
     fn a_gone_publisher_is_an_error_not_a_hang() {
-        let (handoff, intake) = Handoff::new(100);
-        drop(intake);
+        let (handoff, end) = Handoff::new(100);
+        drop(end);
         let gone = handoff.blocking_publish(out(10)).err().and_then(|e| e.unsent);
         assert_eq!(gone.map(|m| m.payload.len()), Some(10), "the unsent message comes back");
         assert_eq!(handoff.available(), 100, "and its budget is free again");

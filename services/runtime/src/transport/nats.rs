@@ -88,7 +88,7 @@ impl NatsSettings {
 
 impl NatsSettings {
     /// The hand-over to a publisher with these settings' budget.
-    pub fn handoff(&self) -> (crate::transport::handoff::Handoff, crate::transport::handoff::Intake) {
+    pub fn handoff(&self) -> (crate::transport::handoff::Handoff, crate::transport::handoff::PublisherEnd) {
         crate::transport::handoff::Handoff::new(self.publish_buffer_bytes)
     }
 }

@@ -169,7 +169,7 @@ fn dispatch(gate: Option<&mut Gate>, js: &jetstream::Context, seq: u64, out: Out
 pub async fn run_publisher(
     js: jetstream::Context,
     settings: NatsSettings,
-    mut rx: crate::transport::handoff::Intake,
+    mut rx: crate::transport::handoff::PublisherEnd,
     report: impl PublishReport,
     credit: Option<PublisherCredit>,
 ) -> Result<(), TransportError> {

@@ -331,10 +331,10 @@ mod tests {
 
     const NS: &str = "test/offset";
 
-    fn output(store: &CommitStore, capacity: u64) -> (SourceOutput, crate::transport::handoff::Intake) {
-        let (handoff, intake) = Handoff::new(capacity);
+    fn output(store: &CommitStore, capacity: u64) -> (SourceOutput, crate::transport::handoff::PublisherEnd) {
+        let (handoff, end) = Handoff::new(capacity);
         let metrics = Metrics::new("test", 0);
-        (SourceOutput::new(handoff, store.clone(), metrics, NS, Duration::ZERO, Duration::from_secs(5)), intake)
+        (SourceOutput::new(handoff, store.clone(), metrics, NS, Duration::ZERO, Duration::from_secs(5)), end)
     }
 
     fn publish(out: &mut SourceOutput, p: u32, id: &str) -> Result<(), ServiceError> {
@@ -346,23 +346,23 @@ mod tests {
     {
         let dir = tempfile::tempdir()?;
         let store = CommitStore::open(dir.path(), &Default::default())?;
-        let (mut out, mut intake) = output(&store, 1 << 20);
+        let (mut out, mut end) = output(&store, 1 << 20);
         let starts = out.start_static(&[Partition(0), Partition(1)])?;
         assert_eq!(starts, Starts::from([(Partition(0), None), (Partition(1), None)]));
         publish(&mut out, 0, "a")?;
         out.published(Partition(0), 10);
         // The tick asks for a barrier; nothing is committed before its answer.
         assert_eq!(out.tick()?, None);
-        let Some(ToPublisher::Publish(m, _)) = intake.try_recv().ok() else { panic!("no message handed over") };
+        let Some(ToPublisher::Publish(m, _)) = end.try_recv().ok() else { panic!("no message handed over") };
         assert_eq!((m.id.as_str(), m.fence), ("a", None));
-        let Some(ToPublisher::Barrier(stored)) = intake.try_recv().ok() else { panic!("no barrier") };
+        let Some(ToPublisher::Barrier(stored)) = end.try_recv().ok() else { panic!("no barrier") };
         assert_eq!(out.tick()?, None);
         assert!(store.get(&out.offset_key(Partition(0)))?.is_none());
         let _ = stored.send(());
         assert_eq!(out.tick()?, Some(Offsets::from([(Partition(0), 10)])));
         // A restart starts where the commit says, and from the beginning
         // where nothing was committed.
-        let (mut again, _intake) = output(&store, 1 << 20);
+        let (mut again, _end) = output(&store, 1 << 20);
         let starts = again.start_static(&[Partition(0), Partition(1)])?;
         assert_eq!(starts, Starts::from([(Partition(0), Some(10)), (Partition(1), None)]));
         Ok(())
@@ -372,10 +372,10 @@ mod tests {
     fn a_publisher_gone_is_an_error_not_a_commit() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let store = CommitStore::open(dir.path(), &Default::default())?;
-        let (mut out, intake) = output(&store, 1 << 20);
+        let (mut out, end) = output(&store, 1 << 20);
         out.start_static(&[Partition(0)])?;
         out.published(Partition(0), 3);
-        drop(intake);
+        drop(end);
         assert!(matches!(out.drain(), Err(ServiceError::PublisherGone(_))));
         assert!(store.get(&out.offset_key(Partition(0)))?.is_none());
         Ok(())
