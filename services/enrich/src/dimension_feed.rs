@@ -20,6 +20,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
+use sluice_model::wire::WireVersion;
 use sluice_runtime::transport::nats::NatsSettings;
 use tokio_util::sync::CancellationToken;
 
@@ -30,6 +31,9 @@ use crate::shared::SharedEnricher;
 /// instance keeps to fill in the tables a partial reload leaves unchanged.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DimensionSource {
+    /// The record's format version (it is published as JSON).
+    #[serde(default)]
+    pub v: WireVersion,
     /// apps.csv.
     pub apps: String,
     /// geo.csv.
@@ -42,7 +46,8 @@ impl DimensionSource {
     /// Read the three files of `dir`.
     pub fn read(dir: &std::path::Path) -> std::io::Result<Self> {
         let read = |name: &str| std::fs::read_to_string(dir.join(name));
-        Ok(Self { apps: read("apps.csv")?, geo: read("geo.csv")?, channels: read("channels.csv")? })
+        let (apps, geo, channels) = (read("apps.csv")?, read("geo.csv")?, read("channels.csv")?);
+        Ok(Self { v: WireVersion::CURRENT, apps, geo, channels })
     }
 
     /// Parse into tables.
@@ -140,7 +145,10 @@ pub async fn watch(
             }
             None => return Ok(()),
         };
-        let source: DimensionSource = match serde_json::from_slice(&message.payload) {
+        let read = serde_json::from_slice::<DimensionSource>(&message.payload)
+            .map_err(|e| e.to_string())
+            .and_then(|s| s.v.check("dimension update").map(|()| s).map_err(|e| e.to_string()));
+        let source = match read {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "a published dimension update cannot be read; keeping the current tables");

@@ -33,6 +33,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use sluice_model::key_group::KeyGroup;
+use sluice_model::wire::WireVersion;
 
 /// An amount of data on a channel: batches and their bytes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -87,6 +88,9 @@ pub struct Sender {
 /// A receiver's announcement for one channel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Grant {
+    /// The record's format version.
+    #[serde(default)]
+    pub v: WireVersion,
     /// The channel's sender run the limit is counted for.
     pub sender: Sender,
     /// The receiving key group.
@@ -99,6 +103,9 @@ pub struct Grant {
 /// out of credit.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
+    /// The record's format version.
+    #[serde(default)]
+    pub v: WireVersion,
     /// The sender run.
     pub sender: Sender,
     /// The receiving key group.
@@ -236,6 +243,7 @@ impl Ledger {
     pub fn grants(&self) -> Vec<Grant> {
         self.credit()
             .map(|(kg, sender, c, credit)| Grant {
+                v: WireVersion::CURRENT,
                 sender: sender.clone(),
                 key_group: kg,
                 limit: c.consumed.plus(credit),
@@ -372,7 +380,13 @@ mod tests {
         let mut ledger = Ledger::new(POLICY, 100);
         let (a, b, c) = (sender("a", 1), sender("b", 1), sender("c", 1));
         for (s, backlog) in [(&a, Usage::new(30, 3000)), (&b, Usage::new(10, 1000)), (&c, Usage::ZERO)] {
-            ledger.status(&Status { sender: s.clone(), key_group: KeyGroup(0), sent: Usage::ZERO, backlog });
+            ledger.status(&Status {
+                v: WireVersion::CURRENT,
+                sender: s.clone(),
+                key_group: KeyGroup(0),
+                sent: Usage::ZERO,
+                backlog,
+            });
         }
         assert_eq!(limit_of(&ledger, 0, "a"), Some(Usage::new(4 + 6, 4000 + 3000)), "capped at its backlog");
         assert_eq!(limit_of(&ledger, 0, "b"), Some(Usage::new(4 + 2, 4000 + 1000)));
@@ -387,6 +401,7 @@ mod tests {
         for i in 0..5u16 {
             let s = sender(&format!("s{i}"), 1);
             ledger.status(&Status {
+                v: WireVersion::CURRENT,
                 sender: s.clone(),
                 key_group: KeyGroup(i),
                 sent: Usage::ZERO,
@@ -409,7 +424,13 @@ mod tests {
             out.sent(1000);
         }
         let mut fresh = Ledger::new(POLICY, 100);
-        fresh.status(&Status { sender: s, key_group: KeyGroup(9), sent: out.sent, backlog: Usage::new(1, 1000) });
+        fresh.status(&Status {
+            v: WireVersion::CURRENT,
+            sender: s,
+            key_group: KeyGroup(9),
+            sent: out.sent,
+            backlog: Usage::new(1, 1000),
+        });
         out.grant(limit_of(&fresh, 9, "enrich-0").unwrap_or_default());
         assert!(out.may_send(), "not stuck");
     }

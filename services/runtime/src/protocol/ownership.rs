@@ -36,6 +36,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use sluice_model::wire::WireVersion;
 
 /// A member of a stage's group: one instance.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +65,9 @@ pub struct Lease {
 /// Every member and every unit's lease: the value of the lease table.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseTable {
+    /// The record's format version.
+    #[serde(default)]
+    pub v: WireVersion,
     /// Members by name.
     pub members: BTreeMap<String, Member>,
     /// Lease of unit `i` at index `i`.
@@ -73,7 +77,7 @@ pub struct LeaseTable {
 impl LeaseTable {
     /// An empty table of `units` units.
     pub fn new(units: usize) -> Self {
-        Self { members: BTreeMap::new(), leases: vec![Lease::default(); units] }
+        Self { v: WireVersion::CURRENT, members: BTreeMap::new(), leases: vec![Lease::default(); units] }
     }
 
     /// Units owned by `member` per the table, with their fences.

@@ -46,6 +46,10 @@ pub async fn run_credit_receiver(
             msg = statuses.next() => {
                 let Some(msg) = msg else { return Ok(()) };
                 let Ok(status) = serde_json::from_slice::<credit::Status>(&msg.payload) else { continue };
+                if let Err(e) = status.v.check("credit status") {
+                    tracing::warn!("{e}");
+                    continue;
+                }
                 if !owned.contains(status.key_group) {
                     continue;
                 }

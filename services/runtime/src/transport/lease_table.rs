@@ -220,6 +220,7 @@ async fn read(
     };
     let table: LeaseTable = serde_json::from_slice(&entry.value)
         .map_err(|e| LeaseError::Table { key: key.into(), detail: format!("not a lease table: {e}") })?;
+    table.v.check("lease table").map_err(|e| LeaseError::Table { key: key.into(), detail: e.to_string() })?;
     if table.leases.len() != units {
         return Err(LeaseError::Table {
             key: key.into(),

@@ -128,6 +128,7 @@ impl Gate {
             let Some(kg) = s.rsplit('.').next().and_then(|k| k.parse().ok()).map(KeyGroup) else { continue };
             let (batches, bytes) = queued.get(s).copied().unwrap_or((0, 0));
             let status = credit::Status {
+                v: sluice_model::wire::WireVersion::CURRENT,
                 sender: self.sender.clone(),
                 key_group: kg,
                 sent: self.channels.get(s).map_or(credit::Usage::ZERO, |c| c.sent),
@@ -257,7 +258,10 @@ pub async fn run_publisher(
             },
             Some(grant) = async { match grants.as_mut() { Some(s) => s.next().await, None => None } } => {
                 if let (Some(g), Ok(grant)) = (gate.as_mut(), serde_json::from_slice::<credit::Grant>(&grant.payload)) {
-                    in_flight.extend(g.grant(&js, grant));
+                    match grant.v.check("credit grant") {
+                        Ok(()) => in_flight.extend(g.grant(&js, grant)),
+                        Err(e) => tracing::warn!("{e}"),
+                    }
                 }
             },
             _ = tick.tick(), if gate.as_ref().is_some_and(|g| !g.blocked.is_empty()) => {
