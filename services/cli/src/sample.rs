@@ -1038,6 +1038,45 @@ fn v1_message(rng: &mut Rng, d: &Device, mid: &str, ev: &Json, sid: &str) -> (Js
     (msg, time * SECOND)
 }
 
+/// A v2 upload of `events` (the last at `last`), flushed a moment after its
+/// last event, sometimes after minutes offline; its events corrupted at
+/// random unless `protected`. With its `sent` time.
+fn v2_message(
+    rng: &mut Rng,
+    d: &Device,
+    mid: &str,
+    mut events: Vec<Json>,
+    last: i64,
+    protected: bool,
+    p_ev_any: f64,
+) -> (Json, i64) {
+    let sent = last + if rng.chance(0.97) { rng.range(100, 4000) } else { rng.range(1, 30) * MINUTE };
+    if !protected {
+        for ev in &mut events {
+            let r = rng.unit();
+            if r < p_ev_any {
+                corrupt_v2_event(rng, ev, sent, r);
+            }
+        }
+    }
+    let mut msg = Json::Obj(vec![
+        ("sdk", Json::s(d.sdk)),
+        ("mid", Json::s(mid)),
+        ("app", Json::s(d.app)),
+        ("dev", Json::s(&d.id)),
+        ("os", Json::s(d.os)),
+        ("appv", Json::s(d.appv)),
+        ("ch", Json::s(d.ch.unwrap_or(""))),
+        ("ip", Json::s(&d.ip)),
+        ("sent", Json::Int(sent)),
+        ("events", Json::Arr(events)),
+    ]);
+    if d.ch.is_none() {
+        msg.remove("ch");
+    }
+    (msg, sent)
+}
+
 /// Builds every device's uploads and their delivery times (topic order comes from sorting these).
 fn build_records(rng: &mut Rng, geo: &Geo, devices: &mut [Device], sessions: &[Session]) -> Vec<Record> {
     let salt = rng.next_u64();
@@ -1064,7 +1103,7 @@ fn build_records(rng: &mut Rng, geo: &Geo, devices: &mut [Device], sessions: &[S
             for &size in &s.chunks {
                 seq += 1;
                 let mid = format!("{:016x}", seq.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(salt));
-                let mut events: Vec<Json> =
+                let events: Vec<Json> =
                     (pos..pos + size).map(|k| v2_event(rng, s.kinds[k], ts[k], &sid, s.dur_s, &mut order_no)).collect();
                 pos += size;
                 let r_msg = if protected { 1.0 } else { rng.unit() };
@@ -1076,33 +1115,7 @@ fn build_records(rng: &mut Rng, geo: &Geo, devices: &mut [Device], sessions: &[S
                     }
                     (msg, sent)
                 } else {
-                    // Flushed a moment after its last event; sometimes after minutes offline.
-                    let last = ts[pos - 1];
-                    let sent = last + if rng.chance(0.97) { rng.range(100, 4000) } else { rng.range(1, 30) * MINUTE };
-                    if !protected {
-                        for ev in &mut events {
-                            let r = rng.unit();
-                            if r < p_ev_any {
-                                corrupt_v2_event(rng, ev, sent, r);
-                            }
-                        }
-                    }
-                    let mut msg = Json::Obj(vec![
-                        ("sdk", Json::s(d.sdk)),
-                        ("mid", Json::s(&mid)),
-                        ("app", Json::s(d.app)),
-                        ("dev", Json::s(&d.id)),
-                        ("os", Json::s(d.os)),
-                        ("appv", Json::s(d.appv)),
-                        ("ch", Json::s(d.ch.unwrap_or(""))),
-                        ("ip", Json::s(&d.ip)),
-                        ("sent", Json::Int(sent)),
-                        ("events", Json::Arr(events)),
-                    ]);
-                    if d.ch.is_none() {
-                        msg.remove("ch");
-                    }
-                    (msg, sent)
+                    v2_message(rng, d, &mid, events, ts[pos - 1], protected, p_ev_any)
                 };
                 let mut key = d.id.clone();
                 if (P_MALFORMED..P_MALFORMED + P_MISSING).contains(&r_msg) {

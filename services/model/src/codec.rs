@@ -352,31 +352,7 @@ pub fn encode_rows(batch: &RowBatch) -> Vec<u8> {
         let mut r = list.reborrow().get(i as u32);
         r.set_version(row.version);
         match (&row.key, &row.value) {
-            (RowKey::Daily(k), RowValue::Daily(v)) => {
-                let mut d = r.init_daily();
-                d.set_app(&*k.app);
-                d.set_day(k.day.0);
-                set_dimensions(
-                    d.reborrow().init_dimensions(),
-                    &Dimensions { os: k.os.clone(), channel: k.channel.clone(), country: k.country.clone() },
-                );
-                d.set_events(v.events);
-                d.set_launches(v.launches);
-                d.set_active_devices(v.active_devices);
-                d.set_new_devices(v.new_devices);
-                d.set_playtime_s(&*v.playtime_s.to_string());
-                let mut hist = d.reborrow().init_playtime_hist(8);
-                for (j, n) in v.playtime_hist.iter().enumerate() {
-                    hist.set(j as u32, *n);
-                }
-                d.set_payers(v.payers);
-                let mut rev = d.init_revenue(v.revenue.len() as u32);
-                for (j, (cur, amount)) in v.revenue.iter().enumerate() {
-                    let mut e = rev.reborrow().get(j as u32);
-                    e.set_currency(&**cur);
-                    e.set_amount(&*amount.to_string());
-                }
-            }
+            (RowKey::Daily(k), RowValue::Daily(v)) => encode_daily(r.init_daily(), k, v),
             (RowKey::SessionsPerDevice(k), RowValue::SessionsPerDevice(buckets)) => {
                 let mut s = r.init_sessions_per_device();
                 s.set_app(&*k.app);
@@ -395,17 +371,7 @@ pub fn encode_rows(batch: &RowBatch) -> Vec<u8> {
                 c.set_devices(v.devices);
             }
             (RowKey::MinuteBlock(k), RowValue::MinuteBlock(cells)) => {
-                let mut m = r.init_minute_block();
-                m.set_app(&*k.app);
-                m.set_hour(k.hour);
-                let mut list = m.init_cells(cells.len() as u32);
-                for (j, cell) in cells.iter().enumerate() {
-                    let mut c = list.reborrow().get(j as u32);
-                    c.set_minute(cell.minute.0);
-                    c.set_events(cell.value.events);
-                    c.set_launches(cell.value.launches);
-                    c.set_revenue_cny(&*cell.value.revenue_cny.to_string());
-                }
+                encode_minute_block(r.init_minute_block(), k, cells)
             }
             (RowKey::Rejects(reason), RowValue::Rejects(n)) => {
                 let mut x = r.init_rejects();
@@ -433,40 +399,7 @@ pub fn decode_rows(bytes: &[u8]) -> Result<RowBatch> {
     let mut rows = Vec::new();
     for r in b.get_rows()?.iter() {
         let (key, value) = match r.which()? {
-            Which::Daily(d) => {
-                let dims = get_dimensions(d.get_dimensions())?;
-                let hist_list = d.get_playtime_hist()?;
-                if hist_list.len() != 8 {
-                    return Err(CodecError::Invalid("daily.playtimeHist"));
-                }
-                let mut playtime_hist = [0u64; 8];
-                for (j, n) in hist_list.iter().enumerate() {
-                    playtime_hist[j] = n;
-                }
-                let mut revenue = crate::table::Revenue::default();
-                for e in d.get_revenue()?.iter() {
-                    revenue.insert(Arc::from(text(e.get_currency())?), wide(e.get_amount(), "revenue.amount")?);
-                }
-                (
-                    RowKey::Daily(DailyKey {
-                        app: Arc::from(text(d.get_app())?),
-                        day: LocalDay(d.get_day()),
-                        os: dims.os,
-                        channel: dims.channel,
-                        country: dims.country,
-                    }),
-                    RowValue::Daily(DailyValue {
-                        events: d.get_events(),
-                        launches: d.get_launches(),
-                        active_devices: d.get_active_devices(),
-                        new_devices: d.get_new_devices(),
-                        playtime_s: wide(d.get_playtime_s(), "daily.playtimeS")?,
-                        playtime_hist,
-                        payers: d.get_payers(),
-                        revenue,
-                    }),
-                )
-            }
+            Which::Daily(d) => decode_daily(d)?,
             Which::SessionsPerDevice(s) => {
                 let list = s.get_buckets()?;
                 if list.len() != 10 {
@@ -492,29 +425,108 @@ pub fn decode_rows(bytes: &[u8]) -> Result<RowBatch> {
                 }),
                 RowValue::CustomEvents(CustomValue { count: c.get_count(), devices: c.get_devices() }),
             ),
-            Which::MinuteBlock(m) => {
-                let mut cells = Vec::new();
-                for c in m.get_cells()?.iter() {
-                    let value = MinuteValue {
-                        events: c.get_events(),
-                        launches: c.get_launches(),
-                        revenue_cny: wide(c.get_revenue_cny(), "minuteCell.revenueCny")?,
-                    };
-                    cells.push(MinuteCell { minute: LocalMinute(c.get_minute()), value });
-                }
-                if cells.windows(2).any(|w| w[0].minute >= w[1].minute) {
-                    return Err(CodecError::Invalid("minuteBlock.cells (not sorted by minute)"));
-                }
-                (
-                    RowKey::MinuteBlock(MinuteBlockKey { app: Arc::from(text(m.get_app())?), hour: m.get_hour() }),
-                    RowValue::MinuteBlock(cells),
-                )
-            }
+            Which::MinuteBlock(m) => decode_minute_block(m)?,
             Which::Rejects(x) => (RowKey::Rejects(reason_from_wire(x.get_reason()?)), RowValue::Rejects(x.get_count())),
         };
         rows.push(PartialRow { version: r.get_version(), key, value });
     }
     Ok(RowBatch { key_group: KeyGroup(b.get_key_group()), rows, covered: b.get_covered_records() })
+}
+
+/// One daily partial row.
+fn encode_daily(mut d: wire::partial_row::daily::Builder<'_>, k: &DailyKey, v: &DailyValue) {
+    d.set_app(&*k.app);
+    d.set_day(k.day.0);
+    set_dimensions(
+        d.reborrow().init_dimensions(),
+        &Dimensions { os: k.os.clone(), channel: k.channel.clone(), country: k.country.clone() },
+    );
+    d.set_events(v.events);
+    d.set_launches(v.launches);
+    d.set_active_devices(v.active_devices);
+    d.set_new_devices(v.new_devices);
+    d.set_playtime_s(&*v.playtime_s.to_string());
+    let mut hist = d.reborrow().init_playtime_hist(8);
+    for (j, n) in v.playtime_hist.iter().enumerate() {
+        hist.set(j as u32, *n);
+    }
+    d.set_payers(v.payers);
+    let mut rev = d.init_revenue(v.revenue.len() as u32);
+    for (j, (cur, amount)) in v.revenue.iter().enumerate() {
+        let mut e = rev.reborrow().get(j as u32);
+        e.set_currency(&**cur);
+        e.set_amount(&*amount.to_string());
+    }
+}
+
+/// One minute-block partial row.
+fn encode_minute_block(mut m: wire::partial_row::minute_block::Builder<'_>, k: &MinuteBlockKey, cells: &[MinuteCell]) {
+    m.set_app(&*k.app);
+    m.set_hour(k.hour);
+    let mut list = m.init_cells(cells.len() as u32);
+    for (j, cell) in cells.iter().enumerate() {
+        let mut c = list.reborrow().get(j as u32);
+        c.set_minute(cell.minute.0);
+        c.set_events(cell.value.events);
+        c.set_launches(cell.value.launches);
+        c.set_revenue_cny(&*cell.value.revenue_cny.to_string());
+    }
+}
+
+/// One daily partial row.
+fn decode_daily(d: wire::partial_row::daily::Reader<'_>) -> Result<(RowKey, RowValue)> {
+    let dims = get_dimensions(d.get_dimensions())?;
+    let hist_list = d.get_playtime_hist()?;
+    if hist_list.len() != 8 {
+        return Err(CodecError::Invalid("daily.playtimeHist"));
+    }
+    let mut playtime_hist = [0u64; 8];
+    for (j, n) in hist_list.iter().enumerate() {
+        playtime_hist[j] = n;
+    }
+    let mut revenue = crate::table::Revenue::default();
+    for e in d.get_revenue()?.iter() {
+        revenue.insert(Arc::from(text(e.get_currency())?), wide(e.get_amount(), "revenue.amount")?);
+    }
+    Ok((
+        RowKey::Daily(DailyKey {
+            app: Arc::from(text(d.get_app())?),
+            day: LocalDay(d.get_day()),
+            os: dims.os,
+            channel: dims.channel,
+            country: dims.country,
+        }),
+        RowValue::Daily(DailyValue {
+            events: d.get_events(),
+            launches: d.get_launches(),
+            active_devices: d.get_active_devices(),
+            new_devices: d.get_new_devices(),
+            playtime_s: wide(d.get_playtime_s(), "daily.playtimeS")?,
+            playtime_hist,
+            payers: d.get_payers(),
+            revenue,
+        }),
+    ))
+}
+
+/// One minute-block partial row.
+fn decode_minute_block(m: wire::partial_row::minute_block::Reader<'_>) -> Result<(RowKey, RowValue)> {
+    let mut cells = Vec::new();
+    for c in m.get_cells()?.iter() {
+        let value = MinuteValue {
+            events: c.get_events(),
+            launches: c.get_launches(),
+            revenue_cny: wide(c.get_revenue_cny(), "minuteCell.revenueCny")?,
+        };
+        cells.push(MinuteCell { minute: LocalMinute(c.get_minute()), value });
+    }
+    if cells.windows(2).any(|w| w[0].minute >= w[1].minute) {
+        return Err(CodecError::Invalid("minuteBlock.cells (not sorted by minute)"));
+    }
+    Ok((
+        RowKey::MinuteBlock(MinuteBlockKey { app: Arc::from(text(m.get_app())?), hour: m.get_hour() }),
+        RowValue::MinuteBlock(cells),
+    ))
 }
 
 // ------------------------------------------------------------------ size limits

@@ -215,6 +215,20 @@ impl Window {
         dims: &Dimensions,
         events: &[sluice_model::batch::EnrichedEvent],
     ) {
+        let (days, minutes) = self.sum_by_time(events);
+        for slot in days {
+            self.apply_day(kg, app, dev, dims, slot);
+        }
+        for (minute, delta) in minutes {
+            self.minute.update(kg, MinuteBlockKey::of(app.clone(), minute), |cells| add_minute(cells, minute, &delta));
+        }
+    }
+
+    /// An upload's events summed by local day and by minute.
+    fn sum_by_time(
+        &mut self,
+        events: &[sluice_model::batch::EnrichedEvent],
+    ) -> (Vec<DaySlot>, Vec<(LocalMinute, MinuteValue)>) {
         // Sorted by time, an upload's days and minutes are runs: summing them
         // costs O(n log n) in its events, whatever their spread (an upload
         // may hold any number of events, ids and currencies).
@@ -265,50 +279,50 @@ impl Window {
             fold_runs(&mut slot.revenue);
             fold_runs(&mut slot.custom);
         }
+        (days, minutes)
+    }
 
-        for slot in days {
-            let key = (app.clone(), dev.clone(), slot.day);
-            let device_day = match self.device_days.entry(key) {
-                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-                std::collections::hash_map::Entry::Vacant(v) => v.insert(DeviceDay::new(kg)),
-            };
-            let was_dirty = device_day.dirty;
-            let change = device_day.observe(dims, slot.launches, slot.paid);
-            let new_custom: Vec<bool> = slot.custom.iter().map(|(id, _)| device_day.observe_custom(id)).collect();
-            if !was_dirty {
-                self.dirty_days.push((app.clone(), dev.clone(), slot.day));
-            }
-            self.daily.update(kg, Self::daily_key(app, slot.day, dims), |v| {
-                v.events += slot.events;
-                v.launches += slot.launches;
-                v.active_devices += u64::from(change.new_in_cell);
-                v.payers += u64::from(change.new_payer);
-                v.playtime_s += slot.playtime_s;
-                for (h, n) in v.playtime_hist.iter_mut().zip(slot.playtime_hist) {
-                    *h += n;
-                }
-                for (cur, amount) in &slot.revenue {
-                    v.revenue.add(cur, *amount);
-                }
-            });
-            if let Some((from, to)) = change.bucket_move {
-                self.sessions.update(kg, AppDay { app: app.clone(), day: slot.day }, |b| {
-                    if let Some(from) = from {
-                        // The device was counted in `from` by this same partial.
-                        b[from] = b[from].saturating_sub(1);
-                    }
-                    b[to] += 1;
-                });
-            }
-            for ((id, count), new_device) in slot.custom.into_iter().zip(new_custom) {
-                self.custom.update(kg, CustomKey { app: app.clone(), day: slot.day, event_id: id }, |v| {
-                    v.count += count;
-                    v.devices += u64::from(new_device);
-                });
-            }
+    /// One device's day of an upload: its device-day, and the daily,
+    /// session and custom-event partials it changes.
+    fn apply_day(&mut self, kg: KeyGroup, app: &Arc<str>, dev: &Arc<str>, dims: &Dimensions, slot: DaySlot) {
+        let key = (app.clone(), dev.clone(), slot.day);
+        let device_day = match self.device_days.entry(key) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(DeviceDay::new(kg)),
+        };
+        let was_dirty = device_day.dirty;
+        let change = device_day.observe(dims, slot.launches, slot.paid);
+        let new_custom: Vec<bool> = slot.custom.iter().map(|(id, _)| device_day.observe_custom(id)).collect();
+        if !was_dirty {
+            self.dirty_days.push((app.clone(), dev.clone(), slot.day));
         }
-        for (minute, delta) in minutes {
-            self.minute.update(kg, MinuteBlockKey::of(app.clone(), minute), |cells| add_minute(cells, minute, &delta));
+        self.daily.update(kg, Self::daily_key(app, slot.day, dims), |v| {
+            v.events += slot.events;
+            v.launches += slot.launches;
+            v.active_devices += u64::from(change.new_in_cell);
+            v.payers += u64::from(change.new_payer);
+            v.playtime_s += slot.playtime_s;
+            for (h, n) in v.playtime_hist.iter_mut().zip(slot.playtime_hist) {
+                *h += n;
+            }
+            for (cur, amount) in &slot.revenue {
+                v.revenue.add(cur, *amount);
+            }
+        });
+        if let Some((from, to)) = change.bucket_move {
+            self.sessions.update(kg, AppDay { app: app.clone(), day: slot.day }, |b| {
+                if let Some(from) = from {
+                    // The device was counted in `from` by this same partial.
+                    b[from] = b[from].saturating_sub(1);
+                }
+                b[to] += 1;
+            });
+        }
+        for ((id, count), new_device) in slot.custom.into_iter().zip(new_custom) {
+            self.custom.update(kg, CustomKey { app: app.clone(), day: slot.day, event_id: id }, |v| {
+                v.count += count;
+                v.devices += u64::from(new_device);
+            });
         }
     }
 }

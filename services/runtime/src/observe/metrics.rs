@@ -191,100 +191,9 @@ impl Metrics {
             snapshot_bytes: Counter::default(),
             registry: Registry::default(),
         };
-        registry.register("records_received", "Input records", m.records_received.clone());
-        registry.register("records_sent", "Records in published batches", m.records_sent.clone());
-        registry.register("events_accepted", "Events that passed every rule", m.events_accepted.clone());
-        registry.register("batches_received", "Input batches", m.batches_received.clone());
-        registry.register("batches_sent", "Batches published", m.batches_sent.clone());
-        registry.register("records_rejected", "Rejected records and events, by reason", m.records_rejected.clone());
-        registry.register(
-            "duplicates_dropped",
-            "Deliveries or records dropped as already applied",
-            m.duplicates_dropped.clone(),
-        );
-        registry.register("batches_committed", "Commits made durable", m.batches_committed.clone());
-        registry.register_with_unit(
-            "commit_duration",
-            "Staging, writing and flushing one commit",
-            prometheus_client::registry::Unit::Seconds,
-            m.commit_duration.clone(),
-        );
-        registry.register_with_unit(
-            "processing_duration",
-            "Processing one input batch",
-            prometheus_client::registry::Unit::Seconds,
-            m.processing_duration.clone(),
-        );
-        registry.register_with_unit(
-            "busy",
-            "Time spent processing and committing",
-            prometheus_client::registry::Unit::Seconds,
-            m.busy_seconds.clone(),
-        );
-        registry.register_with_unit(
-            "backpressured",
-            "Time spent waiting for downstream to store what was published",
-            prometheus_client::registry::Unit::Seconds,
-            m.backpressured_seconds.clone(),
-        );
-        registry.register("publish_retries", "Publishes retried", m.publish_retries.clone());
-        registry.register("consumer_lag", "Input not yet delivered to this instance", m.consumer_lag.clone());
-        registry.register_with_unit(
-            "state",
-            "Size of the state directory on disk",
-            prometheus_client::registry::Unit::Bytes,
-            m.state_bytes.clone(),
-        );
-        let bytes = || prometheus_client::registry::Unit::Bytes;
-        registry.register_with_unit(
-            "credit_available",
-            "Sender: credit left over its output channels",
-            bytes(),
-            m.credit_available.clone(),
-        );
-        registry.register_with_unit(
-            "credit_backlog",
-            "Sender: bytes handed to the publisher and not yet stored",
-            bytes(),
-            m.credit_backlog.clone(),
-        );
-        registry.register_with_unit(
-            "credit_granted",
-            "Receiver: credit granted to its senders and not yet used",
-            bytes(),
-            m.credit_granted.clone(),
-        );
-        registry.register(
-            "time_share",
-            "Share of the last second spent busy, back-pressured (waiting for credit or the server) or idle",
-            m.time_share.clone(),
-        );
-        registry.register("input_paused", "Source: 1 while its Kafka partitions are paused", m.input_paused.clone());
-        registry.register("input_pauses", "Source: pauses of its Kafka partitions", m.input_pauses.clone());
-        registry.register_with_unit("resident_memory", "Resident memory (RSS)", bytes(), m.resident_memory.clone());
-        registry.register_with_unit(
-            "memory_limit",
-            "The memory the instance is sized for (service.memory_limit_bytes)",
-            bytes(),
-            m.memory_limit.clone(),
-        );
-        registry.register(
-            "leased_units",
-            "Units held by lease (key groups, or Kafka partitions)",
-            m.leased_units.clone(),
-        );
-        registry.register("lease_moves", "Units acquired or released", m.lease_moves.clone());
-        registry.register(
-            "fenced_dropped",
-            "Deliveries dropped as written by a deposed owner (an older fence)",
-            m.fenced_dropped.clone(),
-        );
-        registry.register_with_unit(
-            "snapshot",
-            "Bytes of key-group snapshots stored in the object store",
-            bytes(),
-            m.snapshot_bytes.clone(),
-        );
+        m.register_records(&mut registry);
+        m.register_timing(&mut registry);
+        m.register_flow(&mut registry);
         for (state, share) in [("busy", 0.0), ("backpressured", 0.0), ("idle", 1.0)] {
             m.time_share.get_or_create(&StateLabel { state }).set(share);
         }
@@ -294,6 +203,108 @@ impl Metrics {
             m.records_rejected.get_or_create(&ReasonLabel { reason: reason.as_str() }).inc_by(0);
         }
         Arc::new(Self { registry, ..m })
+    }
+
+    /// Register what flows through: records, batches, rejects, commits.
+    fn register_records(&self, r: &mut Registry) {
+        r.register("records_received", "Input records", self.records_received.clone());
+        r.register("records_sent", "Records in published batches", self.records_sent.clone());
+        r.register("events_accepted", "Events that passed every rule", self.events_accepted.clone());
+        r.register("batches_received", "Input batches", self.batches_received.clone());
+        r.register("batches_sent", "Batches published", self.batches_sent.clone());
+        r.register("records_rejected", "Rejected records and events, by reason", self.records_rejected.clone());
+        r.register(
+            "duplicates_dropped",
+            "Deliveries or records dropped as already applied",
+            self.duplicates_dropped.clone(),
+        );
+        r.register("batches_committed", "Commits made durable", self.batches_committed.clone());
+    }
+
+    /// Register where the time goes, and the state size.
+    fn register_timing(&self, r: &mut Registry) {
+        r.register_with_unit(
+            "commit_duration",
+            "Staging, writing and flushing one commit",
+            prometheus_client::registry::Unit::Seconds,
+            self.commit_duration.clone(),
+        );
+        r.register_with_unit(
+            "processing_duration",
+            "Processing one input batch",
+            prometheus_client::registry::Unit::Seconds,
+            self.processing_duration.clone(),
+        );
+        r.register_with_unit(
+            "busy",
+            "Time spent processing and committing",
+            prometheus_client::registry::Unit::Seconds,
+            self.busy_seconds.clone(),
+        );
+        r.register_with_unit(
+            "backpressured",
+            "Time spent waiting for downstream to store what was published",
+            prometheus_client::registry::Unit::Seconds,
+            self.backpressured_seconds.clone(),
+        );
+        r.register("publish_retries", "Publishes retried", self.publish_retries.clone());
+        r.register("consumer_lag", "Input not yet delivered to this instance", self.consumer_lag.clone());
+        r.register_with_unit(
+            "state",
+            "Size of the state directory on disk",
+            prometheus_client::registry::Unit::Bytes,
+            self.state_bytes.clone(),
+        );
+    }
+
+    /// Register flow control, memory and leases.
+    fn register_flow(&self, r: &mut Registry) {
+        let bytes = || prometheus_client::registry::Unit::Bytes;
+        r.register_with_unit(
+            "credit_available",
+            "Sender: credit left over its output channels",
+            bytes(),
+            self.credit_available.clone(),
+        );
+        r.register_with_unit(
+            "credit_backlog",
+            "Sender: bytes handed to the publisher and not yet stored",
+            bytes(),
+            self.credit_backlog.clone(),
+        );
+        r.register_with_unit(
+            "credit_granted",
+            "Receiver: credit granted to its senders and not yet used",
+            bytes(),
+            self.credit_granted.clone(),
+        );
+        r.register(
+            "time_share",
+            "Share of the last second spent busy, back-pressured (waiting for credit or the server) or idle",
+            self.time_share.clone(),
+        );
+        r.register("input_paused", "Source: 1 while its Kafka partitions are paused", self.input_paused.clone());
+        r.register("input_pauses", "Source: pauses of its Kafka partitions", self.input_pauses.clone());
+        r.register_with_unit("resident_memory", "Resident memory (RSS)", bytes(), self.resident_memory.clone());
+        r.register_with_unit(
+            "memory_limit",
+            "The memory the instance is sized for (service.memory_limit_bytes)",
+            bytes(),
+            self.memory_limit.clone(),
+        );
+        r.register("leased_units", "Units held by lease (key groups, or Kafka partitions)", self.leased_units.clone());
+        r.register("lease_moves", "Units acquired or released", self.lease_moves.clone());
+        r.register(
+            "fenced_dropped",
+            "Deliveries dropped as written by a deposed owner (an older fence)",
+            self.fenced_dropped.clone(),
+        );
+        r.register_with_unit(
+            "snapshot",
+            "Bytes of key-group snapshots stored in the object store",
+            bytes(),
+            self.snapshot_bytes.clone(),
+        );
     }
 
     /// Add reject counts.

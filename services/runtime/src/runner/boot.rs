@@ -6,7 +6,8 @@ use tokio::task::JoinHandle;
 
 use crate::observe::metrics::Metrics;
 use crate::observe::probe::{self, Health};
-use crate::runner::service::{Common, Ownership, ServiceContext, ServiceError};
+use crate::runner::context::{Common, Ownership, ServiceContext};
+use crate::runner::error::ServiceError;
 use crate::store::CommitStore;
 use sluice_model::key_group::KeyGroups;
 

@@ -152,6 +152,15 @@ pub struct Progress {
 }
 
 impl Progress {
+    /// Bring it up to date (`bytes_done` of the input, the metrics, the
+    /// time since `started`) and show it.
+    fn report(&mut self, bytes_done: u64, started: Instant, metrics: &Metrics, show: &mut dyn FnMut(&Progress)) {
+        self.bytes_done = bytes_done;
+        self.elapsed = started.elapsed();
+        self.read(metrics);
+        show(self);
+    }
+
     fn read(&mut self, metrics: &Metrics) {
         self.records = metrics.records_received.get();
         self.accepted_events = metrics.events_accepted.get();
@@ -245,10 +254,7 @@ where
                 last_commit = Instant::now();
             }
             if last_progress.elapsed() >= settings.progress_interval {
-                progress.bytes_done = position.bytes();
-                progress.elapsed = started.elapsed();
-                progress.read(metrics);
-                on_progress(&progress);
+                progress.report(position.bytes(), started, metrics, on_progress);
                 last_progress = Instant::now();
             }
         }
@@ -263,27 +269,43 @@ where
     if !pending.is_empty() {
         return Err(ChainError::Stopped("input: chunks were lost between parsing and processing"));
     }
-    if let Some((mut staged, at)) = barrier.take() {
+    // The end: the barrier in flight, then what came after it (a run that
+    // read nothing still commits once, so its position is recorded).
+    let rest = (uncommitted || position.bytes() == 0).then_some(&position);
+    let committer = commit_rest(&mut workers, committer, barrier, rest)?;
+    let (store, commit_time) = committer.finish()?;
+    let workers = workers.stop()?;
+    progress.report(position.bytes(), started, metrics, on_progress);
+    let stopped = stop.load(Ordering::Relaxed) && progress.bytes_done < progress.bytes_total;
+    Ok(Finished { progress, commit_time, store, workers, stopped })
+}
+
+/// Commit the barrier in flight (if any) once every worker answered, then,
+/// with `rest`, everything after it up to that position.
+fn commit_rest<S, P: Position>(
+    workers: &mut Workers<S>,
+    committer: Committer,
+    barrier: Option<(Vec<Option<CommitBatch>>, P)>,
+    rest: Option<&P>,
+) -> Result<Committer, ChainError>
+where
+    S: Stage + Send + 'static,
+    S::Input: Keyed + Send + 'static,
+{
+    if let Some((mut staged, at)) = barrier {
         workers.collect(&mut staged, true)?;
         if !committer.submit(staged, &at)? {
             return Err(committer.failure());
         }
     }
-    if uncommitted || position.bytes() == 0 {
+    if let Some(at) = rest {
         let mut staged = workers.begin_commit()?;
         workers.collect(&mut staged, true)?;
-        if !committer.submit(staged, &position)? {
+        if !committer.submit(staged, at)? {
             return Err(committer.failure());
         }
     }
-    let (store, commit_time) = committer.finish()?;
-    let workers = workers.stop()?;
-    progress.bytes_done = position.bytes();
-    progress.read(metrics);
-    progress.elapsed = started.elapsed();
-    on_progress(&progress);
-    let stopped = stop.load(Ordering::Relaxed) && progress.bytes_done < progress.bytes_total;
-    Ok(Finished { progress, commit_time, store, workers, stopped })
+    Ok(committer)
 }
 
 /// Parsed chunks by number, with the position after each.

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::observe::metrics::Metrics;
 use crate::observe::probe::Health;
-use crate::runner::service::ServiceError;
+use crate::runner::error::ServiceError;
 use crate::transport::lease_table::{LeaseError, LeaseGroup, View};
 
 /// Units held, each at its fence (unit → fence).

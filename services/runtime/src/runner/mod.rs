@@ -7,6 +7,7 @@
 //! - [`lease_loop`]: holding units (key groups, partitions) by lease;
 //! - [`source`]: the source as a service, over a [`source::SourceInput`]
 //!   (Kafka), with the same boot, commit, lease and drain code;
+//! - [`context`]: the `[service]` settings and what every service runs with;
 //! - [`error`]: why a service stopped, with a class (reject, retry, fatal);
 //! - [`binary`]: the `main` every service binary shares;
 //! - [`exit`]: how a binary reports its end;
@@ -15,6 +16,7 @@
 pub mod binary;
 mod boot;
 pub mod chained;
+pub mod context;
 pub mod error;
 pub mod exit;
 pub(crate) mod lease_loop;

@@ -26,7 +26,6 @@
 //! against a fake JetStream and a real store and kills the process before
 //! each effect in turn.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,14 +35,14 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::observe::metrics::Metrics;
-use crate::observe::probe::Health;
+
 use crate::protocol::credit;
 use crate::protocol::inbox::Inbox;
 use crate::stage::Stage;
-use crate::store::{self, CommitBatch, CommitStore, StateError, StateKey};
+use crate::store::{self, CommitBatch, CommitStore, StateKey};
 use crate::transport::consumer::{self, AckToken};
 use crate::transport::hop::Hop;
-use crate::transport::nats::{self, NatsSettings};
+use crate::transport::nats::{self, TransportError};
 use crate::transport::{credit_channel, publisher};
 use sluice_model::codec::CodecError;
 use sluice_model::key_group::{KeyGroup, KeyGroupSet, KeyGroups};
@@ -60,150 +59,7 @@ mod crash_model;
 use recovery::recover;
 use stage_thread::{Channels, Intake, OutputShape, StageThread};
 
-/// How an instance comes by its key groups.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Ownership {
-    /// Instance `service.instance` of `service.instances` owns key groups
-    /// `instance`, `instance + instances`, ...; changing either needs fresh
-    /// state directories.
-    #[default]
-    Static,
-    /// Instances divide the key groups among themselves through a lease
-    /// table in NATS KV ([`crate::protocol::ownership`]); key groups move, with their
-    /// state, when instances join, leave or die.
-    Leases,
-}
-
-/// Settings of a service instance.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ServiceSettings {
-    /// This instance's index among the stage's instances (0-based), with
-    /// `ownership = "static"`. On Kubernetes, the StatefulSet pod ordinal.
-    pub instance: usize,
-    /// How many instances the stage runs, with `ownership = "static"`; they
-    /// split the key groups evenly.
-    pub instances: usize,
-    /// `static` (from `instance` and `instances`) or `leases` (dynamic: the
-    /// instance needs a unique name in `SLUICE_INSTANCE_NAME`, the pod name
-    /// on Kubernetes).
-    pub ownership: Ownership,
-    /// With leases: this instance's share relative to the others (2: twice
-    /// the key groups of a weight-1 instance).
-    pub weight: u32,
-    /// With leases: how often the instance heartbeats and re-plans.
-    #[serde(with = "humantime_serde")]
-    pub heartbeat_interval: Duration,
-    /// With leases: how long after an instance's last heartbeat the others
-    /// take its key groups over. At least three heartbeats.
-    #[serde(with = "humantime_serde")]
-    pub lease_ttl: Duration,
-    /// With leases: how often the key groups changed since the last
-    /// snapshot are snapshotted to the object store. Input is acknowledged
-    /// only once a snapshot covers it, so this bounds what a new owner
-    /// replays after an instance died, and what the streams hold meanwhile.
-    #[serde(with = "humantime_serde")]
-    pub snapshot_interval: Duration,
-    /// The instance's state directory (sled).
-    pub state_dir: PathBuf,
-    /// Address of the HTTP server: `/metrics`, `/healthz`, `/readyz` (and
-    /// the sink's table API).
-    pub listen: String,
-    /// Deliveries buffered between NATS and the stage thread.
-    pub intake_queue: usize,
-    /// How long a drain (SIGTERM) may take before the service gives up and
-    /// exits non-zero (as safe as a crash). Keep under the pod's grace period.
-    #[serde(with = "humantime_serde")]
-    pub drain_timeout: Duration,
-    /// For tests and demos of back-pressure: wait this long before handing
-    /// each input batch to the stage, which makes the stage that slow.
-    /// 0 (the default): no wait.
-    #[serde(with = "humantime_serde")]
-    pub batch_delay: Duration,
-    /// The resident memory the instance is sized for (its container's
-    /// limit on Kubernetes). In-flight data is bounded by the credit and
-    /// hand-over settings; the rest is state. Exposed beside the RSS in
-    /// `/metrics`; above it the service warns.
-    pub memory_limit_bytes: u64,
-}
-
-impl Default for ServiceSettings {
-    fn default() -> Self {
-        Self {
-            instance: 0,
-            instances: 1,
-            ownership: Ownership::Static,
-            weight: 1,
-            heartbeat_interval: Duration::from_secs(1),
-            lease_ttl: Duration::from_secs(6),
-            snapshot_interval: Duration::from_secs(5),
-            state_dir: PathBuf::from("state"),
-            listen: "0.0.0.0:9090".into(),
-            intake_queue: 256,
-            drain_timeout: Duration::from_secs(8),
-            batch_delay: Duration::ZERO,
-            memory_limit_bytes: 512 << 20,
-        }
-    }
-}
-
-impl ServiceSettings {
-    /// Check the values once, at start: a bad one names its key.
-    pub fn validate(&self) -> Result<(), ServiceError> {
-        let fail = |m: String| Err(ServiceError::Settings(m));
-        if self.ownership == Ownership::Static && (self.instances == 0 || self.instance >= self.instances) {
-            return fail(format!(
-                "service.instance ({}) must be below service.instances ({})",
-                self.instance, self.instances
-            ));
-        }
-        if self.intake_queue == 0 {
-            return fail("service.intake_queue must be at least 1".into());
-        }
-        if self.drain_timeout.is_zero() {
-            return fail("service.drain_timeout must be above 0".into());
-        }
-        if self.ownership == Ownership::Leases {
-            if self.weight == 0 {
-                return fail("service.weight must be at least 1".into());
-            }
-            if self.heartbeat_interval.is_zero() || self.lease_ttl < self.heartbeat_interval * 3 {
-                return fail(format!(
-                    "service.lease_ttl ({:?}) must be at least three service.heartbeat_interval ({:?}), which must be above 0",
-                    self.lease_ttl, self.heartbeat_interval
-                ));
-            }
-            if self.snapshot_interval.is_zero() {
-                return fail("service.snapshot_interval must be above 0".into());
-            }
-        }
-        Ok(())
-    }
-
-    /// With leases: the instance's member name, from `SLUICE_INSTANCE_NAME`.
-    /// Two processes under one name would both believe they hold the same
-    /// key groups, so there is no made-up default.
-    pub fn member_name(&self) -> Result<String, ServiceError> {
-        match std::env::var(INSTANCE_NAME_VAR) {
-            Ok(name) if !name.trim().is_empty() => Ok(name.trim().to_string()),
-            _ => Err(ServiceError::Settings(format!(
-                "service.ownership = \"leases\" needs a unique instance name in {INSTANCE_NAME_VAR} \
-                 (on Kubernetes, the pod name from the downward API)"
-            ))),
-        }
-    }
-
-    /// The key groups this instance owns, after checking the settings.
-    pub fn key_groups(&self, p: KeyGroups) -> Result<KeyGroupSet, ServiceError> {
-        self.validate()?;
-        Ok(KeyGroupSet::share(p, self.instance, self.instances))
-    }
-}
-
-/// The environment variable naming an instance that holds leases.
-pub const INSTANCE_NAME_VAR: &str = "SLUICE_INSTANCE_NAME";
-
+pub use crate::runner::context::{Common, INSTANCE_NAME_VAR, Ownership, ServiceContext, ServiceSettings, next_run};
 pub use crate::runner::error::{ErrorClass, ServiceError};
 
 /// When a stage's outputs are published.
@@ -334,45 +190,6 @@ fn check_leased(store: &CommitStore, p: KeyGroups, settings: &ServiceSettings) -
     Ok(())
 }
 
-/// Everything a consuming service runs with.
-pub struct ServiceContext {
-    /// Instance settings.
-    pub settings: ServiceSettings,
-    /// NATS settings.
-    pub nats: NatsSettings,
-    /// Commit store settings (the commit interval).
-    pub state: crate::store::StateSettings,
-    /// P.
-    pub key_groups: KeyGroups,
-    /// Its metrics.
-    pub metrics: Arc<Metrics>,
-    /// Its probes.
-    pub health: Arc<Health>,
-    /// Cancelled on SIGTERM (or when a loop fails).
-    pub shutdown: CancellationToken,
-}
-
-const RUN_KEY: &str = "service/run";
-
-/// Number this start in `store` (written and flushed): every run of an
-/// instance gets a larger number than the runs before it, crashed or not.
-/// Flow control tells a sender's runs apart by it ([`credit::Sender`]). It
-/// is the wall clock in milliseconds, or one more than the last run's when
-/// the clock is behind: so a sender whose state was lost still starts above
-/// its earlier runs (receivers ignore reports of older runs).
-pub fn next_run(store: &CommitStore) -> Result<u64, StateError> {
-    let last: u64 = match store.get(&StateKey::namespace(RUN_KEY))? {
-        Some(b) => store::decode("run", &b)?,
-        None => 0,
-    };
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    let run = now.max(last + 1);
-    let mut tx = CommitBatch::default();
-    tx.put(&StateKey::namespace(RUN_KEY), store::encode("run", &run)?);
-    store.commit(tx)?;
-    Ok(run)
-}
-
 /// The key groups one run of an instance consumes.
 pub struct Holding {
     /// The key groups.
@@ -394,144 +211,49 @@ where
     S: ConsumingStage,
 {
     let recovered = recover(&mut stage, &store, holding.owned.clone())?;
-    let epoch = recovered.epoch;
     let name = match &holding.lease {
         Some(lease) => lease.member.clone(),
         None => format!("{}-{}", stage.name(), ctx.settings.instance),
     };
-
     let js = nats::connect(&ctx.nats, &format!("sluice-{name}")).await?;
     let input = nats::ensure_stream(&js, &ctx.nats, S::INPUT).await?;
     if let Some(out) = S::OUTPUT {
         nats::ensure_stream(&js, &ctx.nats, out).await?;
     }
-    let sender_credit = S::OUTPUT.map(|hop| publisher::PublisherCredit {
-        sender: credit::Sender { name: name.clone(), run: recovered.run },
-        hop,
-    });
-    let (pub_tx, pub_rx) = ctx.nats.handoff();
-    let publisher = tokio::spawn(publisher::run_publisher(
-        js.clone(),
-        ctx.nats.clone(),
-        pub_rx,
-        ctx.metrics.clone(),
-        sender_credit,
-    ));
-    // The receiving side of flow control: the stage thread notes what it
-    // consumed, this task announces limits.
-    // A channel silent for a minute is forgotten (a sender that left).
-    let idle_ticks = (Duration::from_secs(60).as_millis() / ctx.nats.credit_interval.as_millis().max(1)) as u64;
-    let ledger =
-        ctx.nats.credit.then(|| Arc::new(Mutex::new(credit::Ledger::new(ctx.nats.credit_policy(), idle_ticks))));
-    let credit_task = ledger.clone().map(|ledger| {
-        let metrics = ctx.metrics.clone();
-        tokio::spawn(credit_channel::run_credit_receiver(
-            js.client(),
-            ctx.nats.clone(),
-            S::INPUT,
-            recovered.owned.clone(),
-            ledger,
-            move |bytes| {
-                metrics.credit_granted.set(bytes as i64);
-            },
-            stop.clone(),
-        ))
-    });
+    let sender = credit::Sender { name, run: recovered.run };
+    let (pub_tx, publisher) = spawn_publisher(&js, ctx, S::OUTPUT, sender);
+    let (ledger, credit_task) = spawn_credit_receiver(&js, ctx, S::INPUT, &recovered.owned, &stop);
 
     let kgs: Vec<KeyGroup> = ctx.key_groups.all().filter(|kg| recovered.owned.contains(*kg)).collect();
     let fences = holding.lease.as_ref().map(|l| &l.fences);
-    let mut deliveries = consumer::consume(&input, &ctx.nats, S::INPUT, kgs.iter().copied(), fences).await?;
-    let (intake_tx, mut intake_rx) = mpsc::channel::<Intake>(ctx.settings.intake_queue.max(1));
+    let deliveries = consumer::consume(&input, &ctx.nats, S::INPUT, kgs.iter().copied(), fences).await?;
+    let (intake_tx, intake_rx) = mpsc::channel::<Intake>(ctx.settings.intake_queue.max(1));
     let (ack_tx, ack_rx) = mpsc::channel::<Vec<AckToken>>(64);
     let acker = tokio::spawn(consumer::run_acker(js.client(), ack_rx));
-    let (snapshot_tx, snapshot_task, leasing) = match holding.lease {
-        Some(lease) => {
-            let (tx, rx) = mpsc::channel(1);
-            let leasing = stage_thread::Leasing {
-                fences: lease.fences.clone(),
-                namespaces: S::KEY_GROUP_STATE.iter().copied().chain([INBOX_NS]).collect(),
-                interval: ctx.settings.snapshot_interval,
-            };
-            let task = tokio::spawn(leased::run_snapshots(rx, lease, ack_tx.clone(), ctx.metrics.clone()));
-            (Some(tx), Some(task), Some(leasing))
-        }
-        None => (None, None, None),
-    };
-
-    let shutdown = stop.clone();
-    let metrics = ctx.metrics.clone();
-    let interval = ctx.state.commit_interval;
-    let batch_delay = ctx.settings.batch_delay;
-    let intake = tokio::spawn(async move {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut lag: std::collections::HashMap<KeyGroup, u64> = Default::default();
-        loop {
-            let next = tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                _ = tick.tick() => Intake::Tick,
-                d = deliveries.next() => match d {
-                    Some(Ok(d)) => {
-                        lag.insert(d.key_group, d.pending);
-                        metrics.consumer_lag.set(lag.values().sum::<u64>() as i64);
-                        if !batch_delay.is_zero() {
-                            tokio::time::sleep(batch_delay).await;
-                        }
-                        Intake::Delivery(Box::new(d))
-                    }
-                    Some(Err(e)) => return Err(e),
-                    None => break,
-                },
-            };
-            if intake_tx.send(next).await.is_err() {
-                break; // the stage thread stopped; it reports why
-            }
-        }
-        Ok(())
-    });
+    let snapshots = holding.lease.map(|lease| spawn_snapshots::<S>(lease, ack_tx.clone(), ctx));
+    let intake = tokio::spawn(run_intake(
+        deliveries,
+        intake_tx,
+        ctx.metrics.clone(),
+        ctx.state.commit_interval,
+        ctx.settings.batch_delay,
+        stop.clone(),
+    ));
     ctx.health.set_ready(true);
+    let epoch = recovered.epoch;
     tracing::info!(stage = stage.name(), instance = ctx.settings.instance, key_groups = kgs.len(), epoch, "consuming");
 
-    let shape = OutputShape { prefix: ctx.nats.prefix.clone(), max_bytes: ctx.nats.max_batch_bytes };
-    let (metrics, health, cancel) = (ctx.metrics.clone(), ctx.health.clone(), ctx.shutdown.clone());
-    let state_dir = ctx.settings.state_dir.clone();
-    let thread = std::thread::Builder::new()
-        .name(format!("sluice-{}", stage.name()))
-        .spawn(move || {
-            let io =
-                Channels { publisher: pub_tx, acker: ack_tx, ledger, metrics: metrics.clone(), snapshots: snapshot_tx };
-            let mut worker = StageThread::resume(stage, store, recovered, io, shape, metrics.clone(), leasing)?;
-            let result = worker.run(&mut intake_rx);
-            let bytes = worker.state_bytes();
-            metrics.state_bytes.set(bytes as i64);
-            tracing::info!(state_dir = %state_dir.display(), state_bytes = bytes, "stage thread stopped");
-            result
-        })
-        .map_err(|source| ServiceError::Os { what: "starting the stage thread".into(), source })?;
-
-    // Wait for the stage thread without blocking the runtime.
-    let (done_tx, done_rx) = oneshot::channel();
-    std::thread::spawn(move || {
-        let _ = done_tx.send(thread.join());
-    });
-    let drain_timeout = ctx.settings.drain_timeout;
-    let shutdown = stop.clone();
-    let stage_result = tokio::select! {
-        r = done_rx => r,
-        _ = async { shutdown.cancelled().await; tokio::time::sleep(drain_timeout).await } => {
-            health.set_failed();
-            return Err(ServiceError::DrainTimeout(drain_timeout));
-        }
+    let (snapshot_tx, leasing, snapshot_task) = match snapshots {
+        Some((tx, leasing, task)) => (Some(tx), Some(leasing), Some(task)),
+        None => (None, None, None),
     };
-    let result = match stage_result {
-        Ok(Ok(r)) => r,
-        Ok(Err(_)) => Err(ServiceError::Panicked("stage thread")),
-        Err(_) => Err(ServiceError::Panicked("stage thread")),
-    };
+    let io =
+        Channels { publisher: pub_tx, acker: ack_tx, ledger, metrics: ctx.metrics.clone(), snapshots: snapshot_tx };
+    let thread = spawn_stage_thread(stage, store, recovered, io, leasing, intake_rx, ctx)?;
+    let result = join_stage_thread(thread, ctx, &stop).await?;
     if result.is_err() {
-        health.set_failed();
-        cancel.cancel();
+        ctx.health.set_failed();
+        ctx.shutdown.cancel();
     }
     let intake_result = intake.await.map_err(|_| ServiceError::Panicked("intake task"))?;
     let publish_result = publisher.await.map_err(|_| ServiceError::Panicked("publisher task"))?;
@@ -546,20 +268,163 @@ where
     result?;
     intake_result?;
     publish_result?;
-    snapshot_result?;
+    snapshot_result
+}
+
+/// The publisher of a stage's outputs, with flow control on `output` (if
+/// any) as `sender`.
+fn spawn_publisher(
+    js: &async_nats::jetstream::Context,
+    ctx: &ServiceContext,
+    output: Option<Hop>,
+    sender: credit::Sender,
+) -> (crate::transport::handoff::Handoff, tokio::task::JoinHandle<Result<(), TransportError>>) {
+    let credit = output.map(|hop| publisher::PublisherCredit { sender, hop });
+    let (pub_tx, pub_rx) = ctx.nats.handoff();
+    let task =
+        tokio::spawn(publisher::run_publisher(js.clone(), ctx.nats.clone(), pub_rx, ctx.metrics.clone(), credit));
+    (pub_tx, task)
+}
+
+/// The receiving side of flow control: the stage thread notes in the ledger
+/// what it consumed, this task announces limits. `None` with credit off.
+#[allow(clippy::type_complexity)]
+fn spawn_credit_receiver(
+    js: &async_nats::jetstream::Context,
+    ctx: &ServiceContext,
+    input: Hop,
+    owned: &KeyGroupSet,
+    stop: &CancellationToken,
+) -> (Option<Arc<Mutex<credit::Ledger>>>, Option<tokio::task::JoinHandle<Result<(), TransportError>>>) {
+    if !ctx.nats.credit {
+        return (None, None);
+    }
+    // A channel silent for a minute is forgotten (a sender that left).
+    let idle_ticks = (Duration::from_secs(60).as_millis() / ctx.nats.credit_interval.as_millis().max(1)) as u64;
+    let ledger = Arc::new(Mutex::new(credit::Ledger::new(ctx.nats.credit_policy(), idle_ticks)));
+    let metrics = ctx.metrics.clone();
+    let task = tokio::spawn(credit_channel::run_credit_receiver(
+        js.client(),
+        ctx.nats.clone(),
+        input,
+        owned.clone(),
+        ledger.clone(),
+        move |bytes| {
+            metrics.credit_granted.set(bytes as i64);
+        },
+        stop.clone(),
+    ));
+    (Some(ledger), Some(task))
+}
+
+/// Key groups held by lease: the snapshot task, and how the stage thread
+/// snapshots.
+#[allow(clippy::type_complexity)]
+fn spawn_snapshots<S: ConsumingStage>(
+    lease: leased::LeaseRun,
+    acker: mpsc::Sender<Vec<AckToken>>,
+    ctx: &ServiceContext,
+) -> (mpsc::Sender<stage_thread::SnapshotJob>, stage_thread::Leasing, tokio::task::JoinHandle<Result<(), ServiceError>>)
+{
+    let (tx, rx) = mpsc::channel(1);
+    let leasing = stage_thread::Leasing {
+        fences: lease.fences.clone(),
+        namespaces: S::KEY_GROUP_STATE.iter().copied().chain([INBOX_NS]).collect(),
+        interval: ctx.settings.snapshot_interval,
+    };
+    let task = tokio::spawn(leased::run_snapshots(rx, lease, acker, ctx.metrics.clone()));
+    (tx, leasing, task)
+}
+
+/// The intake task: hand the stage thread deliveries in order, and a tick
+/// every commit interval; on `stop` it stops pulling, which is how a drain
+/// starts.
+async fn run_intake(
+    mut deliveries: futures_util::stream::BoxStream<'static, Result<consumer::Delivery, TransportError>>,
+    intake: mpsc::Sender<Intake>,
+    metrics: Arc<Metrics>,
+    interval: Duration,
+    batch_delay: Duration,
+    stop: CancellationToken,
+) -> Result<(), ServiceError> {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut lag: std::collections::HashMap<KeyGroup, u64> = Default::default();
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => Intake::Tick,
+            d = deliveries.next() => match d {
+                Some(Ok(d)) => {
+                    lag.insert(d.key_group, d.pending);
+                    metrics.consumer_lag.set(lag.values().sum::<u64>() as i64);
+                    if !batch_delay.is_zero() {
+                        tokio::time::sleep(batch_delay).await;
+                    }
+                    Intake::Delivery(Box::new(d))
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None => break,
+            },
+        };
+        if intake.send(next).await.is_err() {
+            break; // the stage thread stopped; it reports why
+        }
+    }
     Ok(())
 }
 
-/// The settings every consuming service shares.
-pub struct Common<'a> {
-    /// `[pipeline]`.
-    pub pipeline: &'a crate::settings::PipelineSettings,
-    /// `[service]`.
-    pub service: &'a ServiceSettings,
-    /// `[nats]`.
-    pub nats: &'a NatsSettings,
-    /// `[state]`.
-    pub state: &'a crate::store::StateSettings,
+type StageThreadHandle = std::thread::JoinHandle<Result<(), ServiceError>>;
+
+/// Start the stage thread (a plain thread: the work is CPU-bound).
+fn spawn_stage_thread<S: ConsumingStage>(
+    stage: S,
+    store: CommitStore,
+    recovered: recovery::Recovered,
+    io: Channels,
+    leasing: Option<stage_thread::Leasing>,
+    mut intake: mpsc::Receiver<Intake>,
+    ctx: &ServiceContext,
+) -> Result<StageThreadHandle, ServiceError> {
+    let shape = OutputShape { prefix: ctx.nats.prefix.clone(), max_bytes: ctx.nats.max_batch_bytes };
+    let metrics = ctx.metrics.clone();
+    let state_dir = ctx.settings.state_dir.clone();
+    std::thread::Builder::new()
+        .name(format!("sluice-{}", stage.name()))
+        .spawn(move || {
+            let mut worker = StageThread::resume(stage, store, recovered, io, shape, metrics.clone(), leasing)?;
+            let result = worker.run(&mut intake);
+            let bytes = worker.state_bytes();
+            metrics.state_bytes.set(bytes as i64);
+            tracing::info!(state_dir = %state_dir.display(), state_bytes = bytes, "stage thread stopped");
+            result
+        })
+        .map_err(|source| ServiceError::Os { what: "starting the stage thread".into(), source })
+}
+
+/// Wait for the stage thread without blocking the runtime; after `stop`,
+/// for at most `service.drain_timeout`.
+async fn join_stage_thread(
+    thread: StageThreadHandle,
+    ctx: &ServiceContext,
+    stop: &CancellationToken,
+) -> Result<Result<(), ServiceError>, ServiceError> {
+    let (done_tx, done_rx) = oneshot::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(thread.join());
+    });
+    let drain_timeout = ctx.settings.drain_timeout;
+    tokio::select! {
+        r = done_rx => match r {
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(_)) | Err(_) => Ok(Err(ServiceError::Panicked("stage thread"))),
+        },
+        _ = async { stop.cancelled().await; tokio::time::sleep(drain_timeout).await } => {
+            ctx.health.set_failed();
+            Err(ServiceError::DrainTimeout(drain_timeout))
+        }
+    }
 }
 
 /// What [`launch`] hands the function that builds the stage.
@@ -626,34 +491,4 @@ where
 /// Run `future` on a new multi-threaded tokio runtime (a service's `main`).
 pub fn block_on<T>(future: impl std::future::Future<Output = T>) -> std::io::Result<T> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(future))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn runs_only_grow_even_when_the_clock_is_behind() -> Result<(), Box<dyn std::error::Error>> {
-        let dir = tempfile::tempdir()?;
-        let store = CommitStore::open(dir.path(), &Default::default())?;
-        let first = next_run(&store)?;
-        assert!(next_run(&store)? > first);
-        // A run stored from a clock far ahead: the next is still above it.
-        let ahead = first + 10_000_000;
-        let mut tx = CommitBatch::default();
-        tx.put(&StateKey::namespace(RUN_KEY), store::encode("run", &ahead)?);
-        store.commit(tx)?;
-        assert_eq!(next_run(&store)?, ahead + 1);
-        Ok(())
-    }
-
-    #[test]
-    fn settings_refuse_what_cannot_work() {
-        let ok = ServiceSettings::default();
-        assert!(ok.validate().is_ok());
-        let bad = ServiceSettings { instance: 2, instances: 2, ..ServiceSettings::default() };
-        assert!(bad.validate().is_err());
-        let bad = crate::store::StateSettings { commit_interval: Duration::ZERO, ..Default::default() };
-        assert!(bad.validate().is_err());
-    }
 }

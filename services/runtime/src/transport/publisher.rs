@@ -97,6 +97,30 @@ struct Gate {
 }
 
 impl Gate {
+    fn new(js: &jetstream::Context, settings: &NatsSettings, credit: &PublisherCredit) -> Result<Self, TransportError> {
+        if settings.credit_batches == 0 || settings.credit_bytes == 0 {
+            return Err(TransportError::Invalid("nats.credit_batches and nats.credit_bytes must be above 0".into()));
+        }
+        Ok(Gate {
+            sender: credit.sender.clone(),
+            hop: credit.hop,
+            prefix: settings.prefix.clone(),
+            initial: settings.credit_policy().exclusive,
+            channels: HashMap::new(),
+            blocked: HashMap::new(),
+            client: js.client(),
+        })
+    }
+
+    /// Listen for this sender's grants.
+    async fn subscribe(&self, prefix: &str) -> Result<async_nats::Subscriber, TransportError> {
+        let subject = credit::grant_subject(prefix, self.hop, &self.sender.name);
+        self.client
+            .subscribe(subject.clone())
+            .await
+            .map_err(|e| js_err(format!("subscribing to {subject}"))(Box::new(e)))
+    }
+
     /// Send `out` now if its channel has credit (stamped), else hold it.
     fn offer(&mut self, js: &jetstream::Context, seq: u64, out: Outgoing) -> Option<InFlight> {
         let channel = self.channels.entry(out.subject.clone()).or_insert_with(|| credit::Outbound::new(self.initial));
@@ -174,137 +198,176 @@ pub async fn run_publisher(
     report: impl PublishReport,
     credit: Option<PublisherCredit>,
 ) -> Result<(), TransportError> {
-    let mut order: PublishOrder<(u64, Outgoing)> = PublishOrder::default();
-    let mut in_flight: FuturesUnordered<InFlight> = FuturesUnordered::new();
-    let mut unstored: BTreeSet<u64> = BTreeSet::new();
-    // What each unstored message holds of the hand-over budget.
-    let mut budgets: HashMap<u64, crate::transport::handoff::Budget> = HashMap::new();
-    let mut barriers: Vec<(u64, oneshot::Sender<()>)> = Vec::new();
-    let mut failing_since: HashMap<u64, (tokio::time::Instant, u32)> = Default::default();
-    // Bytes handed over and not stored yet; per subject, what waits behind
-    // its head (batches, bytes).
-    let mut buffered: u64 = 0;
-    let mut queued: HashMap<String, (u64, u64)> = HashMap::new();
-    let mut next_seq = 0u64;
-    let mut open = true;
-    let mut gate = match &credit {
-        Some(c) if settings.credit => {
-            if settings.credit_batches == 0 || settings.credit_bytes == 0 {
-                return Err(TransportError::Invalid(
-                    "nats.credit_batches and nats.credit_bytes must be above 0".into(),
-                ));
-            }
-            Some(Gate {
-                sender: c.sender.clone(),
-                hop: c.hop,
-                prefix: settings.prefix.clone(),
-                initial: settings.credit_policy().exclusive,
-                channels: HashMap::new(),
-                blocked: HashMap::new(),
-                client: js.client(),
-            })
-        }
+    let gate = match &credit {
+        Some(c) if settings.credit => Some(Gate::new(&js, &settings, c)?),
         _ => None,
     };
     let mut grants = match &gate {
-        Some(g) => {
-            let subject = credit::grant_subject(&settings.prefix, g.hop, &g.sender.name);
-            let sub = js
-                .client()
-                .subscribe(subject.clone())
-                .await
-                .map_err(|e| js_err(format!("subscribing to {subject}"))(Box::new(e)))?;
-            Some(sub)
-        }
+        Some(g) => Some(g.subscribe(&settings.prefix).await?),
         None => None,
     };
     let mut tick = tokio::time::interval(settings.credit_interval.max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut p = Publisher::new(js, settings, report, gate);
     loop {
-        // Answer the barriers whose messages are all stored.
-        let lowest = unstored.first().copied().unwrap_or(u64::MAX);
-        let (done, waiting): (Vec<_>, Vec<_>) = barriers.drain(..).partition(|(at, _)| *at <= lowest);
-        barriers = waiting;
+        p.answer_barriers();
+        if !p.open && p.in_flight.is_empty() && p.gate.as_ref().is_none_or(|g| g.blocked.is_empty()) {
+            return Ok(());
+        }
+        if let Some(g) = &p.gate {
+            p.report.credit(g.available_bytes(), p.buffered);
+        }
+        tokio::select! {
+            msg = rx.recv(), if p.open => p.take(msg),
+            Some(grant) = async { match grants.as_mut() { Some(s) => s.next().await, None => None } } => {
+                p.grant(&grant.payload);
+            },
+            _ = tick.tick(), if p.gate.as_ref().is_some_and(|g| !g.blocked.is_empty()) => {
+                if let Some(g) = &p.gate {
+                    g.report(&p.queued).await;
+                }
+            },
+            Some((seq, out, stamp, result)) = p.in_flight.next() => p.sent(seq, out, stamp, result)?,
+        }
+    }
+}
+
+/// The publisher's state between events.
+struct Publisher<R> {
+    js: jetstream::Context,
+    settings: NatsSettings,
+    report: R,
+    gate: Option<Gate>,
+    order: PublishOrder<(u64, Outgoing)>,
+    in_flight: FuturesUnordered<InFlight>,
+    /// Sequence numbers handed over and not stored yet.
+    unstored: BTreeSet<u64>,
+    /// What each unstored message holds of the hand-over budget.
+    budgets: HashMap<u64, crate::transport::handoff::Budget>,
+    /// Barriers, each at the sequence number after the last message before it.
+    barriers: Vec<(u64, oneshot::Sender<()>)>,
+    /// Messages whose publish failed: since when, and how often.
+    failing_since: HashMap<u64, (tokio::time::Instant, u32)>,
+    /// Bytes handed over and not stored yet.
+    buffered: u64,
+    /// Per subject, what waits behind its head (batches, bytes).
+    queued: HashMap<String, (u64, u64)>,
+    next_seq: u64,
+    /// Whether the hand-over is open (it closes when the stage is done).
+    open: bool,
+}
+
+impl<R: PublishReport> Publisher<R> {
+    fn new(js: jetstream::Context, settings: NatsSettings, report: R, gate: Option<Gate>) -> Self {
+        Self {
+            js,
+            settings,
+            report,
+            gate,
+            order: PublishOrder::default(),
+            in_flight: FuturesUnordered::new(),
+            unstored: BTreeSet::new(),
+            budgets: HashMap::new(),
+            barriers: Vec::new(),
+            failing_since: HashMap::new(),
+            buffered: 0,
+            queued: HashMap::new(),
+            next_seq: 0,
+            open: true,
+        }
+    }
+
+    /// Answer the barriers whose messages are all stored.
+    fn answer_barriers(&mut self) {
+        let lowest = self.unstored.first().copied().unwrap_or(u64::MAX);
+        let (done, waiting): (Vec<_>, Vec<_>) = self.barriers.drain(..).partition(|(at, _)| *at <= lowest);
+        self.barriers = waiting;
         for (_, tx) in done {
             let _ = tx.send(());
         }
-        if !open && in_flight.is_empty() && gate.as_ref().is_none_or(|g| g.blocked.is_empty()) {
-            return Ok(());
+    }
+
+    /// What the stage handed over (`None`: the hand-over closed).
+    fn take(&mut self, msg: Option<ToPublisher>) {
+        match msg {
+            Some(ToPublisher::Publish(out, budget)) => {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                self.unstored.insert(seq);
+                self.budgets.insert(seq, budget);
+                let (subject, len) = (out.subject.clone(), out.payload.len() as u64);
+                self.buffered += len;
+                match self.order.offer(&subject, (seq, out)) {
+                    Some((seq, out)) => self.in_flight.extend(dispatch(self.gate.as_mut(), &self.js, seq, out)),
+                    None => {
+                        let q = self.queued.entry(subject).or_default();
+                        q.0 += 1;
+                        q.1 += len;
+                    }
+                }
+            }
+            Some(ToPublisher::Barrier(tx)) => self.barriers.push((self.next_seq, tx)),
+            None => self.open = false,
         }
-        if let Some(g) = &gate {
-            report.credit(g.available_bytes(), buffered);
+    }
+
+    /// A grant arrived on this sender's grant subject.
+    fn grant(&mut self, payload: &[u8]) {
+        let Some(g) = self.gate.as_mut() else { return };
+        let Ok(grant) = serde_json::from_slice::<credit::Grant>(payload) else { return };
+        match grant.v.check("credit grant") {
+            Ok(()) => self.in_flight.extend(g.grant(&self.js, grant)),
+            Err(e) => tracing::warn!("{e}"),
         }
-        tokio::select! {
-            msg = rx.recv(), if open => match msg {
-                Some(ToPublisher::Publish(out, budget)) => {
-                    let seq = next_seq;
-                    next_seq += 1;
-                    unstored.insert(seq);
-                    budgets.insert(seq, budget);
-                    buffered += out.payload.len() as u64;
-                    let subject = out.subject.clone();
-                    let len = out.payload.len() as u64;
-                    match order.offer(&subject, (seq, out)) {
-                        Some((seq, out)) => in_flight.extend(dispatch(gate.as_mut(), &js, seq, out)),
-                        None => {
-                            let q = queued.entry(subject).or_default();
-                            q.0 += 1;
-                            q.1 += len;
-                        }
-                    }
+    }
+
+    /// A publish attempt ended: the subject's next message goes once it is
+    /// stored; a failure is retried under the same id with backoff, for up
+    /// to `publish_timeout`.
+    fn sent(
+        &mut self,
+        seq: u64,
+        out: Outgoing,
+        stamp: Option<String>,
+        result: Result<bool, Attempt>,
+    ) -> Result<(), TransportError> {
+        match result {
+            Ok(duplicate) => {
+                self.stored(seq, &out, duplicate);
+                Ok(())
+            }
+            Err(Attempt::TooLarge(why)) => {
+                Err(TransportError::TooLarge { subject: out.subject, id: out.id, bytes: out.payload.len(), why })
+            }
+            Err(Attempt::Retry(last)) => {
+                let (since, attempts) = *self.failing_since.entry(seq).or_insert((tokio::time::Instant::now(), 0));
+                if since.elapsed() > self.settings.publish_timeout {
+                    let waited = since.elapsed();
+                    return Err(TransportError::Publish { subject: out.subject, id: out.id, waited, last });
                 }
-                Some(ToPublisher::Barrier(tx)) => barriers.push((next_seq, tx)),
-                None => open = false,
-            },
-            Some(grant) = async { match grants.as_mut() { Some(s) => s.next().await, None => None } } => {
-                if let (Some(g), Ok(grant)) = (gate.as_mut(), serde_json::from_slice::<credit::Grant>(&grant.payload)) {
-                    match grant.v.check("credit grant") {
-                        Ok(()) => in_flight.extend(g.grant(&js, grant)),
-                        Err(e) => tracing::warn!("{e}"),
-                    }
-                }
-            },
-            _ = tick.tick(), if gate.as_ref().is_some_and(|g| !g.blocked.is_empty()) => {
-                if let Some(g) = &gate {
-                    g.report(&queued).await;
-                }
-            },
-            Some((seq, out, stamp, result)) = in_flight.next() => match result {
-                Ok(duplicate) => {
-                    report.stored(out.payload.len(), duplicate);
-                    unstored.remove(&seq);
-                    budgets.remove(&seq);
-                    failing_since.remove(&seq);
-                    buffered = buffered.saturating_sub(out.payload.len() as u64);
-                    if let Some((seq, next)) = order.stored(&out.subject) {
-                        if let Some(q) = queued.get_mut(&out.subject) {
-                            q.0 = q.0.saturating_sub(1);
-                            q.1 = q.1.saturating_sub(next.payload.len() as u64);
-                        }
-                        in_flight.extend(dispatch(gate.as_mut(), &js, seq, next));
-                    }
-                }
-                Err(Attempt::TooLarge(why)) => {
-                    return Err(TransportError::TooLarge { subject: out.subject, id: out.id, bytes: out.payload.len(), why });
-                }
-                Err(Attempt::Retry(last)) => {
-                    let (since, attempts) = *failing_since.entry(seq).or_insert((tokio::time::Instant::now(), 0));
-                    if since.elapsed() > settings.publish_timeout {
-                        return Err(TransportError::Publish {
-                            subject: out.subject,
-                            id: out.id,
-                            waited: since.elapsed(),
-                            last,
-                        });
-                    }
-                    report.retried();
-                    tracing::warn!(subject = %out.subject, id = %out.id, error = %last, "publish failed; retrying");
-                    failing_since.insert(seq, (since, attempts + 1));
-                    let delay = Duration::from_millis(20u64 << attempts.min(6));
-                    // The same stamp: a retry is the same batch.
-                    in_flight.push(send(&js, seq, out, stamp, delay));
-                }
-            },
+                self.report.retried();
+                tracing::warn!(subject = %out.subject, id = %out.id, error = %last, "publish failed; retrying");
+                self.failing_since.insert(seq, (since, attempts + 1));
+                let delay = Duration::from_millis(20u64 << attempts.min(6));
+                // The same stamp: a retry is the same batch.
+                self.in_flight.push(send(&self.js, seq, out, stamp, delay));
+                Ok(())
+            }
+        }
+    }
+
+    fn stored(&mut self, seq: u64, out: &Outgoing, duplicate: bool) {
+        self.report.stored(out.payload.len(), duplicate);
+        self.unstored.remove(&seq);
+        self.budgets.remove(&seq);
+        self.failing_since.remove(&seq);
+        self.buffered = self.buffered.saturating_sub(out.payload.len() as u64);
+        if let Some((seq, next)) = self.order.stored(&out.subject) {
+            if let Some(q) = self.queued.get_mut(&out.subject) {
+                q.0 = q.0.saturating_sub(1);
+                q.1 = q.1.saturating_sub(next.payload.len() as u64);
+            }
+            self.in_flight.extend(dispatch(self.gate.as_mut(), &self.js, seq, next));
         }
     }
 }

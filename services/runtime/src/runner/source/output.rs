@@ -18,8 +18,8 @@ use tokio::sync::oneshot;
 
 use crate::observe::metrics::Metrics;
 use crate::protocol::fence::FenceStamp;
+use crate::runner::error::ServiceError;
 use crate::runner::lease_loop::{Checkpoints, Held};
-use crate::runner::service::ServiceError;
 use crate::store::{self, CommitBatch, CommitStore, StateKey};
 use crate::transport::handoff::{Handoff, Outgoing, PublisherGone};
 use crate::transport::lease_table::LeaseGroup;
