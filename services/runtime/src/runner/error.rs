@@ -150,8 +150,8 @@ mod tests {
 
     #[test]
     fn classes_say_whether_a_restart_helps() {
-        let gap = ServiceError::TaskStopped("acker");
-        assert_eq!(gap.class(), ErrorClass::Retry);
+        let stopped = ServiceError::TaskStopped("acker");
+        assert_eq!(stopped.class(), ErrorClass::Retry);
         assert_eq!(ServiceError::Settings("service.weight must be at least 1".into()).class(), ErrorClass::Fatal);
         let missing = ServiceError::SnapshotMissing { key_group: KeyGroup(3), generation: 7 };
         assert_eq!(missing.class(), ErrorClass::Fatal);

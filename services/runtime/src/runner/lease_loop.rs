@@ -36,6 +36,11 @@ pub(crate) type Held = BTreeMap<u32, u64>;
 /// `None` keeps the one recorded).
 pub(crate) type Checkpoints = BTreeMap<u32, (u64, Option<u64>)>;
 
+/// Checkpoints that keep what is recorded for each of `units`.
+pub(crate) fn keep_checkpoints(units: &Held) -> Checkpoints {
+    units.iter().map(|(u, f)| (*u, (*f, None))).collect()
+}
+
 /// What a leasing stage does with the units the lease table gives it.
 pub(crate) trait UnitHolder {
     /// The checkpoints to record for `units` when they are given up: where

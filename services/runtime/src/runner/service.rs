@@ -230,7 +230,13 @@ where
     let (intake_tx, intake_rx) = mpsc::channel::<Intake>(ctx.settings.intake_queue.max(1));
     let (ack_tx, ack_rx) = mpsc::channel::<Vec<AckToken>>(64);
     let acker = tokio::spawn(consumer::run_acker(js.client(), ack_rx));
-    let snapshots = holding.lease.map(|lease| spawn_snapshots::<S>(lease, ack_tx.clone(), ctx));
+    let (snapshot_tx, leasing, snapshot_task) = match holding.lease {
+        Some(lease) => {
+            let (tx, leasing, task) = spawn_snapshots::<S>(lease, ack_tx.clone(), ctx);
+            (Some(tx), Some(leasing), Some(task))
+        }
+        None => (None, None, None),
+    };
     let intake = tokio::spawn(run_intake(
         deliveries,
         intake_tx,
@@ -243,10 +249,6 @@ where
     let epoch = recovered.epoch;
     tracing::info!(stage = stage.name(), instance = ctx.settings.instance, key_groups = kgs.len(), epoch, "consuming");
 
-    let (snapshot_tx, leasing, snapshot_task) = match snapshots {
-        Some((tx, leasing, task)) => (Some(tx), Some(leasing), Some(task)),
-        None => (None, None, None),
-    };
     let io =
         Channels { publisher: pub_tx, acker: ack_tx, ledger, metrics: ctx.metrics.clone(), snapshots: snapshot_tx };
     let thread = spawn_stage_thread(stage, store, recovered, io, leasing, intake_rx, ctx)?;

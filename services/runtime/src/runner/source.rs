@@ -24,7 +24,7 @@ use crate::protocol::ownership::Me;
 use crate::runner::boot::{Booted, boot};
 use crate::runner::context::{Common, Ownership, ServiceContext, next_run};
 use crate::runner::error::ServiceError;
-use crate::runner::lease_loop::{Checkpoints, Held, LeaseLoop, UnitHolder};
+use crate::runner::lease_loop::{Checkpoints, Held, LeaseLoop, UnitHolder, keep_checkpoints};
 use crate::runner::service::lease_bucket;
 use crate::store::CommitStore;
 use crate::transport::hop::Hop;
@@ -209,7 +209,7 @@ impl<I: SourceInput> UnitHolder for PartitionHolder<'_, I> {
     fn checkpoints(&self, units: &Held) -> Checkpoints {
         match &self.reading {
             Some(reading) => reading.out.checkpoints(units),
-            None => units.iter().map(|(u, f)| (*u, (*f, None))).collect(),
+            None => keep_checkpoints(units),
         }
     }
 

@@ -22,7 +22,7 @@ use super::stage_thread::SnapshotJob;
 use super::{ConsumingStage, Holding, INBOX_NS, ServiceContext, ServiceError, check_leased, outbox, run};
 use crate::observe::metrics::Metrics;
 use crate::protocol::ownership::Me;
-use crate::runner::lease_loop::{Checkpoints, Held, LeaseLoop, UnitHolder};
+use crate::runner::lease_loop::{Checkpoints, Held, LeaseLoop, UnitHolder, keep_checkpoints};
 use crate::store::CommitStore;
 use crate::store::key_group_state;
 use crate::store::snapshot_store::SnapshotStore;
@@ -149,7 +149,7 @@ where
     /// A key group's checkpoint is its last snapshot, recorded by the
     /// drain's: keep it.
     fn checkpoints(&self, units: &Held) -> Checkpoints {
-        units.iter().map(|(u, f)| (*u, (*f, None))).collect()
+        keep_checkpoints(units)
     }
 
     async fn released(&mut self, units: &BTreeSet<u32>) -> Result<(), ServiceError> {
