@@ -55,6 +55,18 @@ pub enum StateError {
         #[source]
         source: postcard::Error,
     },
+    /// Another handle kept the store's lock for all of `state.lock_wait`:
+    /// another process runs on this state directory (or one is still exiting).
+    #[error(
+        "state store at {path} is in use by another process: its lock was not released within {waited:?} \
+         (state.lock_wait); stop the other process or use another state directory"
+    )]
+    Locked {
+        /// The store's directory.
+        path: PathBuf,
+        /// How long the open waited.
+        waited: std::time::Duration,
+    },
     /// A stored record is not what this version can read.
     #[error("decoding a {what} record: {detail}")]
     Decode {
@@ -78,11 +90,24 @@ pub struct StateSettings {
     /// sled's page cache, bytes. sled's own default (1 GiB) would dominate a
     /// stage's memory; the working set lives in the stage's own maps anyway.
     pub cache_capacity_bytes: u64,
+    /// How long opening the store waits for another handle to release its
+    /// lock. sled releases the lock of a closed store from a background
+    /// thread a moment after the close returns (sled issues #1234, #1289),
+    /// so a process that closes and reopens, or a restart right behind an
+    /// exit, would otherwise fail at random; a store that stays locked
+    /// longer is held by a live process and the open fails with
+    /// [`StateError::Locked`].
+    #[serde(with = "humantime_serde")]
+    pub lock_wait: std::time::Duration,
 }
 
 impl Default for StateSettings {
     fn default() -> Self {
-        Self { commit_interval: std::time::Duration::from_secs(1), cache_capacity_bytes: 64 * 1024 * 1024 }
+        Self {
+            commit_interval: std::time::Duration::from_secs(1),
+            cache_capacity_bytes: 64 * 1024 * 1024,
+            lock_wait: std::time::Duration::from_secs(5),
+        }
     }
 }
 
@@ -124,6 +149,51 @@ fn remove_unfinished_snapshots(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Why [`open_waiting_for_lock`] gave up.
+#[derive(Debug)]
+enum LockWait {
+    /// The lock was still held after this long.
+    Held(std::time::Duration),
+    /// The open failed for another reason (not retried).
+    Failed(sled::Error),
+}
+
+/// Whether sled refused to open because another handle holds the lock.
+/// sled 0.34 reports it as an `Other` I/O error whose text starts so
+/// (config.rs, `try_lock_exclusive`); the unit test below opens a held
+/// store, so a sled that words it differently fails the test, not users.
+fn is_lock_held(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().starts_with("could not acquire lock on"))
+}
+
+/// Call `open` until it succeeds, fails for a reason other than the lock, or
+/// `wait` has passed (at least one try; the pause between tries grows from
+/// 10 ms to 200 ms).
+fn open_waiting_for_lock<T>(
+    mut open: impl FnMut() -> sled::Result<T>,
+    wait: std::time::Duration,
+) -> Result<T, LockWait> {
+    let started = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(10);
+    loop {
+        match open() {
+            Ok(db) => return Ok(db),
+            Err(e) if is_lock_held(&e) => {
+                let waited = started.elapsed();
+                if waited >= wait {
+                    return Err(LockWait::Held(waited));
+                }
+                if waited > std::time::Duration::from_millis(500) {
+                    tracing::info!(?waited, "the state store is still locked; waiting for its holder to release it");
+                }
+                std::thread::sleep(pause.min(wait - waited));
+                pause = (pause * 2).min(std::time::Duration::from_millis(200));
+            }
+            Err(e) => return Err(LockWait::Failed(e)),
+        }
+    }
+}
+
 /// A stage's durable state: one sled tree, written only in atomic commits.
 /// Clones share the same store (sled's handle is shared).
 #[derive(Clone)]
@@ -136,13 +206,15 @@ impl CommitStore {
     /// Open (or create) the store in directory `path`.
     pub fn open(path: &Path, settings: &StateSettings) -> Result<Self, StateError> {
         remove_unfinished_snapshots(path).map_err(|e| StateError::Io { path: path.to_owned(), source: e })?;
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(path)
             .cache_capacity(settings.cache_capacity_bytes)
             // Durability comes from the explicit flush in `commit`, not a timer.
-            .flush_every_ms(None)
-            .open()
-            .map_err(|source| StateError::Store { path: path.to_owned(), source })?;
+            .flush_every_ms(None);
+        let db = open_waiting_for_lock(|| config.open(), settings.lock_wait).map_err(|e| match e {
+            LockWait::Held(waited) => StateError::Locked { path: path.to_owned(), waited },
+            LockWait::Failed(source) => StateError::Store { path: path.to_owned(), source },
+        })?;
         Ok(Self { path: path.to_owned(), db })
     }
 
@@ -281,6 +353,53 @@ pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn waiting(lock_wait: std::time::Duration) -> StateSettings {
+        StateSettings { lock_wait, ..StateSettings::default() }
+    }
+
+    #[test]
+    fn a_store_held_by_another_handle_is_refused_by_name_after_the_wait() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let _held = CommitStore::open(dir.path(), &StateSettings::default())?;
+        let started = std::time::Instant::now();
+        let wait = std::time::Duration::from_millis(300);
+        match CommitStore::open(dir.path(), &waiting(wait)) {
+            Err(StateError::Locked { waited, .. }) => assert!(waited >= wait, "gave up after {waited:?}"),
+            Err(e) => panic!("expected Locked (does sled still word the lock error the same?), got {e}"),
+            Ok(_) => panic!("a second handle opened a locked store"),
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        Ok(())
+    }
+
+    #[test]
+    fn an_open_waits_for_a_lock_released_during_the_wait() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let held = CommitStore::open(dir.path(), &StateSettings::default())?;
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            drop(held);
+        });
+        let store = CommitStore::open(dir.path(), &waiting(std::time::Duration::from_secs(10)))?;
+        store.commit(CommitBatch::default())?;
+        release.join().map_err(|_| "the releasing thread panicked")?;
+        Ok(())
+    }
+
+    #[test]
+    fn errors_other_than_the_lock_are_not_retried() {
+        let mut tries = 0;
+        let result: Result<(), LockWait> = open_waiting_for_lock(
+            || {
+                tries += 1;
+                Err(sled::Error::Unsupported("test".into()))
+            },
+            std::time::Duration::from_secs(10),
+        );
+        assert!(matches!(result, Err(LockWait::Failed(_))));
+        assert_eq!(tries, 1);
+    }
 
     #[test]
     fn a_snapshot_left_half_written_does_not_stop_the_store_opening() -> Result<(), Box<dyn std::error::Error>> {
