@@ -85,6 +85,21 @@ pub enum Command {
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// List the messages the services set aside as unreadable (the dead-letter stream <PREFIX>_DEAD), oldest first.
+    DeadLetters {
+        /// NATS server URL(s), comma-separated.
+        #[arg(long, default_value = "nats://127.0.0.1:4222")]
+        nats: String,
+        /// The pipeline's stream and subject prefix (nats.prefix).
+        #[arg(long, default_value = "sluice")]
+        prefix: String,
+        /// List at most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        /// One JSON object a line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Run the job on a generated sample and print a readable summary (no servers, no Python).
     Demo {
         /// Messages in the sample.
@@ -125,6 +140,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Wait { sink, records, timeout } => crate::remote::wait(&sink, records, timeout),
+        Command::DeadLetters { nats, prefix, limit, json } => dead_letters(&nats, &prefix, limit, json),
         Command::Demo { messages, seed, keep } => demo(cli.config.as_deref(), messages, seed, keep),
     }
 }
@@ -181,6 +197,32 @@ fn run(config: Option<&Path>, data: &Path, state: &Path) -> anyhow::Result<()> {
         if n > 0 {
             writeln!(out, "  rejected {reason}: {n}")?;
         }
+    }
+    Ok(())
+}
+
+fn dead_letters(url: &str, prefix: &str, limit: usize, json: bool) -> anyhow::Result<()> {
+    use sluice_runtime::transport::{dead_letter, nats};
+    let settings = nats::NatsSettings { url: url.to_owned(), prefix: prefix.to_owned(), ..Default::default() };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting tokio")?;
+    let letters = runtime.block_on(async {
+        let js = nats::connect(&settings, "sluice-dead-letters").await?;
+        dead_letter::list(&js, prefix, limit).await
+    })?;
+    let mut out = std::io::stdout().lock();
+    for l in &letters {
+        if json {
+            writeln!(out, "{}", serde_json::to_string(l)?)?;
+        } else {
+            writeln!(
+                out,
+                "#{} {} {} {} from {} {} #{} ({} bytes): {}",
+                l.seq, l.stored, l.stage, l.reason, l.stream, l.subject, l.sequence, l.bytes, l.error
+            )?;
+        }
+    }
+    if !json {
+        writeln!(out, "{} dead letters in {}", letters.len(), dead_letter::stream_name(prefix))?;
     }
     Ok(())
 }

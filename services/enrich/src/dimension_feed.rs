@@ -89,13 +89,25 @@ async fn ensure_stream(js: &jetstream::Context, settings: &NatsSettings) -> Resu
     let config = stream::Config {
         name: name.clone(),
         subjects: vec![subject(settings)],
-        max_messages_per_subject: 1,
+        // A few versions back: a message there that is not an update (it is
+        // skipped) must not hide the last real one from an instance starting.
+        max_messages_per_subject: UPDATE_HISTORY,
         storage: stream::StorageType::File,
         num_replicas: 1,
         ..Default::default()
     };
-    js.get_or_create_stream(config).await.map_err(|e| fail(format!("creating stream {name}"))(Box::new(e)))
+    let mut stream =
+        js.get_or_create_stream(config).await.map_err(|e| fail(format!("creating stream {name}"))(Box::new(e)))?;
+    let info = stream.info().await.map_err(|e| fail(format!("reading stream {name}"))(Box::new(e)))?;
+    if info.config.max_messages_per_subject < UPDATE_HISTORY {
+        let wider = stream::Config { max_messages_per_subject: UPDATE_HISTORY, ..info.config.clone() };
+        js.update_stream(wider).await.map_err(|e| fail(format!("updating stream {name}"))(Box::new(e)))?;
+    }
+    Ok(stream)
 }
+
+/// Updates the feed keeps; an instance starting applies them in order.
+const UPDATE_HISTORY: i64 = 8;
 
 /// Publish `source` to every instance; returns its version once stored.
 pub async fn publish(
@@ -125,7 +137,8 @@ pub async fn watch(
     let stream = ensure_stream(&js, &settings).await?;
     let config = consumer::pull::OrderedConfig {
         filter_subject: subject(&settings),
-        deliver_policy: consumer::DeliverPolicy::LastPerSubject,
+        // Every update kept, oldest first: the last readable one wins.
+        deliver_policy: consumer::DeliverPolicy::All,
         ..Default::default()
     };
     let consumer = stream.create_consumer(config).await.map_err(|e| fail("watching the tables")(Box::new(e)))?;

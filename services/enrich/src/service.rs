@@ -84,6 +84,10 @@ impl ConsumingStage for SharedEnricher {
         decode_raw(bytes)
     }
 
+    fn validate(input: &RawBatch, kg: KeyGroup) -> Result<(), sluice_model::validate::InvalidBatch> {
+        sluice_model::validate::raw(input, kg)
+    }
+
     fn admit(inbox: &mut Inbox, mut input: RawBatch, dropped: &mut u64) -> Option<RawBatch> {
         let kg = input.key_group;
         let before = input.uploads.len();

@@ -140,7 +140,7 @@ impl Stage for LiveSink {
 
 /// Bits of a row's version a window instance counts in; the bits above hold
 /// the fence of the window's lease on the row's key group.
-const VERSION_BITS: u32 = 40;
+const VERSION_BITS: u32 = sluice_model::validate::ROW_VERSION_BITS;
 
 impl ConsumingStage for LiveSink {
     const INPUT: Hop = Hop::Rows;
@@ -150,6 +150,10 @@ impl ConsumingStage for LiveSink {
 
     fn decode(bytes: &[u8]) -> Result<RowBatch, CodecError> {
         decode_rows(bytes)
+    }
+
+    fn validate(input: &RowBatch, kg: KeyGroup) -> Result<(), sluice_model::validate::InvalidBatch> {
+        sluice_model::validate::rows(input, kg)
     }
 
     fn admit(inbox: &mut Inbox, mut input: RowBatch, _dropped: &mut u64) -> Option<RowBatch> {

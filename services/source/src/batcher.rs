@@ -30,6 +30,14 @@ impl Batcher {
         }
     }
 
+    /// Bytes the record would take encoded as a batch of its own: a record
+    /// whose batch cannot fit the largest message cannot be published at all.
+    pub fn encoded_alone(&mut self, lineage: Lineage, value: &[u8]) -> usize {
+        let body = parse_upload_with(value, &mut self.labels);
+        let batch = RawBatch { key_group: KeyGroup(0), uploads: vec![RawUpload { lineage, body }] };
+        sluice_model::codec::encode_raw(&batch).len()
+    }
+
     /// Parse one record and add it to its key group's batch.
     pub fn push(&mut self, lineage: Lineage, key: &[u8], value: &[u8]) {
         let body = parse_upload_with(value, &mut self.labels);

@@ -22,6 +22,7 @@ use sluice_model::lineage::{Lineage, Partition};
 use sluice_runtime::observe::metrics::Metrics;
 use sluice_runtime::runner::service::ServiceError;
 use sluice_runtime::runner::source::{Offsets, SourceInput, SourceOutput, Starts};
+use sluice_runtime::transport::dead_letter::{DeadLetter, Reason};
 use sluice_runtime::transport::hop::Hop;
 use tokio_util::sync::CancellationToken;
 
@@ -109,10 +110,34 @@ impl KafkaInput {
         buffer.last = o;
         buffer.bytes += (key.len() + value.len() + 1) as u64;
         // Offsets and partitions are never negative for a delivered message.
-        buffer.batcher.push(Lineage { partition: p as u32, offset: o as u64 }, key, value);
-        let full = buffer.bytes >= self.shape.chunk_bytes;
+        let lineage = Lineage { partition: p as u32, offset: o as u64 };
         self.lag.next.insert(p, o + 1);
         self.metrics.records_received.inc();
+        // Only a record near the limit can be over it: the encoding of a
+        // parsed upload is at most a few times its JSON.
+        let alone =
+            if value.len() > self.shape.max_batch_bytes / 8 { buffer.batcher.encoded_alone(lineage, value) } else { 0 };
+        if alone > self.shape.max_batch_bytes {
+            // Its offset is consumed with the partition's others; only the copy is kept.
+            let letter = DeadLetter {
+                stage: "source",
+                stream: self.settings.topic.clone(),
+                subject: Partition(p as u32).to_string(),
+                sequence: o as u64,
+                reason: Reason::Unframable,
+                error: format!(
+                    "the record is {} bytes and its batch would be {alone} bytes, more than nats.max_batch_bytes ({})",
+                    value.len(),
+                    self.shape.max_batch_bytes
+                ),
+            };
+            tracing::warn!(partition = p, offset = o, bytes = value.len(), "set aside a record too large to publish");
+            self.metrics.dead_letter(Reason::Unframable);
+            out.set_aside(letter.into_outgoing(&self.shape.prefix, Bytes::copy_from_slice(value)))?;
+        } else {
+            buffer.batcher.push(lineage, key, value);
+        }
+        let full = buffer.bytes >= self.shape.chunk_bytes;
         if full {
             self.flush(consumer, p, out)?;
         }

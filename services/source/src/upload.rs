@@ -18,9 +18,6 @@ use sluice_model::reject::RejectReason;
 
 use crate::json_reader::{NotJson, Reader, Scalar};
 
-const SEVEN_DAYS_MS: i128 = 7 * 24 * 3600 * 1000;
-const TEN_MINUTES_MS: i128 = 10 * 60 * 1000;
-
 /// The fields of one v2 event that the rules read.
 #[derive(Default)]
 struct EventFields<'a> {
@@ -259,8 +256,7 @@ fn v2_event(ev: &EventFields<'_>, sent: i64, labels: &mut Labels) -> RawEvent {
 
 /// Rule 6: ts within [sent - 7 days, sent + 10 minutes] (exact, no overflow).
 fn in_bounds(ts: i64, sent: i64) -> bool {
-    let (ts, sent) = (i128::from(ts), i128::from(sent));
-    sent - SEVEN_DAYS_MS <= ts && ts <= sent + TEN_MINUTES_MS
+    sluice_model::validate::ts_within_bounds(ts, sent)
 }
 
 fn v1(f: &UploadFields<'_>, labels: &mut Labels) -> Result<Upload, RejectReason> {

@@ -42,6 +42,10 @@ impl ConsumingStage for Window {
         decode_enriched(bytes)
     }
 
+    fn validate(input: &EnrichedBatch, kg: KeyGroup) -> Result<(), sluice_model::validate::InvalidBatch> {
+        sluice_model::validate::enriched(input, kg)
+    }
+
     fn admit(inbox: &mut Inbox, input: EnrichedBatch, dropped: &mut u64) -> Option<EnrichedBatch> {
         // Enrich dropped replayed records already; a whole batch can still
         // come twice (enrich replayed it after JetStream's duplicate window).

@@ -35,6 +35,7 @@
 //! | `sluice_lease_moves_total` | counter | units acquired or released (`service.ownership = "leases"`) |
 //! | `sluice_fenced_dropped_total` | counter | deliveries dropped as written by a deposed owner (an older fence) |
 //! | `sluice_snapshot_bytes_total` | counter | bytes of key-group snapshots stored in the object store |
+//! | `sluice_dead_letters_total{reason}` | counter | input messages that could not be read, set aside (see [`crate::transport::dead_letter`]) |
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,7 +51,7 @@ use sluice_model::reject::{RejectCounts, RejectReason};
 
 /// The name of every metric a service exposes (as exposed: counters end in
 /// `_total`), for tests that check a service exposes them all.
-pub const NAMES: [&str; 27] = [
+pub const NAMES: [&str; 28] = [
     "sluice_records_received_total",
     "sluice_events_accepted_total",
     "sluice_records_sent_total",
@@ -78,6 +79,7 @@ pub const NAMES: [&str; 27] = [
     "sluice_lease_moves_total",
     "sluice_fenced_dropped_total",
     "sluice_snapshot_bytes_total",
+    "sluice_dead_letters_total",
 ];
 
 /// The `reason` label of rejects.
@@ -153,6 +155,9 @@ pub struct Metrics {
     pub fenced_dropped: Counter,
     /// Bytes of key-group snapshots stored.
     pub snapshot_bytes: Counter,
+    /// Input messages set aside as unreadable, by reason
+    /// ([`crate::transport::dead_letter::Reason`]).
+    pub dead_letters: Family<ReasonLabel, Counter>,
 }
 
 impl Metrics {
@@ -189,6 +194,7 @@ impl Metrics {
             lease_moves: Counter::default(),
             fenced_dropped: Counter::default(),
             snapshot_bytes: Counter::default(),
+            dead_letters: Family::default(),
             registry: Registry::default(),
         };
         m.register_records(&mut registry);
@@ -202,7 +208,15 @@ impl Metrics {
         for reason in RejectReason::ALL {
             m.records_rejected.get_or_create(&ReasonLabel { reason: reason.as_str() }).inc_by(0);
         }
+        for reason in crate::transport::dead_letter::Reason::ALL {
+            m.dead_letters.get_or_create(&ReasonLabel { reason: reason.as_str() }).inc_by(0);
+        }
         Arc::new(Self { registry, ..m })
+    }
+
+    /// Count a message set aside as unreadable.
+    pub fn dead_letter(&self, reason: crate::transport::dead_letter::Reason) {
+        self.dead_letters.get_or_create(&ReasonLabel { reason: reason.as_str() }).inc();
     }
 
     /// Register what flows through: records, batches, rejects, commits.
@@ -219,6 +233,11 @@ impl Metrics {
             self.duplicates_dropped.clone(),
         );
         r.register("batches_committed", "Commits made durable", self.batches_committed.clone());
+        r.register(
+            "dead_letters",
+            "Input messages that could not be read, set aside in the dead-letter stream, by reason",
+            self.dead_letters.clone(),
+        );
     }
 
     /// Register where the time goes, and the state size.

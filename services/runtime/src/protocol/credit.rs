@@ -154,6 +154,19 @@ impl Outbound {
         self.sent
     }
 
+    /// The batch stamped last (of `bytes`) was stored as a duplicate: the
+    /// server already had its id (an earlier run of this sender published
+    /// it), so the receiver will never take it off the stream and never
+    /// count it. Taken back, as if it had not been sent: otherwise each
+    /// such batch would hold one batch of this channel's credit for good,
+    /// and a restarted sender whose first batches are all duplicates would
+    /// wait forever for a grant. Sound because a channel has at most one
+    /// batch in flight (a subject's next message goes once it is stored), so
+    /// no later batch was stamped with a total that includes this one.
+    pub fn duplicate(&mut self, bytes: u64) {
+        self.sent = self.sent.minus(Usage::new(1, bytes));
+    }
+
     /// Apply a limit from the receiver: limits only grow (absolute, so an
     /// old announcement arriving late changes nothing).
     pub fn grant(&mut self, limit: Usage) {
@@ -347,6 +360,38 @@ mod tests {
         assert!(out.may_send());
         out.grant(Usage::new(5, 5000)); // late, older announcement
         assert_eq!(out.limit, Usage::new(6, 6000), "limits never go back");
+    }
+
+    /// The stall after source restarts: batches the server drops as
+    /// duplicates never reach the receiver, so its ledger never counts
+    /// them; charged anyway, they used up the channel for good (the
+    /// receiver had seen a batch of the run, so the sender's reports of
+    /// what it sent do not override what it consumed).
+    #[test]
+    fn batches_stored_as_duplicates_give_their_credit_back() {
+        let mut ledger = Ledger::new(POLICY, 100);
+        let s = sender("source-0", 2);
+        let mut out = Outbound::new(POLICY.exclusive);
+        let first = out.sent(1000);
+        ledger.consumed(KeyGroup(1), &s, first);
+        out.grant(limit_of(&ledger, 1, "source-0").unwrap_or_default());
+        // Republished after a restart: every later batch is a duplicate.
+        for _ in 0..20 {
+            assert!(out.may_send(), "blocked after duplicates: sent {:?}, limit {:?}", out.sent, out.limit);
+            out.sent(1000);
+            out.duplicate(1000);
+            ledger.status(&Status {
+                v: WireVersion::CURRENT,
+                sender: s.clone(),
+                key_group: KeyGroup(1),
+                sent: out.sent,
+                backlog: Usage::new(1, 1000),
+            });
+            out.grant(limit_of(&ledger, 1, "source-0").unwrap_or_default());
+        }
+        assert_eq!(out.sent, first, "only what the receiver took counts");
+        // A fresh batch after them is stamped as the receiver will count it.
+        assert_eq!(out.sent(1000), Usage::new(2, 2000));
     }
 
     #[test]

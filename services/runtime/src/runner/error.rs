@@ -13,15 +13,16 @@ use std::time::Duration;
 use crate::stage::StageError;
 use crate::store::StateError;
 use crate::transport::nats::TransportError;
-use sluice_model::codec::CodecError;
 use sluice_model::key_group::KeyGroup;
 
 /// What can be done about an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
     /// One input message cannot be used; the rest of the input, and the
-    /// pipeline, are not at fault. (Until dead letters land, issue 13, the
-    /// service still stops on one.)
+    /// pipeline, are not at fault. The service runner sets a delivery it
+    /// cannot read aside as a dead letter ([`crate::transport::dead_letter`])
+    /// and goes on; an error of this class that still stops a service came
+    /// from inside a stage.
     Reject,
     /// The service stops; a restart from the last commit may get past it
     /// (a server away, a lease lost, a task gone, a drain too slow).
@@ -54,19 +55,6 @@ pub enum ServiceError {
     /// The commit store failed.
     #[error(transparent)]
     State(#[from] StateError),
-    /// A batch could not be read: written by an incompatible version.
-    #[error("a batch on {hop} (key group {key_group}, stream sequence {seq}) cannot be read: {source}")]
-    Undecodable {
-        /// The hop.
-        hop: &'static str,
-        /// Its key group.
-        key_group: KeyGroup,
-        /// Its stream sequence.
-        seq: u64,
-        /// The codec's error.
-        #[source]
-        source: CodecError,
-    },
     /// A delivery went missing in transit: stop before applying anything
     /// after it; the next start delivers in order.
     #[error(transparent)]
@@ -129,7 +117,7 @@ impl ServiceError {
     /// What can be done about it.
     pub fn class(&self) -> ErrorClass {
         match self {
-            ServiceError::Undecodable { .. } | ServiceError::Stage(StageError::Codec(_)) => ErrorClass::Reject,
+            ServiceError::Stage(StageError::Codec(_)) => ErrorClass::Reject,
             ServiceError::Settings(_)
             | ServiceError::ForeignState(_)
             | ServiceError::SnapshotMissing { .. }

@@ -46,6 +46,7 @@ use crate::transport::nats::{self, TransportError};
 use crate::transport::{credit_channel, publisher};
 use sluice_model::codec::CodecError;
 use sluice_model::key_group::{KeyGroup, KeyGroupSet, KeyGroups};
+use sluice_model::validate::InvalidBatch;
 
 mod leased;
 pub use leased::{LeaseRun, lease_bucket, snapshot_bucket};
@@ -91,6 +92,10 @@ pub trait ConsumingStage: Stage<Input: Send, Output: Send> + Send + 'static {
 
     /// Read an input batch.
     fn decode(bytes: &[u8]) -> Result<Self::Input, CodecError>;
+
+    /// Check a decoded batch delivered on key group `kg`'s subject
+    /// ([`sluice_model::validate`]); one that fails is a dead letter.
+    fn validate(input: &Self::Input, kg: KeyGroup) -> Result<(), InvalidBatch>;
 
     /// Drop from `input` what this stage applied before (by lineage); `None`
     /// when nothing is left. Counts what it drops in `dropped`.
@@ -220,6 +225,7 @@ where
     if let Some(out) = S::OUTPUT {
         nats::ensure_stream(&js, &ctx.nats, out).await?;
     }
+    crate::transport::dead_letter::ensure_stream(&js, &ctx.nats).await?;
     let sender = credit::Sender { name, run: recovered.run };
     let (pub_tx, publisher) = spawn_publisher(&js, ctx, S::OUTPUT, sender);
     let (ledger, credit_task) = spawn_credit_receiver(&js, ctx, S::INPUT, &recovered.owned, &stop);
@@ -311,9 +317,7 @@ fn spawn_credit_receiver(
         input,
         owned.clone(),
         ledger.clone(),
-        move |bytes| {
-            metrics.credit_granted.set(bytes as i64);
-        },
+        metrics,
         stop.clone(),
     ));
     (Some(ledger), Some(task))

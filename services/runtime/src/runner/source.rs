@@ -92,6 +92,7 @@ async fn run<I: SourceInput>(ctx: &ServiceContext, store: CommitStore, input: I)
     let name = if leased { ctx.settings.member_name()? } else { format!("source-{}", ctx.settings.instance) };
     let js = nats::connect(&ctx.nats, &format!("sluice-{name}")).await?;
     nats::ensure_stream(&js, &ctx.nats, Hop::Raw).await?;
+    crate::transport::dead_letter::ensure_stream(&js, &ctx.nats).await?;
     let credit =
         PublisherCredit { sender: credit::Sender { name: name.clone(), run: next_run(&store)? }, hop: Hop::Raw };
     let (handoff, publisher_end) = ctx.nats.handoff();

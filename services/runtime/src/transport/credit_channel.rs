@@ -12,6 +12,13 @@ use crate::protocol::credit;
 use crate::transport::hop::Hop;
 use crate::transport::nats::{NatsSettings, TransportError, js_err};
 
+/// A control message (credit status or grant) that cannot be read: count
+/// it and go on. Nothing is lost: the next one of its sender replaces it.
+pub(crate) fn unreadable(metrics: &crate::observe::metrics::Metrics, subject: &str, e: &dyn std::fmt::Display) {
+    metrics.dead_letter(crate::transport::dead_letter::Reason::ControlMessage);
+    tracing::warn!(%subject, error = %e, "skipped a control message that cannot be read");
+}
+
 /// The receiving side of flow control for one instance: take the status
 /// reports of the senders to its key groups on `hop`, and announce every
 /// channel's limit from `ledger` (which the stage thread feeds with what it
@@ -24,7 +31,7 @@ pub async fn run_credit_receiver(
     hop: Hop,
     owned: sluice_model::key_group::KeyGroupSet,
     ledger: std::sync::Arc<std::sync::Mutex<credit::Ledger>>,
-    granted: impl Fn(u64) + Send + 'static,
+    metrics: std::sync::Arc<crate::observe::metrics::Metrics>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> Result<(), TransportError> {
     let subject = credit::status_subject(&settings.prefix, hop);
@@ -45,9 +52,15 @@ pub async fn run_credit_receiver(
             _ = shutdown.cancelled() => return Ok(()),
             msg = statuses.next() => {
                 let Some(msg) = msg else { return Ok(()) };
-                let Ok(status) = serde_json::from_slice::<credit::Status>(&msg.payload) else { continue };
+                let status = match serde_json::from_slice::<credit::Status>(&msg.payload) {
+                    Ok(status) => status,
+                    Err(e) => {
+                        unreadable(&metrics, &msg.subject, &e);
+                        continue;
+                    }
+                };
                 if let Err(e) = status.v.check("credit status") {
-                    tracing::warn!("{e}");
+                    unreadable(&metrics, &msg.subject, &e);
                     continue;
                 }
                 if !owned.contains(status.key_group) {
@@ -61,7 +74,7 @@ pub async fn run_credit_receiver(
                 ticks += 1;
                 let mut l = ledger.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
                 l.tick();
-                granted(l.outstanding().bytes);
+                metrics.credit_granted.set(i64::try_from(l.outstanding().bytes).unwrap_or(i64::MAX));
                 let all = ticks.is_multiple_of(10);
                 let grants = l.grants();
                 if all {

@@ -177,6 +177,9 @@ pub struct Outgoing {
     /// The writer's lease fence for the message's unit, if it holds the
     /// unit by lease (sent as the [`FENCE_HEADER`]).
     pub fence: Option<FenceStamp>,
+    /// Set for a copy of unreadable input stored in the dead-letter stream:
+    /// where it came from (sent as headers). Dead letters take no credit.
+    pub dead_letter: Option<Box<crate::transport::dead_letter::DeadLetter>>,
 }
 
 #[cfg(test)]
@@ -191,6 +194,7 @@ mod tests {
             id: format!("id-{len}"),
             payload: Bytes::from(vec![0u8; len]),
             fence: None,
+            dead_letter: None,
         }
     }
 

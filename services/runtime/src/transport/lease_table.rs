@@ -87,7 +87,9 @@ pub async fn open_bucket(js: &jetstream::Context, bucket: &str) -> Result<kv::St
     let config = stream::Config {
         name: format!("KV_{bucket}"),
         subjects: vec![format!("$KV.{bucket}.>")],
-        max_messages_per_subject: 1,
+        // A few revisions back: a table overwritten by a value no member
+        // wrote is restored from the newest readable one ([`read`]).
+        max_messages_per_subject: TABLE_HISTORY,
         storage: stream::StorageType::File,
         allow_rollup: true,
         deny_delete: true,
@@ -96,9 +98,21 @@ pub async fn open_bucket(js: &jetstream::Context, bucket: &str) -> Result<kv::St
         num_replicas: 1,
         ..Default::default()
     };
-    js.get_or_create_stream(config).await.map_err(|e| fail(format!("creating the bucket's stream: {e}")))?;
+    let mut stream = js
+        .get_or_create_stream(config.clone())
+        .await
+        .map_err(|e| fail(format!("creating the bucket's stream: {e}")))?;
+    // A bucket made by an earlier version kept one revision: keep more.
+    let info = stream.info().await.map_err(|e| fail(format!("reading the bucket's stream: {e}")))?;
+    if info.config.max_messages_per_subject < TABLE_HISTORY {
+        let wider = stream::Config { max_messages_per_subject: TABLE_HISTORY, ..info.config.clone() };
+        js.update_stream(wider).await.map_err(|e| fail(format!("keeping {TABLE_HISTORY} revisions: {e}")))?;
+    }
     js.get_key_value(bucket).await.map_err(|e| fail(format!("opening the bucket: {e}")))
 }
+
+/// Revisions of each lease table the bucket keeps.
+const TABLE_HISTORY: i64 = 8;
 
 /// A member's handle on its group's lease table.
 pub struct LeaseGroup {
@@ -215,11 +229,32 @@ async fn read(
         key: key.into(),
         detail: format!("reading: {e}"),
     })?;
-    let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+    let Some(entry) = entry else {
         return Ok((LeaseTable::new(units), None));
     };
-    let table: LeaseTable = serde_json::from_slice(&entry.value)
-        .map_err(|e| LeaseError::Table { key: key.into(), detail: format!("not a lease table: {e}") })?;
+    let table = match (entry.operation, serde_json::from_slice::<LeaseTable>(&entry.value)) {
+        (kv::Operation::Put, Ok(table)) => table,
+        (operation, read) => {
+            // No member writes anything but a table, and none deletes it: a
+            // later member may not start over from a fresh table (its fences
+            // would go back). What was there before still holds.
+            let why = match read {
+                Err(e) if operation == kv::Operation::Put => format!("not a lease table: {e}"),
+                _ => format!("{operation:?} of the key"),
+            };
+            let Some(table) = newest_readable(store, key).await else {
+                return Err(LeaseError::Table {
+                    key: key.into(),
+                    detail: format!("{why}, and no earlier revision is a lease table"),
+                });
+            };
+            tracing::warn!(
+                %bucket, %key, revision = entry.revision, %why,
+                "the lease table was overwritten by something no member wrote; going on from the revision before"
+            );
+            table
+        }
+    };
     table.v.check("lease table").map_err(|e| LeaseError::Table { key: key.into(), detail: e.to_string() })?;
     if table.leases.len() != units {
         return Err(LeaseError::Table {
@@ -232,6 +267,25 @@ async fn read(
         });
     }
     Ok((table, Some(entry.revision)))
+}
+
+/// The newest revision of `key` that is a lease table (the bucket keeps
+/// [`TABLE_HISTORY`]), if any.
+async fn newest_readable(store: &kv::Store, key: &str) -> Option<LeaseTable> {
+    use futures_util::StreamExt;
+    let mut history = store.history(key).await.ok()?;
+    let mut newest = None;
+    while let Some(Ok(entry)) = history.next().await {
+        if entry.operation == kv::Operation::Put
+            && let Ok(table) = serde_json::from_slice::<LeaseTable>(&entry.value)
+        {
+            newest = Some(table);
+        }
+        if entry.delta == 0 {
+            break;
+        }
+    }
+    newest
 }
 
 /// Compare-and-set `table` over `revision` (`None`: the key must not exist).

@@ -73,6 +73,12 @@ pub struct NatsSettings {
     /// for the server); beyond it the stage waits to hand over outputs, and
     /// so stops taking input.
     pub publish_buffer_bytes: u64,
+    /// How long the dead-letter stream (`<PREFIX>_DEAD`) keeps a message a
+    /// stage could not read.
+    #[serde(with = "humantime_serde")]
+    pub dead_letter_max_age: Duration,
+    /// Bytes the dead-letter stream may hold; beyond it the oldest go.
+    pub dead_letter_max_bytes: i64,
 }
 
 impl NatsSettings {
@@ -111,6 +117,8 @@ impl Default for NatsSettings {
             credit_floating_bytes: 16 << 20,
             credit_interval: Duration::from_millis(100),
             publish_buffer_bytes: 32 << 20,
+            dead_letter_max_age: Duration::from_secs(14 * 24 * 3600),
+            dead_letter_max_bytes: 256 << 20,
         }
     }
 }

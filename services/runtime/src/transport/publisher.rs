@@ -27,6 +27,8 @@ pub trait PublishReport: Send + 'static {
     /// Flow control: credit left over all channels and bytes waiting in
     /// the publisher, both in bytes.
     fn credit(&self, _available: u64, _buffered: u64) {}
+    /// A grant on this sender's subject could not be read (and was skipped).
+    fn unreadable_grant(&self, _subject: &str, _error: &dyn std::fmt::Display) {}
 }
 
 impl PublishReport for () {
@@ -58,6 +60,11 @@ fn send(js: &jetstream::Context, seq: u64, msg: Outgoing, stamp: Option<String>,
         }
         if let Some(fence) = &msg.fence {
             publish = publish.header(FENCE_HEADER, fence.header_value().as_str());
+        }
+        if let Some(letter) = &msg.dead_letter {
+            for (name, value) in letter.headers() {
+                publish = publish.header(name, value.as_str());
+            }
         }
         let result = match js.send_publish(msg.subject.clone(), publish).await {
             Ok(ack) => match ack.await {
@@ -134,6 +141,14 @@ impl Gate {
         }
     }
 
+    /// `out`, sent with a stamp, was stored as a duplicate: its receiver
+    /// never takes it, so its credit comes back ([`credit::Outbound::duplicate`]).
+    fn duplicate(&mut self, out: &Outgoing) {
+        if let Some(channel) = self.channels.get_mut(&out.subject) {
+            channel.duplicate(out.payload.len() as u64);
+        }
+    }
+
     /// A limit arrived: the held message of its subject goes if it may now.
     fn grant(&mut self, js: &jetstream::Context, grant: credit::Grant) -> Option<InFlight> {
         if grant.sender != self.sender {
@@ -171,11 +186,12 @@ impl Gate {
 }
 
 /// Send a subject's next message: through the credit gate when there is
-/// one (it may hold the message), else at once.
+/// one (it may hold the message), else at once. Dead letters go to no
+/// stage, so no receiver grants them credit: they pass the gate.
 fn dispatch(gate: Option<&mut Gate>, js: &jetstream::Context, seq: u64, out: Outgoing) -> Option<InFlight> {
     match gate {
-        Some(g) => g.offer(js, seq, out),
-        None => Some(send(js, seq, out, None, Duration::ZERO)),
+        Some(g) if out.dead_letter.is_none() => g.offer(js, seq, out),
+        _ => Some(send(js, seq, out, None, Duration::ZERO)),
     }
 }
 
@@ -220,7 +236,7 @@ pub async fn run_publisher(
         tokio::select! {
             msg = rx.recv(), if p.open => p.take(msg),
             Some(grant) = async { match grants.as_mut() { Some(s) => s.next().await, None => None } } => {
-                p.grant(&grant.payload);
+                p.grant(&grant.subject, &grant.payload);
             },
             _ = tick.tick(), if p.gate.as_ref().is_some_and(|g| !g.blocked.is_empty()) => {
                 if let Some(g) = &p.gate {
@@ -312,12 +328,15 @@ impl<R: PublishReport> Publisher<R> {
     }
 
     /// A grant arrived on this sender's grant subject.
-    fn grant(&mut self, payload: &[u8]) {
+    fn grant(&mut self, subject: &str, payload: &[u8]) {
         let Some(g) = self.gate.as_mut() else { return };
-        let Ok(grant) = serde_json::from_slice::<credit::Grant>(payload) else { return };
+        let grant = match serde_json::from_slice::<credit::Grant>(payload) {
+            Ok(grant) => grant,
+            Err(e) => return self.report.unreadable_grant(subject, &e),
+        };
         match grant.v.check("credit grant") {
             Ok(()) => self.in_flight.extend(g.grant(&self.js, grant)),
-            Err(e) => tracing::warn!("{e}"),
+            Err(e) => self.report.unreadable_grant(subject, &e),
         }
     }
 
@@ -333,6 +352,12 @@ impl<R: PublishReport> Publisher<R> {
     ) -> Result<(), TransportError> {
         match result {
             Ok(duplicate) => {
+                if duplicate
+                    && stamp.is_some()
+                    && let Some(g) = self.gate.as_mut()
+                {
+                    g.duplicate(&out);
+                }
                 self.stored(seq, &out, duplicate);
                 Ok(())
             }
@@ -382,5 +407,8 @@ impl PublishReport for std::sync::Arc<crate::observe::metrics::Metrics> {
     fn credit(&self, available: u64, buffered: u64) {
         self.credit_available.set(available as i64);
         self.credit_backlog.set(buffered as i64);
+    }
+    fn unreadable_grant(&self, subject: &str, error: &dyn std::fmt::Display) {
+        crate::transport::credit_channel::unreadable(self, subject, error);
     }
 }

@@ -27,7 +27,13 @@ pub(super) struct OutboxEntry {
 impl OutboxEntry {
     /// The message to publish (again).
     pub(super) fn into_outgoing(self) -> Outgoing {
-        Outgoing { subject: self.subject, id: self.id, payload: Bytes::from(self.payload), fence: None }
+        Outgoing {
+            subject: self.subject,
+            id: self.id,
+            payload: Bytes::from(self.payload),
+            fence: None,
+            dead_letter: None,
+        }
     }
 }
 

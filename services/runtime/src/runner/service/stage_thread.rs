@@ -24,6 +24,7 @@ use crate::protocol::inbox::Inbox;
 use crate::store::key_group_state::{self, KeyGroupSnapshot};
 use crate::store::{self, CommitBatch, CommitStore, StateKey};
 use crate::transport::consumer::{AckToken, Delivery};
+use crate::transport::dead_letter::{DeadLetter, Unreadable};
 use crate::transport::handoff::Handoff;
 use crate::transport::handoff::Outgoing;
 use sluice_model::key_group::KeyGroup;
@@ -129,6 +130,20 @@ impl StageIo for Channels {
             None if acks.is_empty() => Ok(()),
             None => self.acknowledge(acks),
         }
+    }
+}
+
+/// The message id of part `part` of output `i` of input message `seq` of
+/// key group `kg`: the same on every replay by the same owner, so the
+/// server drops the copies. A key group held by lease adds its owner's
+/// fence: a deposed owner's late copy and the new owner's replay must not
+/// share an id, or whichever the server stored first would make it drop the
+/// other; the receiver drops the deposed one's by its fence, and would be
+/// left with neither.
+fn immediate_id(stage: &str, kg: KeyGroup, seq: u64, i: usize, part: usize, fence: Option<&FenceStamp>) -> String {
+    match fence {
+        Some(stamp) => format!("{stage}-{}-f{}-{seq}-{i}-{part}", kg.0, stamp.fence),
+        None => format!("{stage}-{}-{seq}-{i}-{part}", kg.0),
     }
 }
 
@@ -350,12 +365,13 @@ impl<S: ConsumingStage, I: StageIo> StageThread<S, I> {
         if self.leasing.is_some() {
             self.changed.insert(kg);
         }
-        let input = S::decode(&payload).map_err(|source| ServiceError::Undecodable {
-            hop: S::INPUT.name(),
-            key_group: kg,
-            seq,
-            source,
-        })?;
+        let read = S::decode(&payload).map_err(Unreadable::from);
+        let input = match read.and_then(|input| S::validate(&input, kg).map(|()| input).map_err(Unreadable::from)) {
+            Ok(input) => input,
+            // Its place in the input is taken (the inbox admitted its
+            // sequence; its ack waits for the commit): only the copy is left.
+            Err(why) => return self.dead_letter(kg, seq, payload, &why),
+        };
         self.metrics.records_received.inc_by(S::records_in(&input));
         let mut dropped = 0;
         let admitted = S::admit(&mut self.inbox, input, &mut dropped);
@@ -368,9 +384,7 @@ impl<S: ConsumingStage, I: StageIo> StageThread<S, I> {
             let outputs = std::mem::take(&mut self.outputs);
             for (i, out) in outputs.iter().enumerate() {
                 S::count_output(out, &self.metrics);
-                // Deterministic: the same input message yields the same ids on a replay.
-                let id = format!("{}-{}-{}-{}", self.stage.name(), kg.0, seq, i);
-                self.publish_immediate(out, &id)?;
+                self.publish_immediate(out, kg, seq, i)?;
             }
             self.outputs = outputs;
             self.outputs.clear();
@@ -378,7 +392,33 @@ impl<S: ConsumingStage, I: StageIo> StageThread<S, I> {
         Ok(())
     }
 
-    fn publish_immediate(&mut self, out: &S::Output, id: &str) -> Result<(), ServiceError> {
+    /// Set aside a delivery that cannot be applied: count it and hand its
+    /// copy to the publisher, so the commit's barrier stores it before the
+    /// delivery is acknowledged.
+    fn dead_letter(
+        &mut self,
+        kg: KeyGroup,
+        seq: u64,
+        payload: bytes::Bytes,
+        why: &Unreadable,
+    ) -> Result<(), ServiceError> {
+        let reason = why.reason();
+        let (stream, subject) = (S::INPUT.stream(&self.shape.prefix), S::INPUT.subject(&self.shape.prefix, kg));
+        tracing::warn!(%subject, seq, reason = reason.as_str(), error = %why, "set aside a message that cannot be applied");
+        self.metrics.dead_letter(reason);
+        let letter =
+            DeadLetter { stage: self.stage.name(), stream, subject, sequence: seq, reason, error: why.to_string() };
+        self.io.publish(letter.into_outgoing(&self.shape.prefix, payload))
+    }
+
+    /// Hand output `i` of input message `seq` of `input_kg` to the publisher.
+    fn publish_immediate(
+        &mut self,
+        out: &S::Output,
+        input_kg: KeyGroup,
+        seq: u64,
+        i: usize,
+    ) -> Result<(), ServiceError> {
         let Some(hop) = S::OUTPUT else { return Ok(()) };
         let (kg, parts) = S::encode(out, self.shape.max_bytes);
         let subject = hop.subject(&self.shape.prefix, kg);
@@ -387,9 +427,10 @@ impl<S: ConsumingStage, I: StageIo> StageThread<S, I> {
             self.metrics.records_sent.inc_by(records);
             let out = Outgoing {
                 subject: subject.clone(),
-                id: format!("{id}-{part}"),
+                id: immediate_id(self.stage.name(), input_kg, seq, i, part, fence.as_ref()),
                 payload: bytes.into(),
                 fence: fence.clone(),
+                dead_letter: None,
             };
             self.io.publish(out)?;
         }
@@ -467,5 +508,19 @@ impl<S: ConsumingStage, I: StageIo> StageThread<S, I> {
             self.pending_outbox.push(key);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn immediate_ids_are_stable_per_owner_and_differ_between_owners() {
+        let (kg, owner) = (KeyGroup(7), |f| FenceStamp::key_group(f));
+        let a = immediate_id("enrich", kg, 41, 0, 1, Some(&owner(3)));
+        assert_eq!(a, immediate_id("enrich", kg, 41, 0, 1, Some(&owner(3))), "a replay by one owner repeats its ids");
+        assert_ne!(a, immediate_id("enrich", kg, 41, 0, 1, Some(&owner(4))), "a new owner's replay is another message");
+        assert_eq!(immediate_id("enrich", kg, 41, 0, 1, None), "enrich-7-41-0-1", "static instances keep the old ids");
     }
 }

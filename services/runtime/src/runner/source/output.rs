@@ -206,7 +206,16 @@ impl SourceOutput {
             self.metrics.backpressured_seconds.inc_by(t0.elapsed().as_secs_f64());
             waiting();
         }
-        let waited = self.handoff.blocking_publish(Outgoing { subject, id, payload, fence })?;
+        let waited = self.handoff.blocking_publish(Outgoing { subject, id, payload, fence, dead_letter: None })?;
+        self.metrics.backpressured_seconds.inc_by(waited.as_secs_f64());
+        Ok(())
+    }
+
+    /// Hand a dead letter (a record that cannot be published) to the
+    /// publisher: the next commit of its partition's offsets waits until
+    /// it is stored, as for any output. It takes no credit, so no pause.
+    pub fn set_aside(&mut self, letter: Outgoing) -> Result<(), ServiceError> {
+        let waited = self.handoff.blocking_publish(letter)?;
         self.metrics.backpressured_seconds.inc_by(waited.as_secs_f64());
         Ok(())
     }

@@ -182,6 +182,11 @@ impl<const OUTBOX: bool> ConsumingStage for Counter<OUTBOX> {
         store::decode("model input", bytes).map_err(|_| CodecError::Invalid("model input batch"))
     }
 
+    fn validate(input: &InputBatch, kg: KeyGroup) -> Result<(), sluice_model::validate::InvalidBatch> {
+        let found = KeyGroup(input.key_group);
+        if found == kg { Ok(()) } else { Err(sluice_model::validate::InvalidBatch::KeyGroup { found, expected: kg }) }
+    }
+
     fn admit(inbox: &mut Inbox, mut input: InputBatch, dropped: &mut u64) -> Option<InputBatch> {
         let kg = KeyGroup(input.key_group);
         let before = input.records.len();

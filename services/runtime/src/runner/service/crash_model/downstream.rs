@@ -119,5 +119,11 @@ pub(super) fn verdict<const USES_OUTBOX: bool>(outcome: &Outcome, expected: &Dow
     if outcome.outbox_left > 0 {
         return Err(format!("{} outbox entries left after the drain", outcome.outbox_left));
     }
+    // Each unreadable input message is one dead letter, and nothing else is.
+    if outcome.dead_letters.len() != super::fixture::POISON.len()
+        || !outcome.dead_letters.iter().all(|id| id.starts_with("dead-counter-"))
+    {
+        return Err(format!("dead letters {:?}, expected one per poison message", outcome.dead_letters));
+    }
     Ok(())
 }

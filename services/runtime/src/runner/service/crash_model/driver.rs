@@ -164,6 +164,8 @@ struct World {
     /// fence of the current owner.
     snapshots: BTreeMap<KeyGroup, KeyGroupSnapshot>,
     fence: u64,
+    /// Ids stored in the dead-letter stream.
+    dead_letters: BTreeSet<String>,
 }
 
 /// The process died before a step (planned).
@@ -187,6 +189,11 @@ impl World {
 
     fn store(&mut self, out: Outgoing) -> Published {
         let now = self.now();
+        if out.dead_letter.is_some() {
+            // The dead-letter stream dedups by id like any other.
+            let fresh = self.dead_letters.insert(out.id);
+            return if fresh { Published::Stored } else { Published::Duplicate };
+        }
         let fence = out.fence.map(|f| f.fence);
         self.output.publish(&out.subject, &out.id, out.payload, fence, now)
     }
@@ -305,6 +312,8 @@ pub(super) struct Outcome {
     pub(super) outbox_left: usize,
     /// Lifetimes ended by a delivery gap (a delivery lost in transit).
     pub(super) gaps_caught: u64,
+    /// Ids in the dead-letter stream.
+    pub(super) dead_letters: BTreeSet<String>,
 }
 
 /// Why a run failed, with the steps that led there.
@@ -362,6 +371,7 @@ pub(super) fn run<const OUTBOX: bool>(scenario: &Scenario, input: FakeStream) ->
         died: false,
         snapshots: BTreeMap::new(),
         fence: 0,
+        dead_letters: BTreeSet::new(),
     });
     // With moves, every lifetime is a new owner on a store of its own.
     let mut dir = dir;
@@ -385,9 +395,9 @@ pub(super) fn run<const OUTBOX: bool>(scenario: &Scenario, input: FakeStream) ->
         let outbox_left = outbox::load(&store).map_err(|e| e.to_string())?.len();
         Ok((committed, outbox_left))
     };
-    let World { input, output, trace, gaps_caught, .. } = world.into_inner();
+    let World { input, output, trace, gaps_caught, dead_letters, .. } = world.into_inner();
     let (committed, outbox_left) = read().map_err(|why| fail(why, trace.clone()))?;
-    Ok(Outcome { output, input, trace, committed, outbox_left, gaps_caught })
+    Ok(Outcome { output, input, trace, committed, outbox_left, gaps_caught, dead_letters })
 }
 
 /// A fresh state directory, in memory where the machine has a RAM disk: the

@@ -41,8 +41,26 @@ pub(super) fn input_stream(scenario: &Scenario) -> FakeStream {
         let subject = Hop::Raw.subject(PREFIX, KeyGroup(batch.key_group));
         let payload = store::encode("model input", &batch).expect("postcard encodes the model's input");
         stream.publish(&subject, &format!("source-{i}"), payload.into(), None, 0);
+        if let Some((kg, poison)) = POISON.iter().find(|(_, at)| *at == i).map(|(kg, _)| (*kg, poison(*kg))) {
+            stream.publish(&Hop::Raw.subject(PREFIX, KeyGroup(kg)), &format!("poison-{i}"), poison.into(), None, 0);
+        }
     }
     stream
+}
+
+/// Where unreadable messages sit in the input: (key group, after batch).
+/// Each must become exactly one dead letter, whatever crashes.
+pub(super) const POISON: [(u16, usize); 2] = [(1, 2), (0, 6)];
+
+/// An unreadable message on key group `kg`: bytes that are not a batch,
+/// or a batch for the other key group.
+fn poison(kg: u16) -> Vec<u8> {
+    if kg == 1 {
+        b"not a batch".to_vec()
+    } else {
+        let elsewhere = InputBatch { key_group: kg + 1, records: Vec::new() };
+        store::encode("model input", &elsewhere).expect("postcard encodes the model's input")
+    }
 }
 
 /// Each distinct input record (key group, partition, offset) counted once.
