@@ -93,7 +93,7 @@ async fn ensure_stream(js: &jetstream::Context, settings: &NatsSettings) -> Resu
         // skipped) must not hide the last real one from an instance starting.
         max_messages_per_subject: UPDATE_HISTORY,
         storage: stream::StorageType::File,
-        num_replicas: 1,
+        num_replicas: settings.replicas,
         ..Default::default()
     };
     let mut stream =

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use sluice_model::batch::{EnrichedBatch, RowBatch};
 use sluice_model::codec::{CodecError, decode_enriched, encode_rows_within};
 use sluice_model::key_group::KeyGroup;
+use sluice_model::reject::RejectCounts;
 use sluice_runtime::protocol::inbox::Inbox;
 use sluice_runtime::runner::service::{self, Common, ConsumingStage, OutputPolicy, ServiceSettings};
 use sluice_runtime::settings::PipelineSettings;
@@ -46,14 +47,36 @@ impl ConsumingStage for Window {
         sluice_model::validate::enriched(input, kg)
     }
 
-    fn admit(inbox: &mut Inbox, input: EnrichedBatch, dropped: &mut u64) -> Option<EnrichedBatch> {
-        // Enrich dropped replayed records already; a whole batch can still
-        // come twice (enrich replayed it after JetStream's duplicate window).
-        if inbox.admit_record(input.key_group, input.input.last) {
+    fn admit(inbox: &mut Inbox, mut input: EnrichedBatch, dropped: &mut u64) -> Option<EnrichedBatch> {
+        // Enrich dropped replayed records already; its output can still come
+        // twice (replayed after JetStream's duplicate window, or by a new
+        // owner of the key group), and cut into other parts: a batch larger
+        // than nats.max_batch_bytes is split by size, which other dimension
+        // tables or settings change. So each upload is admitted by its own
+        // lineage, against the frontier as it was before this part; the
+        // first-event moves, rejects and input count travel with the part
+        // that ends the enriched batch (`input.last`, the same however it
+        // was cut), so they come once with it.
+        let kg = input.key_group;
+        let before = input.uploads.len();
+        input.uploads.retain(|u| !inbox.has_applied(kg, u.lineage));
+        let ends_new_input = !inbox.has_applied(kg, input.input.last);
+        if !ends_new_input {
+            input.first_event_moves.clear();
+            input.rejects = RejectCounts::default();
+            input.input.records = 0;
+        }
+        *dropped += (before - input.uploads.len()) as u64;
+        for u in &input.uploads {
+            inbox.admit_record(kg, u.lineage);
+        }
+        if ends_new_input {
+            inbox.admit_record(kg, input.input.last);
             Some(input)
-        } else {
-            *dropped += 1;
+        } else if input.uploads.is_empty() {
             None
+        } else {
+            Some(input)
         }
     }
 
@@ -80,4 +103,103 @@ pub fn main(config: Option<&std::path::Path>) -> anyhow::Result<()> {
     let launched =
         service::launch("window", common, |l| Ok((Window::new().owning(l.owned.clone()), axum::Router::new())));
     Ok(service::block_on(launched).context("starting tokio")??)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use sluice_model::batch::{DailyCell, Dimensions, EnrichedUpload, FirstEventMove, InputSpan};
+    use sluice_model::event_time::LocalDay;
+    use sluice_model::lineage::Lineage;
+    use sluice_model::reject::{RejectCounts, RejectReason};
+
+    use super::*;
+
+    const KG: KeyGroup = KeyGroup(5);
+
+    fn at(offset: u64) -> Lineage {
+        Lineage { partition: 1, offset }
+    }
+
+    fn dims() -> Dimensions {
+        Dimensions { os: Arc::from("ios"), channel: Arc::from("ch"), country: Arc::from("CN") }
+    }
+
+    /// Enrich's output for raw records 0..=11: ten accepted uploads (1..=10),
+    /// one first-event move, two rejects.
+    fn whole() -> EnrichedBatch {
+        let upload = |o| EnrichedUpload {
+            lineage: at(o),
+            app: Arc::from("app"),
+            dev: Arc::from(format!("d{o}")),
+            dimensions: dims(),
+            events: Vec::new(),
+        };
+        let mut rejects = RejectCounts::default();
+        rejects.add(RejectReason::Malformed);
+        rejects.add(RejectReason::UnknownApp);
+        EnrichedBatch {
+            key_group: KG,
+            uploads: (1..=10).map(upload).collect(),
+            first_event_moves: vec![FirstEventMove {
+                lineage: at(2),
+                app: Arc::from("app"),
+                dev: Arc::from("d2"),
+                out_of: None,
+                into: DailyCell { day: LocalDay(20000), dimensions: dims() },
+            }],
+            rejects,
+            input: InputSpan { records: 12, last: at(11) },
+        }
+    }
+
+    /// `whole` cut as `encode_enriched_within` cuts it: the uploads before
+    /// `mid` alone, then the rest with everything else.
+    fn cut(mid: usize) -> [EnrichedBatch; 2] {
+        let b = whole();
+        let first = EnrichedBatch {
+            key_group: KG,
+            uploads: b.uploads[..mid].to_vec(),
+            first_event_moves: Vec::new(),
+            rejects: RejectCounts::default(),
+            input: InputSpan { records: 0, last: b.uploads[mid - 1].lineage },
+        };
+        let second = EnrichedBatch { uploads: b.uploads[mid..].to_vec(), ..b };
+        [first, second]
+    }
+
+    /// What the window applies of `parts`, in order: (uploads, moves,
+    /// rejects, input records).
+    fn applied(inbox: &mut Inbox, parts: impl IntoIterator<Item = EnrichedBatch>) -> (Vec<u64>, usize, u64, u64) {
+        let (mut uploads, mut moves, mut rejects, mut records) = (Vec::new(), 0, 0, 0);
+        for part in parts {
+            let mut dropped = 0;
+            if let Some(b) = Window::admit(inbox, part, &mut dropped) {
+                uploads.extend(b.uploads.iter().map(|u| u.lineage.offset));
+                moves += b.first_event_moves.len();
+                rejects += b.rejects.0.iter().sum::<u64>();
+                records += b.input.records;
+            }
+        }
+        (uploads, moves, rejects, records)
+    }
+
+    #[test]
+    fn a_replay_cut_into_other_parts_applies_each_record_once() {
+        for (first_mid, replay_mid) in [(5, 7), (7, 5), (3, 3), (9, 1)] {
+            let mut inbox = Inbox::new("test/inbox");
+            let [a1, _] = cut(first_mid);
+            let before_crash = applied(&mut inbox, [a1]);
+            let replay = applied(&mut inbox, cut(replay_mid));
+            let mut uploads = before_crash.0.clone();
+            uploads.extend(&replay.0);
+            assert_eq!(uploads, (1..=10).collect::<Vec<_>>(), "cut at {first_mid}, replayed cut at {replay_mid}");
+            assert_eq!(before_crash.1 + replay.1, 1, "the move once");
+            assert_eq!(before_crash.2 + replay.2, 2, "the rejects once");
+            assert_eq!(before_crash.3 + replay.3, 12, "the input count once");
+            // And all of it again: nothing.
+            assert_eq!(applied(&mut inbox, [whole()]), (Vec::new(), 0, 0, 0));
+        }
+    }
 }

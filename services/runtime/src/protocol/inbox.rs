@@ -92,6 +92,16 @@ impl Inbox {
         Ok(())
     }
 
+    /// The input stream was deleted and created again: its sequence numbers
+    /// start over, so every key group's stream position goes back to none
+    /// (the lineage frontiers stay: the records are still the input's).
+    pub fn restart_stream_positions(&mut self) {
+        for (kg, p) in &mut self.positions {
+            p.stream_seq = 0;
+            self.changed.insert(*kg);
+        }
+    }
+
     /// The position of `kg`.
     pub fn position(&self, kg: KeyGroup) -> Option<&KeyGroupPosition> {
         self.positions.get(&kg)
@@ -107,6 +117,15 @@ impl Inbox {
         p.stream_seq = stream_seq;
         self.changed.insert(kg);
         true
+    }
+
+    /// Whether a record of `kg` from `lineage` is at or below its
+    /// partition's frontier (applied before), without changing anything.
+    pub fn has_applied(&self, kg: KeyGroup, lineage: Lineage) -> bool {
+        self.positions
+            .get(&kg)
+            .and_then(|p| p.frontier.get(&lineage.partition))
+            .is_some_and(|&applied| lineage.offset <= applied)
     }
 
     /// A record of `kg` from `lineage`: true if it is new (and is now taken

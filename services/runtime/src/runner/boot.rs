@@ -36,6 +36,22 @@ pub(crate) async fn boot<T>(
         .ok_or_else(|| ServiceError::Settings("pipeline.key_groups must be between 1 and 32768".into()))?;
     common.service.validate()?;
     common.state.validate().map_err(ServiceError::Settings)?;
+    // An acknowledgement comes only after the commit (with leases, the
+    // snapshot) covering its delivery: an ack_wait under those would
+    // redeliver every message before it could be acknowledged.
+    let acked_within = common.state.commit_interval + common.service.snapshot_interval;
+    if common.nats.ack_wait < acked_within * 2 {
+        return Err(ServiceError::Settings(format!(
+            "nats.ack_wait ({:?}) must be at least twice state.commit_interval + service.snapshot_interval ({acked_within:?})",
+            common.nats.ack_wait
+        )));
+    }
+    if !(1..=5).contains(&common.nats.replicas) {
+        return Err(ServiceError::Settings(format!(
+            "nats.replicas ({}) must be between 1 and 5",
+            common.nats.replicas
+        )));
+    }
     let shutdown = crate::runner::shutdown::on_signal()
         .map_err(|source| ServiceError::Os { what: "installing signal handlers".into(), source })?;
     // With leases the index means nothing: the member name tells pods apart.

@@ -82,6 +82,12 @@ pub struct ServiceSettings {
     /// hand-over settings; the rest is state. Exposed beside the RSS in
     /// `/metrics`; above it the service warns.
     pub memory_limit_bytes: u64,
+    /// Go on when the input stream was deleted and created again since the
+    /// state was written (its sequence numbers start over): the stream
+    /// positions are reset and the new stream is read from its start. Off,
+    /// the service stops with an error that says so, since reading it with
+    /// the old positions would drop its messages as applied.
+    pub accept_recreated_input: bool,
 }
 
 impl Default for ServiceSettings {
@@ -100,6 +106,7 @@ impl Default for ServiceSettings {
             drain_timeout: Duration::from_secs(8),
             batch_delay: Duration::ZERO,
             memory_limit_bytes: 512 << 20,
+            accept_recreated_input: false,
         }
     }
 }

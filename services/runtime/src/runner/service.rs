@@ -50,6 +50,7 @@ use sluice_model::validate::InvalidBatch;
 
 mod leased;
 pub use leased::{LeaseRun, lease_bucket, snapshot_bucket};
+mod input_stream;
 mod outbox;
 mod recovery;
 mod stage_thread;
@@ -215,13 +216,19 @@ pub async fn run<S>(
 where
     S: ConsumingStage,
 {
-    let recovered = recover(&mut stage, &store, holding.owned.clone())?;
+    let mut recovered = recover(&mut stage, &store, holding.owned.clone())?;
     let name = match &holding.lease {
         Some(lease) => lease.member.clone(),
         None => format!("{}-{}", stage.name(), ctx.settings.instance),
     };
     let js = nats::connect(&ctx.nats, &format!("sluice-{name}")).await?;
-    let input = nats::ensure_stream(&js, &ctx.nats, S::INPUT).await?;
+    let mut input = nats::ensure_stream(&js, &ctx.nats, S::INPUT).await?;
+    let created = input.info().await.map_err(|e| nats::js_err("reading the input stream")(Box::new(e)))?.created;
+    let identity = input_stream::InputStream {
+        name: S::INPUT.stream(&ctx.nats.prefix),
+        created_ns: created.unix_timestamp_nanos(),
+    };
+    input_stream::check(&store, &mut recovered.inbox, &identity, ctx.settings.accept_recreated_input)?;
     if let Some(out) = S::OUTPUT {
         nats::ensure_stream(&js, &ctx.nats, out).await?;
     }

@@ -190,6 +190,7 @@ async fn read_leased<I: SourceInput>(
         units: count as usize,
         me,
         interval: ctx.settings.heartbeat_interval,
+        replicas: ctx.nats.replicas,
     };
     let group = Arc::new(LeaseGroup::join(js, membership).await?);
     tracing::info!(%member, partitions = count, "joining the source group");

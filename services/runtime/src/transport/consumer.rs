@@ -127,7 +127,7 @@ pub async fn consume(
             // Work-queue streams require explicit acks: each message is
             // acknowledged after the commit that applied it.
             ack_policy: consumer::AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(300),
+            ack_wait: settings.ack_wait,
             max_ack_pending: settings.max_ack_pending,
             ..Default::default()
         };

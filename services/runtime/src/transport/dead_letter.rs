@@ -197,7 +197,7 @@ pub async fn ensure_stream(js: &jetstream::Context, settings: &NatsSettings) -> 
         max_age: settings.dead_letter_max_age,
         max_bytes: settings.dead_letter_max_bytes,
         duplicate_window: settings.duplicate_window.min(settings.dead_letter_max_age),
-        num_replicas: 1,
+        num_replicas: settings.replicas,
         ..Default::default()
     };
     js.get_or_create_stream(config).await.map_err(|e| js_err(format!("creating stream {name}"))(Box::new(e)))

@@ -82,7 +82,7 @@ impl View {
 /// Create (if missing) and open the KV bucket `bucket`, laid out as the KV
 /// layer expects: one stream `KV_<bucket>`, the last value per key, rollups
 /// allowed, deletes denied, direct gets allowed.
-pub async fn open_bucket(js: &jetstream::Context, bucket: &str) -> Result<kv::Store, LeaseError> {
+pub async fn open_bucket(js: &jetstream::Context, bucket: &str, replicas: usize) -> Result<kv::Store, LeaseError> {
     let fail = |detail: String| LeaseError::Transport { bucket: bucket.into(), key: String::new(), detail };
     let config = stream::Config {
         name: format!("KV_{bucket}"),
@@ -95,7 +95,7 @@ pub async fn open_bucket(js: &jetstream::Context, bucket: &str) -> Result<kv::St
         deny_delete: true,
         allow_direct: true,
         discard: stream::DiscardPolicy::New,
-        num_replicas: 1,
+        num_replicas: replicas,
         ..Default::default()
     };
     let mut stream = js
@@ -140,13 +140,15 @@ pub struct Membership {
     pub me: Me,
     /// How often it heartbeats.
     pub interval: Duration,
+    /// Replicas of the bucket, when it is created (`nats.replicas`).
+    pub replicas: usize,
 }
 
 impl LeaseGroup {
     /// Join the group: start heartbeating. The first [`View`] arrives after
     /// the first successful write ([`LeaseGroup::first_view`]).
     pub async fn join(js: &jetstream::Context, m: Membership) -> Result<Self, LeaseError> {
-        let store = open_bucket(js, &m.bucket).await?;
+        let store = open_bucket(js, &m.bucket, m.replicas).await?;
         let (tx, view) = watch::channel(None);
         let leaving = Arc::new(AtomicBool::new(false));
         let stop = CancellationToken::new();

@@ -47,6 +47,14 @@ pub struct NatsSettings {
     /// Messages a key group's consumer may have delivered and not yet
     /// acknowledged (acknowledged at commits).
     pub max_ack_pending: i64,
+    /// How long the server waits for a delivered message's acknowledgement
+    /// before delivering it again. Deliveries are acknowledged after the
+    /// commit (with leases: after the snapshot) that covers them, so it
+    /// must stay well above `state.commit_interval` (and
+    /// `service.snapshot_interval`); it is also how long a delivery lost in
+    /// transit, when nothing follows it on its key group, waits to come again.
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
     /// Messages asked for in one pull request.
     pub pull_batch: usize,
     /// How long a publish may be retried before the stage gives up (and
@@ -79,6 +87,11 @@ pub struct NatsSettings {
     pub dead_letter_max_age: Duration,
     /// Bytes the dead-letter stream may hold; beyond it the oldest go.
     pub dead_letter_max_bytes: i64,
+    /// Replicas of every stream, bucket and object store sluice creates
+    /// (the hops, dead letters, dimensions, leases, snapshots): 1 on a
+    /// single server, 3 on a three-node cluster (prod). Applies when they
+    /// are created.
+    pub replicas: usize,
 }
 
 impl NatsSettings {
@@ -108,6 +121,7 @@ impl Default for NatsSettings {
             stream_max_bytes: 1 << 30,
             duplicate_window: Duration::from_secs(120),
             max_ack_pending: 1024,
+            ack_wait: Duration::from_secs(300),
             pull_batch: 64,
             publish_timeout: Duration::from_secs(60),
             credit: true,
@@ -119,6 +133,7 @@ impl Default for NatsSettings {
             publish_buffer_bytes: 32 << 20,
             dead_letter_max_age: Duration::from_secs(14 * 24 * 3600),
             dead_letter_max_bytes: 256 << 20,
+            replicas: 1,
         }
     }
 }
@@ -224,7 +239,7 @@ pub async fn ensure_stream(
         discard: stream::DiscardPolicy::New,
         max_bytes: settings.stream_max_bytes,
         duplicate_window: settings.duplicate_window,
-        num_replicas: 1,
+        num_replicas: settings.replicas,
         ..Default::default()
     };
     js.get_or_create_stream(config).await.map_err(|e| js_err(format!("creating stream {name}"))(Box::new(e)))

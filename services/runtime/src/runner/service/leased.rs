@@ -25,7 +25,7 @@ use crate::protocol::ownership::Me;
 use crate::runner::lease_loop::{Checkpoints, Held, LeaseLoop, UnitHolder, keep_checkpoints};
 use crate::store::CommitStore;
 use crate::store::key_group_state;
-use crate::store::snapshot_store::SnapshotStore;
+use crate::store::snapshot_store::{SnapshotStore, generation};
 use crate::transport::consumer::AckToken;
 use crate::transport::lease_table::{LeaseGroup, Membership, View};
 use crate::transport::nats;
@@ -67,20 +67,26 @@ pub(super) async fn run_snapshots(
     acker: mpsc::Sender<Vec<AckToken>>,
     metrics: Arc<Metrics>,
 ) -> Result<(), ServiceError> {
+    // The generation this run last recorded per key group.
+    let mut recorded: BTreeMap<KeyGroup, u64> = BTreeMap::new();
     while let Some(job) = jobs.recv().await {
         let mut checkpoints = BTreeMap::new();
+        let mut written = Vec::new();
         for snapshot in &job.snapshots {
-            lease.snapshots.put(snapshot).await?;
+            let generation = generation(snapshot.fence, job.epoch);
+            lease.snapshots.put(snapshot, generation).await?;
             metrics.snapshot_bytes.inc_by(snapshot.bytes() as u64);
-            checkpoints.insert(u32::from(snapshot.key_group.0), (snapshot.fence, Some(snapshot.fence)));
+            checkpoints.insert(u32::from(snapshot.key_group.0), (snapshot.fence, Some(generation)));
+            written.push((snapshot.key_group, generation));
         }
         lease.group.checkpoint(&checkpoints, false).await?;
-        for snapshot in &job.snapshots {
-            if let Some(old) = lease.restored_from.remove(&snapshot.key_group)
-                && old != snapshot.fence
-                && let Err(e) = lease.snapshots.delete(snapshot.key_group, old).await
-            {
-                tracing::warn!("deleting an old snapshot generation: {e}");
+        // Recorded: the generations they replace are no one's to restore.
+        for (kg, generation) in written {
+            let replaced = [lease.restored_from.remove(&kg), recorded.insert(kg, generation)];
+            for old in replaced.into_iter().flatten().filter(|old| *old != generation) {
+                if let Err(e) = lease.snapshots.delete(kg, old).await {
+                    tracing::warn!("deleting an old snapshot generation: {e}");
+                }
             }
         }
         if !job.acks.is_empty() && acker.send(job.acks).await.is_err() {
@@ -112,9 +118,10 @@ where
         units: usize::from(ctx.key_groups.count()),
         me,
         interval: ctx.settings.heartbeat_interval,
+        replicas: ctx.nats.replicas,
     };
     let group = Arc::new(LeaseGroup::join(&js, membership).await?);
-    let snapshots = SnapshotStore::open(&js, &snapshot_bucket(&ctx.nats.prefix), name).await?;
+    let snapshots = SnapshotStore::open(&js, &snapshot_bucket(&ctx.nats.prefix), name, ctx.nats.replicas).await?;
     tracing::info!(member = %member, "joining the {name} group");
     let mut holder = KeyGroupHolder {
         namespaces: S::KEY_GROUP_STATE.iter().copied().chain([INBOX_NS]).collect(),

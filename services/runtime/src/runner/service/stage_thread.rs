@@ -64,7 +64,12 @@ pub(super) trait StageIo {
     /// then acknowledge `tokens`, the deliveries of every commit they cover:
     /// a new owner restores the snapshot and finds every later delivery
     /// still in the work queue.
-    fn snapshot(&mut self, _snapshots: Vec<KeyGroupSnapshot>, tokens: Vec<AckToken>) -> Result<(), ServiceError> {
+    fn snapshot(
+        &mut self,
+        _snapshots: Vec<KeyGroupSnapshot>,
+        _epoch: u64,
+        tokens: Vec<AckToken>,
+    ) -> Result<(), ServiceError> {
         if tokens.is_empty() { Ok(()) } else { self.acknowledge(tokens) }
     }
 }
@@ -72,6 +77,9 @@ pub(super) trait StageIo {
 /// Snapshots and the acknowledgements they cover, for the snapshot task.
 pub(super) struct SnapshotJob {
     pub(super) snapshots: Vec<KeyGroupSnapshot>,
+    /// The epoch (commit count) of the commit the snapshots copy: with the
+    /// fence, it names their generation in the snapshot store.
+    pub(super) epoch: u64,
     pub(super) acks: Vec<AckToken>,
 }
 
@@ -122,10 +130,15 @@ impl StageIo for Channels {
         }
     }
 
-    fn snapshot(&mut self, snapshots: Vec<KeyGroupSnapshot>, acks: Vec<AckToken>) -> Result<(), ServiceError> {
+    fn snapshot(
+        &mut self,
+        snapshots: Vec<KeyGroupSnapshot>,
+        epoch: u64,
+        acks: Vec<AckToken>,
+    ) -> Result<(), ServiceError> {
         match &self.snapshots {
             Some(tx) => tx
-                .blocking_send(SnapshotJob { snapshots, acks })
+                .blocking_send(SnapshotJob { snapshots, epoch, acks })
                 .map_err(|_| ServiceError::TaskStopped("snapshot task")),
             None if acks.is_empty() => Ok(()),
             None => self.acknowledge(acks),
@@ -267,7 +280,7 @@ impl<S: ConsumingStage, I: StageIo> StageThread<S, I> {
         }
         self.last_snapshot = Instant::now();
         let acks = std::mem::take(&mut self.held_acks);
-        self.io.snapshot(snapshots, acks)
+        self.io.snapshot(snapshots, self.epoch, acks)
     }
 
     /// Bytes the store takes on disk (0 if sled cannot tell).

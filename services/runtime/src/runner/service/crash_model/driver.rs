@@ -253,7 +253,12 @@ impl StageIo for FakeIo<'_> {
         Ok(())
     }
 
-    fn snapshot(&mut self, snapshots: Vec<KeyGroupSnapshot>, tokens: Vec<AckToken>) -> Result<(), ServiceError> {
+    fn snapshot(
+        &mut self,
+        snapshots: Vec<KeyGroupSnapshot>,
+        _epoch: u64,
+        tokens: Vec<AckToken>,
+    ) -> Result<(), ServiceError> {
         {
             let mut w = self.world.borrow_mut();
             w.step(Step::Snapshot).map_err(died)?;
