@@ -53,6 +53,16 @@ pub trait Stage {
         Ok(())
     }
 
+    /// The commit staged by the last [`Stage::commit`] is durable. A stage
+    /// whose state is read while it runs (the sink's tables) shows it from
+    /// here on, never before: a crash can take back a commit that is not
+    /// durable yet. Runners that serve reads call it; a stage must not rely
+    /// on it otherwise (the next [`Stage::commit`] also means the last one
+    /// is durable).
+    fn committed(&mut self) -> Result<(), StageError> {
+        Ok(())
+    }
+
     /// Count what an output says in the metrics (its rejects, say). The
     /// runner calls it once per output, whatever carries the output on.
     fn count_output(_output: &Self::Output, _metrics: &Metrics) {}
@@ -112,6 +122,11 @@ impl<A: Stage, B: Stage<Input = A::Output>> Stage for Chain<A, B> {
         self.first.commit(&mut self.between, tx)?;
         self.pass_on(out)?;
         self.second.commit(out, tx)
+    }
+
+    fn committed(&mut self) -> Result<(), StageError> {
+        self.first.committed()?;
+        self.second.committed()
     }
 
     fn count_output(output: &B::Output, metrics: &Metrics) {

@@ -11,7 +11,10 @@
 //! | `GET /progress` | `{"covered_records"}`: input records the tables account for |
 //!
 //! Rows are partials merged at read time, so a read sees every key group's
-//! newest applied partial: the tables as of the rows applied so far.
+//! newest committed partial: the tables as of the last durable commit
+//! (at most `state.commit_interval` behind what was applied). A read never
+//! sees a row a crash could take back, so across restarts no row's version
+//! goes back.
 //!
 //! With `postgres.url` set, the tables are also mirrored into PostgreSQL
 //! ([`crate::postgres`]): the stage tells the mirror, once restored, to write
@@ -121,14 +124,18 @@ impl Stage for LiveSink {
     }
 
     fn commit(&mut self, out: &mut Vec<()>, tx: &mut CommitBatch) -> Result<(), StageError> {
+        self.write().commit(out, tx)
+    }
+
+    fn committed(&mut self) -> Result<(), StageError> {
         let changed = {
             let mut sink = self.write();
-            sink.commit(out, tx)?;
+            sink.committed()?;
             sink.take_changed()
         };
-        // Sent with the lock released: the mirror reads the tables to write
-        // them, and the stage thread (a plain thread) waits here when the
-        // mirror is behind.
+        // Told once the rows are what reads see (durable), with the lock
+        // released: the mirror reads the tables to write them, and the
+        // stage thread (a plain thread) waits here when the mirror is behind.
         if let Some(mirror) = &self.mirror
             && !changed.is_empty()
         {
@@ -284,7 +291,10 @@ async fn serve(settings: &SinkServiceSettings) -> anyhow::Result<()> {
         nats: &settings.nats,
         state: &settings.state,
     };
-    let tables = Arc::new(RwLock::new(Sink::new()));
+    let mut sink = Sink::new();
+    // The tables are read while the sink runs: only what is durable.
+    sink.serve_committed();
+    let tables = Arc::new(RwLock::new(sink));
     let mirror = postgres::start(&settings.postgres, tables.clone()).await.context("starting the PostgreSQL mirror")?;
     let stage = match &mirror {
         Some(m) => LiveSink::mirrored(tables, m.feed.clone()),

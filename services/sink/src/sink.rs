@@ -99,6 +99,19 @@ impl Sink {
         self.version
     }
 
+    /// From now on, reads see only committed rows: a change is seen once
+    /// the commit that wrote it is durable ([`Stage::committed`]), so a read
+    /// never sees a row that a crash could take back. For the sink service,
+    /// whose tables are read while it runs.
+    pub fn serve_committed(&mut self) {
+        self.daily.read_committed();
+        self.sessions.read_committed();
+        self.custom.read_committed();
+        self.minute.read_committed();
+        self.rejects.read_committed();
+        self.covered.read_committed();
+    }
+
     /// Remember the keys of every commit from now on, for
     /// [`Self::take_changed`].
     pub fn track_changes(&mut self) {
@@ -265,6 +278,16 @@ impl Stage for Sink {
             changed.extend(minute.into_iter().map(RowKey::MinuteBlock));
             changed.extend(rejects.into_iter().map(RowKey::Rejects));
         }
+        Ok(())
+    }
+
+    fn committed(&mut self) -> Result<(), StageError> {
+        self.daily.committed();
+        self.sessions.committed();
+        self.custom.committed();
+        self.minute.committed();
+        self.rejects.committed();
+        self.covered.committed();
         Ok(())
     }
 }

@@ -33,8 +33,22 @@ pub fn decide(existing: Option<u64>, version: u64) -> Applied {
 }
 
 /// One table of the sink.
+///
+/// With [`TableStore::read_committed`] (the sink service, whose tables are
+/// read while it runs), reads see only committed partials: a change goes to
+/// `pending`, moves to `staged` with the commit that writes it, and into
+/// `rows`, what reads see, once that commit is durable
+/// ([`TableStore::committed`], or at the latest the next commit). A read
+/// after a crash therefore never sees a row go back to an older version.
+/// Without it (the embedded job, which reads after its run), changes go to
+/// `rows` at once.
 pub struct TableStore<K, V> {
     rows: HashMap<K, Contributions<V>, FxBuildHasher>,
+    /// Committed reads: the keys changed since the last commit, as they
+    /// are now. `None`: changes go to `rows` at once.
+    pending: Option<HashMap<K, Contributions<V>, FxBuildHasher>>,
+    /// Committed reads: what the last commit wrote, until it is durable.
+    staged: HashMap<K, Contributions<V>, FxBuildHasher>,
     dirty: Vec<K>,
     dirty_set: std::collections::HashSet<K, FxBuildHasher>,
     log: ChangelogTable<K, Contributions<V>>,
@@ -53,15 +67,28 @@ where
     pub fn new(namespace: &'static str) -> Self {
         Self {
             rows: HashMap::default(),
+            pending: None,
+            staged: HashMap::default(),
             dirty: Vec::new(),
             dirty_set: Default::default(),
             log: ChangelogTable::new(namespace),
         }
     }
 
+    /// From now on, reads see only committed partials (see the type's doc).
+    pub fn read_committed(&mut self) {
+        self.pending.get_or_insert_default();
+    }
+
     /// Apply one partial row.
     pub fn apply(&mut self, kg: KeyGroup, version: u64, key: K, value: V) -> Applied {
-        let contributions = self.rows.entry(key.clone()).or_default();
+        let Self { rows, pending, staged, .. } = self;
+        let contributions = match pending {
+            None => rows.entry(key.clone()).or_default(),
+            Some(pending) => pending
+                .entry(key.clone())
+                .or_insert_with(|| staged.get(&key).or_else(|| rows.get(&key)).cloned().unwrap_or_default()),
+        };
         let slot = contributions.iter_mut().find(|(g, _, _)| *g == kg);
         let applied = decide(slot.as_ref().map(|(_, v, _)| *v), version);
         if applied == Applied::Stored {
@@ -98,16 +125,38 @@ where
 
     /// Stage every key that changed since the last commit; returns those
     /// keys (each once), so that a mirror of the tables can rewrite just them.
+    /// Being asked to commit again means the last commit is durable: what
+    /// it staged is folded into what reads see first.
     pub fn commit(&mut self, tx: &mut CommitBatch) -> Result<Vec<K>, StateError> {
+        self.committed();
         self.dirty_set.clear();
         let dirty = std::mem::take(&mut self.dirty);
+        let Some(pending) = &mut self.pending else {
+            let rows = &self.rows;
+            let changes: Vec<(&K, Option<&Contributions<V>>)> =
+                dirty.iter().filter_map(|k| rows.get_key_value(k)).map(|(k, c)| (k, Some(c))).collect();
+            self.log.commit(tx, BTreeMap::from([(SINK_PARTITION, changes)]), || {
+                BTreeMap::from([(SINK_PARTITION, rows.iter().map(|(k, c)| (k, Some(c))).collect::<Vec<_>>())])
+            })?;
+            return Ok(dirty);
+        };
+        let staged = std::mem::take(pending);
         let rows = &self.rows;
         let changes: Vec<(&K, Option<&Contributions<V>>)> =
-            dirty.iter().filter_map(|k| rows.get_key_value(k)).map(|(k, c)| (k, Some(c))).collect();
+            dirty.iter().filter_map(|k| staged.get_key_value(k)).map(|(k, c)| (k, Some(c))).collect();
         self.log.commit(tx, BTreeMap::from([(SINK_PARTITION, changes)]), || {
-            BTreeMap::from([(SINK_PARTITION, rows.iter().map(|(k, c)| (k, Some(c))).collect::<Vec<_>>())])
+            let unchanged = rows.iter().filter(|(k, _)| !staged.contains_key(*k));
+            BTreeMap::from([(SINK_PARTITION, unchanged.chain(&staged).map(|(k, c)| (k, Some(c))).collect::<Vec<_>>())])
         })?;
+        self.staged = staged;
         Ok(dirty)
+    }
+
+    /// The last commit is durable: reads see what it wrote.
+    pub fn committed(&mut self) {
+        for (key, contributions) in self.staged.drain() {
+            self.rows.insert(key, contributions);
+        }
     }
 
     /// Load the table from the store.
@@ -127,6 +176,31 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn with_committed_reads_a_change_is_seen_once_its_commit_is_durable() -> Result<(), StateError> {
+        let mut t: TableStore<String, u64> = TableStore::new("t");
+        t.read_committed();
+        let seen = |t: &TableStore<String, u64>| t.get(&"k".to_string()).map(|c| c[0].2);
+        t.apply(KeyGroup(0), 1, "k".into(), 10);
+        assert_eq!(seen(&t), None, "applied, not committed");
+        let mut tx = CommitBatch::default();
+        assert_eq!(t.commit(&mut tx)?, vec!["k".to_string()]);
+        assert_eq!(seen(&t), None, "staged, not durable yet");
+        t.committed();
+        assert_eq!(seen(&t), Some(10));
+        // A newer partial, then a stale one: decided against what was
+        // applied, not what reads see.
+        t.apply(KeyGroup(0), 3, "k".into(), 30);
+        assert_eq!(t.apply(KeyGroup(0), 2, "k".into(), 20), Applied::Stale);
+        assert_eq!(seen(&t), Some(10), "reads stay at the committed version");
+        t.commit(&mut CommitBatch::default())?;
+        // No committed() call: the next commit folds it in.
+        t.apply(KeyGroup(1), 1, "k".into(), 5);
+        t.commit(&mut CommitBatch::default())?;
+        assert_eq!(seen(&t), Some(30));
+        Ok(())
+    }
 
     #[test]
     fn newest_version_per_key_group_wins_in_any_order() {

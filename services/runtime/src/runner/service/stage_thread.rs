@@ -502,6 +502,7 @@ impl<S: ConsumingStage, I: StageIo> StageThread<S, I> {
             }
         }
         self.io.make_durable(&self.store, tx)?;
+        self.stage.committed()?;
         self.metrics.batches_committed.inc();
         self.metrics.commit_duration.observe(t0.elapsed().as_secs_f64());
         self.metrics.busy(t0.elapsed());
