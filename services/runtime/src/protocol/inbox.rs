@@ -148,6 +148,12 @@ impl Inbox {
         self.fences.get(&kg)?.get(unit).copied()
     }
 
+    /// Whether a message of `kg` stamped `stamp` was written by an owner
+    /// deposed since: its unit has a newer fence. Changes nothing.
+    pub fn is_fenced_out(&self, kg: KeyGroup, stamp: &FenceStamp) -> bool {
+        self.fence(kg, &stamp.unit).is_some_and(|seen| stamp.fence < seen)
+    }
+
     /// A message of `kg` stamped `stamp`: true if its writer is the unit's
     /// current owner as far as this inbox knows (its fence is the highest
     /// seen, which it now is), false if a newer owner has written before.

@@ -353,18 +353,12 @@ impl<S: ConsumingStage, I: StageIo> StageThread<S, I> {
         }
         self.metrics.batches_received.inc();
         if let Some(stamp) = &fence
-            && !self.inbox.admit_fence(kg, stamp)
+            && self.inbox.is_fenced_out(kg, stamp)
         {
             // Written by an owner deposed since: its unit has a newer one.
             self.metrics.fenced_dropped.inc();
             self.acks.extend(ack);
             return Ok(());
-        }
-        if self.inbox.is_dirty() {
-            self.uncommitted = true;
-            if self.leasing.is_some() {
-                self.changed.insert(kg);
-            }
         }
         let fresh = self.inbox.admit_delivery(kg, seq);
         if let Some(ack) = ack {
@@ -385,6 +379,11 @@ impl<S: ConsumingStage, I: StageIo> StageThread<S, I> {
             // sequence; its ack waits for the commit): only the copy is left.
             Err(why) => return self.dead_letter(kg, seq, payload, &why),
         };
+        // Only a message that is what it claims to be may raise its unit's
+        // fence: a forged stamp on garbage would fence out the real owner.
+        if let Some(stamp) = &fence {
+            self.inbox.admit_fence(kg, stamp);
+        }
         self.metrics.records_received.inc_by(S::records_in(&input));
         let mut dropped = 0;
         let admitted = S::admit(&mut self.inbox, input, &mut dropped);

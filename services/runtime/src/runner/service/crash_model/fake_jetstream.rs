@@ -147,7 +147,7 @@ impl FakeStream {
             payload: m.payload.clone(),
             ack: Some(AckToken::new(format!("{ACK_PREFIX}{seq}"))),
             credit: None,
-            fence: None,
+            fence: m.fence.map(crate::protocol::fence::FenceStamp::key_group),
         })
     }
 

@@ -40,9 +40,13 @@ pub(super) fn input_stream(scenario: &Scenario) -> FakeStream {
     for (i, batch) in input_batches().into_iter().enumerate() {
         let subject = Hop::Raw.subject(PREFIX, KeyGroup(batch.key_group));
         let payload = store::encode("model input", &batch).expect("postcard encodes the model's input");
-        stream.publish(&subject, &format!("source-{i}"), payload.into(), None, 0);
+        // Stamped as by an owner at fence 1 (a source holding its partitions by lease).
+        stream.publish(&subject, &format!("source-{i}"), payload.into(), Some(1), 0);
         if let Some((kg, poison)) = POISON.iter().find(|(_, at)| *at == i).map(|(kg, _)| (*kg, poison(*kg))) {
-            stream.publish(&Hop::Raw.subject(PREFIX, KeyGroup(kg)), &format!("poison-{i}"), poison.into(), None, 0);
+            // With a forged fence far above: were it taken, every later
+            // message of its key group would be dropped as fenced out.
+            let subject = Hop::Raw.subject(PREFIX, KeyGroup(kg));
+            stream.publish(&subject, &format!("poison-{i}"), poison.into(), Some(1_000_000), 0);
         }
     }
     stream
