@@ -30,6 +30,7 @@ pub mod bench;
 pub mod chaos;
 pub mod overload;
 pub mod postgres;
+pub mod proxy;
 pub mod rescale;
 pub mod stack;
 
