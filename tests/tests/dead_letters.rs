@@ -10,9 +10,11 @@ use sluice_model::batch::{EnrichedBatch, InputSpan, RawBatch, RawUpload, RowBatc
 use sluice_model::codec::{encode_enriched, encode_raw, encode_rows};
 use sluice_model::key_group::KeyGroup;
 use sluice_model::lineage::Lineage;
+use sluice_model::lineage::Partition;
 use sluice_model::reject::{RejectCounts, RejectReason};
 use sluice_model::table::{PartialRow, RowKey, RowValue};
 use sluice_runtime::protocol::credit;
+use sluice_runtime::protocol::fence::{FENCE_HEADER, FenceStamp};
 use sluice_runtime::runner::service::lease_bucket;
 use sluice_runtime::transport::hop::Hop;
 use sluice_runtime::transport::nats::{self, NatsSettings};
@@ -48,6 +50,7 @@ fn poison() -> Vec<(String, Vec<u8>)> {
     };
     vec![
         (subject(Hop::Raw, 3), b"not a batch at all".to_vec()),
+        (subject(Hop::Raw, 11), FORGED.to_vec()),
         (subject(Hop::Raw, 4), raw_lineage_backwards(KeyGroup(4))),
         (subject(Hop::Raw, 5), encode_raw(&RawBatch { key_group: KeyGroup(6), uploads: Vec::new() })),
         (subject(Hop::Enriched, 7), vec![0xff; 64]),
@@ -55,6 +58,17 @@ fn poison() -> Vec<(String, Vec<u8>)> {
         (subject(Hop::Rows, 9), b"\x00\x00\x00\x00garbage".to_vec()),
         (subject(Hop::Rows, 10), encode_rows(&RowBatch { key_group: KeyGroup(10), rows: vec![row], covered: 0 })),
     ]
+}
+
+/// A garbage message stamped with a fence far above any real one, for every
+/// partition's unit: taken, it would fence the real source out of its key group.
+const FORGED: &[u8] = b"garbage with a forged fence";
+
+fn forged_headers() -> async_nats::HeaderMap {
+    let mut headers = async_nats::HeaderMap::new();
+    let stamp = FenceStamp::partition(Partition(0), 1_000_000);
+    headers.insert(FENCE_HEADER, stamp.header_value().as_str());
+    headers
 }
 
 /// Control messages nobody can read: skipped (and counted) by whoever reads them.
@@ -82,7 +96,11 @@ fn publish_all(url: &str, messages: &[(String, Vec<u8>)], jetstream: bool) -> an
         let js = nats::connect(&settings, "poisoner").await?;
         for (subject, bytes) in messages {
             if jetstream {
-                let ack = js.publish(subject.clone(), bytes.clone().into()).await?;
+                let ack = if bytes == FORGED {
+                    js.publish_with_headers(subject.clone(), forged_headers(), bytes.clone().into()).await?
+                } else {
+                    js.publish(subject.clone(), bytes.clone().into()).await?
+                };
                 ack.await.with_context(|| format!("storing garbage on {subject}"))?;
             } else {
                 js.client().publish(subject.clone(), bytes.clone().into()).await?;
