@@ -7,7 +7,7 @@
 //! |---|---|
 //! | `GET /tables` | `{"tables": [{"name", "rows"}], "covered_records"}` |
 //! | `GET /tables/{table}?app=A&day=YYYY-MM-DD` | the rows (JSON objects, as exported) whose `app` and day match; both optional |
-//! | `GET /tables/{table}/export` | the whole table as JSON lines, byte-identical to the embedded export |
+//! | `GET /tables/{table}/export` | the whole table as JSON lines, byte-identical to the embedded export; header `Sluice-Tables-Version`: the version of the tables it was read at |
 //! | `GET /progress` | `{"covered_records"}`: input records the tables account for |
 //!
 //! Rows are partials merged at read time, so a read sees every key group's
@@ -248,10 +248,20 @@ async fn query(State(sink): State<LiveSink>, Path(table): Path<String>, Query(fi
     json(StatusCode::OK, body)
 }
 
+/// The response header naming the version of the tables an export was
+/// read at ([`Sink::version`]): it only grows, across restarts too, and one
+/// version always reads the same rows (the fault harness checks both).
+pub const VERSION_HEADER: &str = "sluice-tables-version";
+
 async fn export(State(sink): State<LiveSink>, Path(table): Path<String>) -> Response {
     let Some(t) = Table::from_name(&table) else { return not_found(&table) };
-    let (text, _) = render(&sink.read(), t);
-    (StatusCode::OK, [(header::CONTENT_TYPE, "application/x-ndjson")], text).into_response()
+    let (text, version) = {
+        let sink = sink.read();
+        (render(&sink, t).0, sink.version())
+    };
+    let headers =
+        [(header::CONTENT_TYPE.as_str(), "application/x-ndjson".to_string()), (VERSION_HEADER, version.to_string())];
+    (StatusCode::OK, headers, text).into_response()
 }
 
 /// The table API over `sink`.

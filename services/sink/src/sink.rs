@@ -30,6 +30,8 @@ pub struct Sink {
     commits: u64,
     /// The tables' version as they read now; see [`Sink::version`].
     version: u64,
+    /// Reads see committed rows only ([`Sink::serve_committed`]).
+    serving_committed: bool,
 }
 
 /// Where [`Sink`] keeps its commit count in the store.
@@ -79,6 +81,7 @@ impl Sink {
             changed: None,
             commits: 0,
             version: 1,
+            serving_committed: false,
         }
     }
 
@@ -104,6 +107,7 @@ impl Sink {
     /// never sees a row that a crash could take back. For the sink service,
     /// whose tables are read while it runs.
     pub fn serve_committed(&mut self) {
+        self.serving_committed = true;
         self.daily.read_committed();
         self.sessions.read_committed();
         self.custom.read_committed();
@@ -268,8 +272,11 @@ impl Stage for Sink {
         let rejects = self.rejects.commit(tx)?;
         self.covered.commit(tx)?;
         // Being asked to commit again means the last commit is durable.
-        self.version = self.commits.saturating_add(1);
-        self.commits = self.version;
+        let durable = self.commits;
+        self.commits = durable.saturating_add(1);
+        if !self.serving_committed {
+            self.version = self.commits;
+        }
         tx.put(&StateKey::namespace(COMMITS_KEY), store::encode("sink commits", &self.commits)?);
         if let Some(changed) = &mut self.changed {
             changed.extend(daily.into_iter().map(RowKey::Daily));
@@ -282,6 +289,11 @@ impl Stage for Sink {
     }
 
     fn committed(&mut self) -> Result<(), StageError> {
+        if self.serving_committed {
+            // Reads now see every commit staged, all durable: the version
+            // names what they see, so one version always reads the same rows.
+            self.version = self.commits.saturating_add(1);
+        }
         self.daily.committed();
         self.sessions.committed();
         self.custom.committed();
@@ -375,6 +387,46 @@ mod tests {
         let mut again = Sink::new();
         again.start(&store)?;
         assert!(again.version() >= lost_run, "{} < {lost_run}", again.version());
+        Ok(())
+    }
+
+    #[test]
+    fn serving_committed_rows_one_version_always_reads_the_same_rows() -> Result<(), StageError> {
+        let dir = tempfile::tempdir().map_err(|e| StageError::Setup(e.to_string()))?;
+        let store = CommitStore::open(dir.path(), &Default::default())?;
+        let value = |count| RowValue::CustomEvents(CustomValue { count, devices: 1 });
+        let mut sink = Sink::new();
+        sink.serve_committed();
+        sink.start(&store)?;
+        let seen = |sink: &Sink| (sink.version(), sink.rows(Table::CustomEvents));
+        let mut reads = vec![seen(&sink)];
+        for count in 1..=3 {
+            sink.batch(batch(0, vec![(count, custom("x"), value(count))]), &mut Vec::new())?;
+            reads.push(seen(&sink));
+            let mut tx = CommitBatch::default();
+            sink.commit(&mut Vec::new(), &mut tx)?;
+            reads.push(seen(&sink));
+            store.commit(tx)?;
+            sink.committed()?;
+            reads.push(seen(&sink));
+        }
+        // A crash after a batch was applied and before its commit was durable.
+        sink.batch(batch(0, vec![(9, custom("x"), value(9))]), &mut Vec::new())?;
+        reads.push(seen(&sink));
+        let mut restarted = Sink::new();
+        restarted.serve_committed();
+        restarted.start(&store)?;
+        reads.push(seen(&restarted));
+        for pair in reads.windows(2) {
+            assert!(pair[0].0 <= pair[1].0, "the version went back: {pair:?}");
+        }
+        for a in &reads {
+            for b in reads.iter().filter(|b| b.0 == a.0) {
+                assert_eq!(a.1, b.1, "version {} read two ways", a.0);
+            }
+        }
+        assert_eq!(reads.last().map(|r| r.0), Some(4), "three durable commits");
+        assert_eq!(restarted.rows(Table::CustomEvents), vec![(custom("x"), value(3))]);
         Ok(())
     }
 
