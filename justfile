@@ -85,6 +85,17 @@ chaos DATA KILLS="20" SEED="":
     cargo build -q --release --workspace --bins
     PATH="$PATH:/usr/sbin:$HOME/.cargo/bin" target/release/sluice-stack chaos {{DATA}} {{KILLS}} {{SEED}}
 
+# Nemesis: DATA through the stack with leases (2 enrich, 2 window) under SECONDS
+# of seeded faults, one or several at once (SIGKILL and SIGSTOP of services,
+# partitions and latency on their links to NATS and Kafka, SIGKILL of
+# nats-server and tansu, poison messages); healed, drained, compared with
+# oracle.py; every fault and the verdict in DATA/nemesis.json. FLAGS: --tight-credit.
+[group('test')]
+nemesis DATA SECONDS="600" SEED="" FLAGS="":
+    bash scripts/servers.sh
+    cargo build -q --release --workspace --bins
+    PATH="$PATH:/usr/sbin:$HOME/.cargo/bin" target/release/sluice-stack nemesis {{DATA}} {{SECONDS}} {{SEED}} {{FLAGS}}
+
 # Rescale: the stack with leases while the source scales 1→2→1 and enrich and
 # window 1→3→2→1 (started, SIGTERM'd, SIGKILL'd); tables into DATA/got/,
 # compared with oracle.py; steps (key groups per instance, move_s) in DATA/rescale.json.

@@ -28,6 +28,7 @@ use tempfile::TempDir;
 
 pub mod bench;
 pub mod chaos;
+pub mod nemesis;
 pub mod overload;
 pub mod postgres;
 pub mod proxy;

@@ -43,6 +43,14 @@ pub struct StackConfig {
     /// Source, enrich and window hold their units by lease
     /// (`service.ownership = "leases"`); the sink stays static.
     pub leases: bool,
+    /// nats-server fsyncs every write before acknowledging it
+    /// (`sync_interval: always`): what surviving its SIGKILL with nothing
+    /// lost asks of a single server (docs/exactly-once.md).
+    pub nats_sync_always: bool,
+    /// Every service reaches NATS through a link of its own, and every Kafka
+    /// client (the source, the producer) reaches the broker through one link:
+    /// fault-injecting proxies ([`crate::proxy`]) the fault harness cuts.
+    pub links: bool,
 }
 
 /// The Kafka broker's storage engine.
@@ -72,6 +80,8 @@ impl StackConfig {
             kafka_storage: KafkaStorage::Memory,
             per_service: Default::default(),
             leases: std::env::var(LEASES_VAR).is_ok_and(|v| v == "1"),
+            nats_sync_always: false,
+            links: false,
         }
     }
 }
@@ -110,6 +120,10 @@ pub struct Stack {
     pub processes: Vec<Process>,
     /// The PostgreSQL server the sink mirrors into, when asked for.
     pub postgres: Option<crate::postgres::Postgres>,
+    /// With [`StackConfig::links`]: each service's link to NATS (by its
+    /// name, `enrich-1`), and the broker's link to its clients (`kafka`).
+    /// A link outlives restarts of its process.
+    pub links: std::collections::BTreeMap<String, crate::proxy::Proxy>,
 }
 
 /// How long a service may take to drain and exit after SIGTERM.
@@ -151,13 +165,20 @@ pub fn binary(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// An external server binary from `PATH`, `/usr/sbin` or `~/.cargo/bin`.
+/// An external server binary: from the test tooling's own servers
+/// (`SLUICE_SERVERS_DIR/bin`, default `~/.cache/sluice-servers/bin`, where
+/// `scripts/servers.sh` puts the pinned nats-server), else `PATH`,
+/// `/usr/sbin` or `~/.cargo/bin`.
 pub fn server_binary(name: &str) -> anyhow::Result<PathBuf> {
-    let mut dirs: Vec<PathBuf> =
-        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let own = std::env::var_os("SLUICE_SERVERS_DIR")
+        .map(PathBuf::from)
+        .or_else(|| home.as_ref().map(|h| h.join(".cache/sluice-servers")));
+    let mut dirs: Vec<PathBuf> = own.map(|d| d.join("bin")).into_iter().collect();
+    dirs.extend(std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default());
     dirs.push("/usr/sbin".into());
-    if let Some(home) = std::env::var_os("HOME") {
-        dirs.push(PathBuf::from(home).join(".cargo/bin"));
+    if let Some(home) = home {
+        dirs.push(home.join(".cargo/bin"));
     }
     dirs.into_iter()
         .map(|d| d.join(name))
@@ -223,7 +244,15 @@ impl Stack {
             processes: Vec::new(),
             config: config.clone(),
             postgres: None,
+            links: Default::default(),
         };
+        if config.links {
+            // Clients learn the broker's address from its metadata: it
+            // advertises the link, so every Kafka connection goes through it.
+            let link = crate::proxy::Proxy::start(stack.brokers.parse().context("the broker's address")?)?;
+            stack.brokers = link.addr().to_string();
+            stack.links.insert("kafka".into(), link);
+        }
         if config.postgres {
             let pg = crate::postgres::Postgres::start_in(&root.join("postgres"))?;
             stack.config.env.push(("SLUICE_POSTGRES__URL".into(), pg.url()));
@@ -258,10 +287,11 @@ impl Stack {
                 // nats-server with JetStream; max_payload above the batches' limit.
                 let addr = self.nats_url.trim_start_matches("nats://").to_string();
                 let nats_conf = root.join("nats.conf");
+                let sync = if self.config.nats_sync_always { "  sync_interval: always\n" } else { "" };
                 std::fs::write(
                     &nats_conf,
                     format!(
-                        "listen: {addr}\nhttp: {}\nmax_payload: 8MB\njetstream {{\n  store_dir: \"{}\"\n}}\n",
+                        "listen: {addr}\nhttp: {}\nmax_payload: 8MB\njetstream {{\n  store_dir: \"{}\"\n{sync}}}\n",
                         self.nats_monitor,
                         root.join("nats").display()
                     ),
@@ -273,7 +303,12 @@ impl Stack {
                 wait_for_port(&addr, "nats-server", READY_DEADLINE)
             }
             "kafka" => {
-                let url = format!("tcp://{}", self.brokers);
+                // With links, the broker listens behind its link and advertises the link.
+                let advertised = format!("tcp://{}", self.brokers);
+                let url = match self.links.get("kafka") {
+                    Some(link) => format!("tcp://{}", link.upstream()),
+                    None => advertised.clone(),
+                };
                 let storage = match self.config.kafka_storage {
                     KafkaStorage::Memory => "memory://tansu/".to_string(),
                     KafkaStorage::Sqlite => "sqlite://tansu.db".to_string(),
@@ -287,13 +322,13 @@ impl Stack {
                     "--listener-url",
                     &url,
                     "--advertised-listener-url",
-                    &url,
+                    &advertised,
                     "--storage-engine",
                     &storage,
                 ]);
                 self.processes.retain(|p| p.name != name);
                 self.spawn("kafka", cmd, None)?;
-                wait_for_port(&self.brokers, "tansu", READY_DEADLINE)
+                wait_for_port(url.trim_start_matches("tcp://"), "tansu", READY_DEADLINE)
             }
             _ => bail!("no server named {name}"),
         }
@@ -315,6 +350,14 @@ impl Stack {
             std::thread::sleep(Duration::from_millis(20));
         }
         self.start_server(name)
+    }
+
+    /// SIGKILL a server (`nats`, `kafka`) and reap it; [`Stack::start_server`]
+    /// starts it again on its data.
+    pub fn kill_server(&mut self, name: &str) -> anyhow::Result<()> {
+        self.kill(name)?;
+        self.processes.retain(|p| p.name != name);
+        Ok(())
     }
 
     /// SIGKILL a process of the stack (`source-0`, `nats`, ...) and reap it.
@@ -471,6 +514,15 @@ impl Stack {
             .env("SLUICE_NATS__URL", &self.nats_url)
             // The member name of an instance holding leases (its pod name on Kubernetes).
             .env("SLUICE_INSTANCE_NAME", &name);
+        if self.config.links {
+            if !self.links.contains_key(&name) {
+                let nats = self.nats_url.trim_start_matches("nats://").parse().context("the NATS address")?;
+                self.links.insert(name.clone(), crate::proxy::Proxy::start(nats)?);
+            }
+            if let Some(link) = self.links.get(&name) {
+                cmd.env("SLUICE_NATS__URL", format!("nats://{}", link.addr()));
+            }
+        }
         match stage {
             "source" => {
                 cmd.env("SLUICE_KAFKA__BROKERS", &self.brokers);

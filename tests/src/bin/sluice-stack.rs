@@ -13,6 +13,13 @@
 //!   the fault harness (`sluice_tests::chaos`) makes KILLS SIGKILLs and
 //!   restarts both servers; compares DATA/got/ with oracle.py's tables
 //!   (DATA/expected/, computed when missing) and writes DATA/chaos.json;
+//! - `nemesis DATA SECONDS [SEED] [--tight-credit]`: DATA through a fresh
+//!   stack with leases (2 enrich, 2 window) under SECONDS of seeded faults
+//!   (`sluice_tests::nemesis`: SIGKILL and SIGSTOP of services, partitions
+//!   and latency on their links, SIGKILL of nats-server and tansu, poison
+//!   messages), then healed and drained; compares DATA/got/ with oracle.py's
+//!   tables (DATA/expected/, computed when missing) and writes
+//!   DATA/nemesis.json;
 //! - `overload SECONDS OUT [DATA]`: a fresh stack, the producer offering
 //!   DATA's records (a gen.py set made in OUT/data when DATA is not given)
 //!   at 5,000 records/s, the sink slowed to a tenth of what that rate
@@ -36,7 +43,7 @@ use sluice_tests::stack::{Stack, StackConfig};
 
 fn usage() -> anyhow::Error {
     anyhow::anyhow!(
-        "usage: sluice-stack up ROOT [--data DIR] [--enrich N] [--window N] [--postgres] | down ROOT | e2e DATA [ENRICH] [WINDOW] | chaos DATA KILLS [SEED] | overload SECONDS OUT [DATA] | rescale DATA"
+        "usage: sluice-stack up ROOT [--data DIR] [--enrich N] [--window N] [--postgres] | down ROOT | e2e DATA [ENRICH] [WINDOW] | chaos DATA KILLS [SEED] | nemesis DATA SECONDS [SEED] [--tight-credit] | overload SECONDS OUT [DATA] | rescale DATA"
     )
 }
 
@@ -67,6 +74,16 @@ fn run(args: &[String]) -> anyhow::Result<()> {
                 None => std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
             };
             chaos(&data, kills, seed)
+        }
+        Some("nemesis") => {
+            let data = PathBuf::from(args.get(1).ok_or_else(usage)?);
+            let seconds = args.get(2).ok_or_else(usage)?.parse().context("SECONDS must be a number")?;
+            let tight = args.iter().any(|a| a == "--tight-credit");
+            let seed = match args.get(3).filter(|a| !a.starts_with("--")) {
+                Some(s) => s.parse().context("SEED must be a number")?,
+                None => std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs(),
+            };
+            nemesis(&data, seconds, seed, tight)
         }
         Some("rescale") => rescale(&PathBuf::from(args.get(1).ok_or_else(usage)?)),
         Some("overload") => {
@@ -182,6 +199,37 @@ fn chaos(data: &std::path::Path, kills: usize, seed: u64) -> anyhow::Result<()> 
     std::fs::write(&json, serde_json::to_string_pretty(&report.to_json())? + "\n")?;
     eprintln!("{}", report.summary());
     sluice_tests::assert_tables_equal(&expected, &out)?;
+    eprintln!("tables in {} equal oracle.py's; report in {}", out.display(), json.display());
+    let _ = std::fs::remove_dir_all(&root);
+    Ok(())
+}
+
+/// `nemesis DATA SECONDS [SEED]`: see the module's doc.
+fn nemesis(data: &std::path::Path, seconds: f64, seed: u64, tight_credit: bool) -> anyhow::Result<()> {
+    let expected = data.join("expected");
+    if !expected.join("daily.jsonl").is_file() {
+        eprintln!("computing the expected tables with oracle.py");
+        sluice_tests::oracle(data)?;
+    }
+    let root = std::env::temp_dir().join(format!("sluice-nemesis-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    let mut config = sluice_tests::nemesis::NemesisConfig::new(data, &root, seconds, seed);
+    config.tight_credit = tight_credit;
+    let started = Instant::now();
+    let out = data.join("got");
+    let report = sluice_tests::nemesis::run(&config, &out, move |line| {
+        eprintln!("[{:7.1}s] {line}", started.elapsed().as_secs_f64());
+    })?;
+    eprintln!("{}", report.summary());
+    let json = data.join("nemesis.json");
+    if !report.passed() {
+        bail!(
+            "the nemesis found faults in the pipeline (logs kept in {}; report {}):\n{}",
+            root.join("logs").display(),
+            json.display(),
+            report.verdict.failures.join("\n")
+        );
+    }
     eprintln!("tables in {} equal oracle.py's; report in {}", out.display(), json.display());
     let _ = std::fs::remove_dir_all(&root);
     Ok(())
