@@ -110,3 +110,38 @@ fn one_batch_of_credit_per_channel_still_equals_the_oracle() -> anyhow::Result<(
 fn two_enrich_and_two_window_instances_equal_the_oracle() -> anyhow::Result<()> {
     run(2, 2)
 }
+
+/// The topic deleted and created again under the source: its offsets start
+/// over below the ones the source committed. The source must stop with an
+/// error that says so (exit 78: an operator must act), not drop the new
+/// records as applied nor skip them silently.
+#[test]
+fn a_recreated_topic_stops_the_source_with_a_clear_error() -> anyhow::Result<()> {
+    let set = DataSet::small()?;
+    let dir = scratch()?;
+    let mut stack = Stack::start(StackConfig::new(&dir.path().join("stack"), &set.data()))?;
+    let records = stack.produce(&set.data())?;
+    stack.wait_for_sink(records, Duration::from_secs(300))?;
+    ensure!(stack.remove_service("source-0", true)?, "the source did not drain cleanly");
+    // The in-memory broker starts empty: the topic is gone, and the producer
+    // creates it again with ten records.
+    stack.restart_server("kafka")?;
+    let mut producer = stack.spawn_producer(&set.data(), 0, 0..10)?;
+    ensure!(producer.wait()?.success(), "sluice produce failed");
+    stack.start_service("source", 0, 1)?;
+    let started = std::time::Instant::now();
+    let status = loop {
+        let p =
+            stack.processes.iter_mut().find(|p| p.name == "source-0").ok_or_else(|| anyhow::anyhow!("no source"))?;
+        if let Some(status) = p.child.try_wait()? {
+            break status;
+        }
+        ensure!(started.elapsed() < Duration::from_secs(60), "the source read on from a recreated topic");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let log = std::fs::read_to_string(dir.path().join("stack").join("logs").join("source-0.log"))?;
+    ensure!(status.code() == Some(78), "the source exited with {status}, not 78; log:\n{log}");
+    ensure!(log.contains("deleted and created again"), "the source's error does not say why; log:\n{log}");
+    stack.processes.retain(|p| p.name != "source-0");
+    stack.stop()
+}

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use sluice_model::codec::encode_raw_within;
@@ -27,7 +28,7 @@ use sluice_runtime::transport::hop::Hop;
 use tokio_util::sync::CancellationToken;
 
 use crate::batcher::Batcher;
-use crate::kafka::{self, KafkaSettings};
+use crate::kafka::{self, KafkaSettings, StartCheck};
 
 /// How often `sluice_consumer_lag` is refreshed (one watermark request per
 /// partition).
@@ -190,13 +191,50 @@ impl KafkaInput {
         Ok(())
     }
 
-    /// Assign `starts` to a new consumer.
+    /// Assign `starts` to a new consumer, each checked against what its
+    /// partition holds ([`kafka::check_start`]).
     fn assign(&mut self, starts: &Starts) -> Result<BaseConsumer, ServiceError> {
         let consumer = self.consumer()?;
         let mut assign = TopicPartitionList::new();
+        let topic = self.settings.topic.clone();
         for (p, start) in starts {
-            let offset = start.map_or(Offset::Beginning, Offset::Offset);
-            assign.add_partition_offset(&self.settings.topic, p.0 as i32, offset).map_err(input_error)?;
+            let mut offset = start.map_or(Offset::Beginning, Offset::Offset);
+            if start.is_some() {
+                let (low, high) =
+                    consumer.fetch_watermarks(&topic, p.0 as i32, Duration::from_secs(10)).map_err(input_error)?;
+                match kafka::check_start(*start, low, high) {
+                    StartCheck::Ok => {}
+                    StartCheck::Lost { next, low } if self.settings.accept_lost_records => {
+                        tracing::warn!(
+                            partition = p.0,
+                            next,
+                            low,
+                            lost = low - next,
+                            "records deleted before they were read: starting at the oldest left \
+                             (kafka.accept_lost_records)"
+                        );
+                        offset = Offset::Offset(low);
+                    }
+                    StartCheck::Lost { next, low } => {
+                        return Err(ServiceError::ForeignState(format!(
+                            "{topic} partition {}: records {next}..{low} were deleted before the source read them \
+                             (retention outran it); refusing to skip them. Set kafka.accept_lost_records = true to \
+                             start at offset {low} and lose them",
+                            p.0
+                        )));
+                    }
+                    StartCheck::Ahead { next, high } => {
+                        return Err(ServiceError::ForeignState(format!(
+                            "{topic} partition {}: the state says offset {next} comes next, but the partition ends \
+                             at {high}: the topic was deleted and created again (or truncated), and its offsets \
+                             repeat ones already applied. Read it under a new topic name, or with fresh state for \
+                             every stage",
+                            p.0
+                        )));
+                    }
+                }
+            }
+            assign.add_partition_offset(&topic, p.0 as i32, offset).map_err(input_error)?;
         }
         consumer.assign(&assign).map_err(input_error)?;
         self.lag.assignment = assign;
@@ -270,6 +308,15 @@ impl SourceInput for KafkaInput {
                     // less any wait for the publisher (counted apart).
                     let waited = self.metrics.backpressured_seconds.get() - waited_before;
                     self.metrics.busy(t0.elapsed().saturating_sub(Duration::from_secs_f64(waited.max(0.0))));
+                }
+                // A position fallen out of range (retention deleted records
+                // not yet read): stop; the start check says what to do.
+                Some(Err(e)) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::AutoOffsetReset) => {
+                    return Err(ServiceError::ForeignState(format!(
+                        "{}: {e}; records were deleted before the source read them. A restart refuses to skip \
+                         them unless kafka.accept_lost_records = true",
+                        self.settings.topic
+                    )));
                 }
                 // Broker faults are retried by librdkafka; say so and go on.
                 Some(Err(e)) => tracing::warn!(error = %e, "Kafka consumer error"),
