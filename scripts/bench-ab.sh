@@ -19,7 +19,9 @@ b="$PWD/target/release"
 [ -f "$dir/expected/rejects.jsonl" ] || { echo "no bench set in $dir: run just bench-distributed once" >&2; exit 1; }
 bash scripts/servers.sh >/dev/null
 cargo build -q --release --workspace --bins
-export PATH="$PATH:/usr/sbin:$HOME/.cargo/bin" SLUICE_LOG=warn
+# The servers scripts/servers.sh installed come first, so both builds run on
+# the same nats-server whatever their own lookup order.
+export PATH="${SLUICE_SERVERS_DIR:-$HOME/.cache/sluice-servers}/bin:$PATH:/usr/sbin:$HOME/.cargo/bin" SLUICE_LOG=warn
 export SLUICE_SOURCE__CHUNK_BYTES="${SLUICE_SOURCE__CHUNK_BYTES:-8388608}"
 declare -A rates
 for i in $(seq 1 "$runs"); do
