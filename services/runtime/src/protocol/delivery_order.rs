@@ -14,6 +14,15 @@
 //! the service stops before applying it, and the next start re-creates the
 //! consumer, which delivers every unacknowledged message in stream order.
 //! This module decides; the consuming loop feeds it each delivery.
+//!
+//! A lost delivery with nothing after it on its key group shows no gap: the
+//! key group would wait `nats.ack_wait` for the redelivery. So while the
+//! intake is idle (nothing arrived for a probe interval while it waited:
+//! nothing is buffered client-side), it asks the server how far each
+//! consumer delivered; [`LostDeliveryProbe`] calls a key group's last
+//! delivery lost when two probes in a row find the server ahead of what
+//! arrived, with nothing arriving in between (what was merely in flight at
+//! the first probe arrives before the second).
 
 use std::collections::BTreeMap;
 
@@ -53,9 +62,84 @@ impl DeliveryOrder {
     }
 }
 
+/// Two probes in a row of how far the server delivered, against what arrived.
+#[derive(Debug, Default)]
+pub struct LostDeliveryProbe {
+    /// Key groups the last probe found the server ahead of: the consumer
+    /// sequence that had arrived then.
+    behind: BTreeMap<KeyGroup, u64>,
+}
+
+impl LostDeliveryProbe {
+    /// Take one probe: `arrived` is the last consumer sequence that
+    /// arrived per key group (absent: none since the consumers were
+    /// created), `delivered` what the server says it delivered (absent: not
+    /// known this time). A gap when a key group was behind at the last probe
+    /// too, and nothing arrived since.
+    pub fn probe(
+        &mut self,
+        arrived: &BTreeMap<KeyGroup, u64>,
+        delivered: &BTreeMap<KeyGroup, u64>,
+    ) -> Result<(), DeliveryGap> {
+        let mut behind = BTreeMap::new();
+        for (&kg, &server) in delivered {
+            let here = arrived.get(&kg).copied().unwrap_or(0);
+            if server <= here {
+                continue;
+            }
+            if self.behind.get(&kg) == Some(&here) {
+                return Err(DeliveryGap { key_group: kg, last: here, got: server });
+            }
+            behind.insert(kg, here);
+        }
+        self.behind = behind;
+        Ok(())
+    }
+
+    /// Something arrived, or the intake was busy: the next probe starts over.
+    pub fn reset(&mut self) {
+        self.behind.clear();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn seqs(pairs: &[(u16, u64)]) -> BTreeMap<KeyGroup, u64> {
+        pairs.iter().map(|(kg, s)| (KeyGroup(*kg), *s)).collect()
+    }
+
+    #[test]
+    fn a_lost_last_delivery_is_a_gap_at_the_second_probe() {
+        let mut probe = LostDeliveryProbe::default();
+        let arrived = seqs(&[(1, 4), (2, 7)]);
+        assert_eq!(probe.probe(&arrived, &seqs(&[(1, 4), (2, 8)])), Ok(()), "maybe still in flight");
+        assert_eq!(
+            probe.probe(&arrived, &seqs(&[(1, 4), (2, 8)])),
+            Err(DeliveryGap { key_group: KeyGroup(2), last: 7, got: 8 })
+        );
+        // None arrived at all on a new consumer, and the server delivered one.
+        let mut fresh = LostDeliveryProbe::default();
+        assert_eq!(fresh.probe(&BTreeMap::new(), &seqs(&[(3, 1)])), Ok(()));
+        assert!(fresh.probe(&BTreeMap::new(), &seqs(&[(3, 1)])).is_err());
+    }
+
+    #[test]
+    fn what_arrives_between_probes_is_no_gap() {
+        let mut probe = LostDeliveryProbe::default();
+        assert_eq!(probe.probe(&seqs(&[(1, 4)]), &seqs(&[(1, 5)])), Ok(()));
+        // It arrived; the server has delivered one more since.
+        assert_eq!(probe.probe(&seqs(&[(1, 5)]), &seqs(&[(1, 6)])), Ok(()));
+        assert_eq!(probe.probe(&seqs(&[(1, 6)]), &seqs(&[(1, 6)])), Ok(()));
+        // Unknown this time (the request failed): starts over.
+        assert_eq!(probe.probe(&seqs(&[(1, 6)]), &seqs(&[(1, 7)])), Ok(()));
+        assert_eq!(probe.probe(&seqs(&[(1, 6)]), &BTreeMap::new()), Ok(()));
+        assert_eq!(probe.probe(&seqs(&[(1, 6)]), &seqs(&[(1, 7)])), Ok(()));
+        // Busy in between: starts over too.
+        probe.reset();
+        assert_eq!(probe.probe(&seqs(&[(1, 6)]), &seqs(&[(1, 7)])), Ok(()));
+    }
 
     #[test]
     fn consecutive_deliveries_pass_per_key_group() {

@@ -26,8 +26,9 @@
 //! against a fake JetStream and a real store and kills the process before
 //! each effect in turn.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -37,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use crate::observe::metrics::Metrics;
 
 use crate::protocol::credit;
+use crate::protocol::delivery_order::LostDeliveryProbe;
 use crate::protocol::inbox::Inbox;
 use crate::stage::Stage;
 use crate::store::{self, CommitBatch, CommitStore, StateKey};
@@ -239,7 +241,7 @@ where
 
     let kgs: Vec<KeyGroup> = ctx.key_groups.all().filter(|kg| recovered.owned.contains(*kg)).collect();
     let fences = holding.lease.as_ref().map(|l| &l.fences);
-    let deliveries = consumer::consume(&input, &ctx.nats, S::INPUT, kgs.iter().copied(), fences).await?;
+    let (deliveries, consumers) = consumer::consume(&input, &ctx.nats, S::INPUT, kgs.iter().copied(), fences).await?;
     let (intake_tx, intake_rx) = mpsc::channel::<Intake>(ctx.settings.intake_queue.max(1));
     let (ack_tx, ack_rx) = mpsc::channel::<Vec<AckToken>>(64);
     let acker = tokio::spawn(consumer::run_acker(js.client(), ack_rx));
@@ -251,11 +253,15 @@ where
         None => (None, None, None),
     };
     let intake = tokio::spawn(run_intake(
-        deliveries,
+        IntakeInput {
+            deliveries,
+            consumers,
+            metrics: ctx.metrics.clone(),
+            interval: ctx.state.commit_interval,
+            batch_delay: ctx.settings.batch_delay,
+            probe_interval: ctx.nats.delivery_probe_interval,
+        },
         intake_tx,
-        ctx.metrics.clone(),
-        ctx.state.commit_interval,
-        ctx.settings.batch_delay,
         stop.clone(),
     ));
     ctx.health.set_ready(true);
@@ -266,6 +272,9 @@ where
         Channels { publisher: pub_tx, acker: ack_tx, ledger, metrics: ctx.metrics.clone(), snapshots: snapshot_tx };
     let thread = spawn_stage_thread(stage, store, recovered, io, leasing, intake_rx, ctx)?;
     let result = join_stage_thread(thread, ctx, &stop).await?;
+    // The run is over, whatever ended it (the intake can, with a lost
+    // delivery): the tasks bound to it end too.
+    stop.cancel();
     if result.is_err() {
         ctx.health.set_failed();
         ctx.shutdown.cancel();
@@ -349,20 +358,35 @@ fn spawn_snapshots<S: ConsumingStage>(
     (tx, leasing, task)
 }
 
-/// The intake task: hand the stage thread deliveries in order, and a tick
-/// every commit interval; on `stop` it stops pulling, which is how a drain
-/// starts.
-async fn run_intake(
-    mut deliveries: futures_util::stream::BoxStream<'static, Result<consumer::Delivery, TransportError>>,
-    intake: mpsc::Sender<Intake>,
+/// What the intake task reads from and how often it ticks.
+struct IntakeInput {
+    deliveries: futures_util::stream::BoxStream<'static, Result<consumer::Delivery, TransportError>>,
+    consumers: consumer::Consumers,
     metrics: Arc<Metrics>,
+    /// The commit interval: a tick into the stage thread's queue.
     interval: Duration,
     batch_delay: Duration,
+    /// `nats.delivery_probe_interval` (zero: no probes).
+    probe_interval: Duration,
+}
+
+/// The intake task: hand the stage thread deliveries in order, and a tick
+/// every commit interval; on `stop` it stops pulling, which is how a drain
+/// starts. While nothing arrives it probes for a lost last delivery
+/// ([`LostDeliveryProbe`]) and stops with the gap it finds, so the next
+/// start re-creates the consumers.
+async fn run_intake(
+    input: IntakeInput,
+    to_stage: mpsc::Sender<Intake>,
     stop: CancellationToken,
 ) -> Result<(), ServiceError> {
+    let IntakeInput { mut deliveries, consumers, metrics, interval, batch_delay, probe_interval } = input;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut lag: std::collections::HashMap<KeyGroup, u64> = Default::default();
+    let mut arrived: BTreeMap<KeyGroup, u64> = BTreeMap::new();
+    let mut probe = LostDeliveryProbe::default();
+    let (mut active, mut probed) = (Instant::now(), Instant::now());
     loop {
         let next = tokio::select! {
             biased;
@@ -371,6 +395,7 @@ async fn run_intake(
             d = deliveries.next() => match d {
                 Some(Ok(d)) => {
                     lag.insert(d.key_group, d.pending);
+                    arrived.insert(d.key_group, d.consumer_seq);
                     metrics.consumer_lag.set(lag.values().sum::<u64>() as i64);
                     if !batch_delay.is_zero() {
                         tokio::time::sleep(batch_delay).await;
@@ -381,8 +406,25 @@ async fn run_intake(
                 None => break,
             },
         };
-        if intake.send(next).await.is_err() {
+        let delivery = matches!(next, Intake::Delivery(_));
+        if to_stage.send(next).await.is_err() {
             break; // the stage thread stopped; it reports why
+        }
+        if delivery {
+            active = Instant::now();
+            probe.reset();
+        } else if !probe_interval.is_zero() && active.elapsed() >= probe_interval && probed.elapsed() >= probe_interval
+        {
+            // Idle for a whole interval while waiting: nothing is buffered here.
+            let delivered = tokio::select! {
+                d = consumers.delivered(probe_interval.min(Duration::from_secs(2))) => d,
+                _ = stop.cancelled() => break,
+            };
+            probed = Instant::now();
+            if let Err(gap) = probe.probe(&arrived, &delivered) {
+                tracing::warn!("{gap}");
+                return Err(gap.into());
+            }
         }
     }
     Ok(())

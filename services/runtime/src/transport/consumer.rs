@@ -95,9 +95,40 @@ async fn delete_consumer(stream: &stream::Stream, name: &str) -> Result<(), Tran
     }
 }
 
+/// The consumers of one run's key groups, to ask the server how far each
+/// has delivered ([`crate::protocol::delivery_order::LostDeliveryProbe`]).
+#[derive(Clone, Default)]
+pub struct Consumers {
+    of: Vec<(KeyGroup, consumer::PullConsumer)>,
+}
+
+impl Consumers {
+    /// Per key group, the consumer sequence the server last delivered, all
+    /// asked at once; empty unless every answer came within `timeout` (the
+    /// intake waits for this, so it is bounded as a whole), and a key group
+    /// whose consumer answered with an error is left out.
+    pub async fn delivered(&self, timeout: Duration) -> BTreeMap<KeyGroup, u64> {
+        let asks = self.of.iter().map(|(kg, consumer)| async move { (*kg, consumer.get_info().await) });
+        let Ok(answers) = tokio::time::timeout(timeout, futures_util::future::join_all(asks)).await else {
+            tracing::debug!("probing the consumers timed out");
+            return BTreeMap::new();
+        };
+        let mut out = BTreeMap::new();
+        for (kg, answer) in answers {
+            match answer {
+                Ok(info) => {
+                    out.insert(kg, info.delivered.consumer_sequence);
+                }
+                Err(e) => tracing::debug!(key_group = %kg, error = %e, "probing a consumer"),
+            }
+        }
+        out
+    }
+}
+
 /// Open the consumers of `key_groups` on `hop`, re-created so that they
 /// deliver every unacknowledged message in stream order, merged into one
-/// stream of deliveries. With `fences` (key groups held by lease), each
+/// stream of deliveries; and the consumers, for probing. With `fences` (key groups held by lease), each
 /// consumer's name carries its key group's fence and every other consumer
 /// of the key group's subject is deleted first.
 pub async fn consume(
@@ -106,12 +137,13 @@ pub async fn consume(
     hop: Hop,
     key_groups: impl IntoIterator<Item = KeyGroup>,
     fences: Option<&BTreeMap<KeyGroup, u64>>,
-) -> Result<BoxStream<'static, Result<Delivery, TransportError>>, TransportError> {
+) -> Result<(BoxStream<'static, Result<Delivery, TransportError>>, Consumers), TransportError> {
     let key_groups: Vec<KeyGroup> = key_groups.into_iter().collect();
     if fences.is_some() {
         delete_consumers_of(stream, hop, &key_groups).await?;
     }
     let mut all = Vec::new();
+    let mut consumers = Consumers::default();
     for kg in key_groups {
         let name = hop.fenced_consumer(kg, fences.and_then(|f| f.get(&kg)).copied());
         // A consumer left by an earlier run would redeliver its unacked
@@ -143,6 +175,7 @@ pub async fn consume(
             .messages()
             .await
             .map_err(|e| js_err(format!("pulling from consumer {name}"))(Box::new(e)))?;
+        consumers.of.push((kg, consumer));
         let deliveries = messages.map(move |m| {
             let message = m.map_err(|e| js_err(format!("receiving from consumer {name}"))(Box::new(e)))?;
             let info = message.info().map_err(|e| js_err(format!("reading a message of {name}"))(e))?;
@@ -165,7 +198,7 @@ pub async fn consume(
         });
         all.push(deliveries.boxed());
     }
-    Ok(futures_util::stream::select_all(all).boxed())
+    Ok((futures_util::stream::select_all(all).boxed(), consumers))
 }
 
 /// Acknowledge the deliveries `rx` hands over (those of one commit at a

@@ -55,6 +55,13 @@ pub struct NatsSettings {
     /// transit, when nothing follows it on its key group, waits to come again.
     #[serde(with = "humantime_serde")]
     pub ack_wait: Duration,
+    /// How long a consuming stage's intake must have waited with nothing
+    /// arriving before it asks the server how far each key group's consumer
+    /// delivered; a key group found behind at two such probes in a row lost
+    /// its last delivery in transit, and the stage restarts its consumers
+    /// instead of waiting `ack_wait` for it. `0s`: no probes.
+    #[serde(with = "humantime_serde")]
+    pub delivery_probe_interval: Duration,
     /// Messages asked for in one pull request.
     pub pull_batch: usize,
     /// How long a publish may be retried before the stage gives up (and
@@ -122,6 +129,7 @@ impl Default for NatsSettings {
             duplicate_window: Duration::from_secs(120),
             max_ack_pending: 1024,
             ack_wait: Duration::from_secs(300),
+            delivery_probe_interval: Duration::from_secs(5),
             pull_batch: 64,
             publish_timeout: Duration::from_secs(60),
             credit: true,

@@ -197,8 +197,18 @@ async fn prepare(
     let mut restored_from = BTreeMap::new();
     let mut replaced = std::collections::BTreeSet::new();
     for (&kg, &fence) in held {
-        if key_group_state::local_fence(store, kg)? == Some(fence) {
+        let local = key_group_state::local_fence(store, kg)?;
+        if local == Some(fence) {
             continue;
+        }
+        if let Some(local) = local.filter(|local| *local > fence) {
+            // A unit's fence only grows in one table: this one lost its history.
+            return Err(ServiceError::ForeignState(format!(
+                "the lease table gives {kg} to this instance at fence {fence}, but this instance held it at fence \
+                 {local} before: the table went back (its bucket was deleted or replaced), and receivers drop \
+                 whatever comes under a fence below one they saw. Restore the bucket, or start the pipeline on \
+                 fresh state"
+            )));
         }
         let checkpoint = view.table.leases.get(usize::from(kg.0)).and_then(|l| l.checkpoint);
         let snapshot = match checkpoint {
