@@ -188,7 +188,34 @@ impl ChaosReport {
     }
 }
 
-fn round3(x: f64) -> f64 {
+/// Wait until `covered` (which also supervises) says the sink covers every
+/// one of `records`, for at most `deadline` from `since` (`after` says
+/// what `since` was, for the error).
+pub(crate) fn wait_until_covered(
+    records: u64,
+    since: Instant,
+    deadline: Duration,
+    after: &str,
+    logs: &Path,
+    mut covered: impl FnMut() -> anyhow::Result<u64>,
+) -> anyhow::Result<()> {
+    loop {
+        let covered = covered()?;
+        if covered >= records {
+            ensure!(covered == records, "the sink covers {covered} records, more than the {records} produced");
+            return Ok(());
+        }
+        ensure!(
+            since.elapsed() < deadline,
+            "the sink covers {covered} of {records} records {deadline:?} after {after}; logs in {}",
+            logs.display()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `x` rounded to milliseconds, for reports.
+pub(crate) fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
@@ -413,21 +440,11 @@ pub fn run(config: &ChaosConfig, out: &Path, log: impl FnMut(&str) + 'static) ->
     }
     ensure!(h.report.records_in == records, "produced {} records, expected {records}", h.report.records_in);
     (h.log)(&format!("all {records} records produced; waiting for the sink"));
-    let waiting = Instant::now();
-    loop {
+    let logs = config.root.join("logs");
+    wait_until_covered(records, Instant::now(), FINISH_DEADLINE, "the last kill", &logs, || {
         h.supervise()?;
-        let covered = h.stack.covered();
-        if covered >= records {
-            ensure!(covered == records, "the sink covers {covered} records, more than the {records} produced");
-            break;
-        }
-        ensure!(
-            waiting.elapsed() < FINISH_DEADLINE,
-            "the sink covers {covered} of {records} records {FINISH_DEADLINE:?} after the last kill; logs in {}",
-            config.root.join("logs").display()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        Ok(h.stack.covered())
+    })?;
     h.stack.export(out)?;
     h.report.rows_out = count_rows(out)?;
     h.report.seconds = started.elapsed().as_secs_f64();

@@ -54,6 +54,7 @@ use sluice_model::codec::encode_raw;
 use sluice_model::key_group::KeyGroup;
 use sluice_runtime::transport::hop::Hop;
 
+use crate::chaos::round3;
 use crate::proxy::Fault;
 use crate::stack::{KafkaStorage, Stack, StackConfig, binary};
 
@@ -689,10 +690,6 @@ fn signal(sig: &str, pid: u32) {
     let _ = std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
 }
 
-fn round3(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
-}
-
 /// Publishes poison messages straight to NATS (not through a link), each
 /// with its own message id, so a retry after a lost acknowledgement stores
 /// it once.
@@ -864,20 +861,11 @@ pub fn run(config: &NemesisConfig, out: &Path, log: impl FnMut(&str) + 'static) 
     }
     ensure!(h.report.records_in == records, "produced {} records, expected {records}", h.report.records_in);
     h.say(&format!("all {records} records produced; waiting for the sink"));
-    loop {
+    let logs = config.root.join("logs");
+    crate::chaos::wait_until_covered(records, healed, FINISH_DEADLINE, "the faults", &logs, || {
         h.supervise()?;
-        let covered = h.stack.covered();
-        if covered >= records {
-            ensure!(covered == records, "the sink covers {covered} records, more than the {records} produced");
-            break;
-        }
-        ensure!(
-            healed.elapsed() < FINISH_DEADLINE,
-            "the sink covers {covered} of {records} records {FINISH_DEADLINE:?} after the faults; logs in {}",
-            config.root.join("logs").display()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        Ok(h.stack.covered())
+    })?;
     h.report.drain_s = round3(healed.elapsed().as_secs_f64());
     // Every fault's recovery, then one last read of the tables.
     let settle = Instant::now();

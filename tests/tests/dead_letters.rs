@@ -2,7 +2,6 @@
 //! message and nothing else: every service stays up, the tables equal the
 //! oracle of the real input, and `sluice dead-letters` lists each one.
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
@@ -18,8 +17,9 @@ use sluice_runtime::protocol::fence::{FENCE_HEADER, FenceStamp};
 use sluice_runtime::runner::service::lease_bucket;
 use sluice_runtime::transport::hop::Hop;
 use sluice_runtime::transport::nats::{self, NatsSettings};
+use sluice_tests::nemesis::dead_letters;
 use sluice_tests::overload::metric_value;
-use sluice_tests::stack::{Stack, StackConfig, binary, http_get};
+use sluice_tests::stack::{Stack, StackConfig, http_get};
 use sluice_tests::{DataSet, assert_tables_equal, scratch};
 
 const PREFIX: &str = "sluice";
@@ -109,17 +109,6 @@ fn publish_all(url: &str, messages: &[(String, Vec<u8>)], jetstream: bool) -> an
         js.client().flush().await?;
         anyhow::Ok(())
     })
-}
-
-/// `sluice dead-letters --json`: one object a line.
-fn dead_letters(url: &str) -> anyhow::Result<Vec<serde_json::Value>> {
-    let out = Command::new(binary("sluice")?)
-        .args(["dead-letters", "--json", "--nats", url])
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running sluice dead-letters")?;
-    ensure!(out.status.success(), "sluice dead-letters failed: {}", out.status);
-    String::from_utf8_lossy(&out.stdout).lines().map(|l| Ok(serde_json::from_str(l)?)).collect()
 }
 
 fn dead_letter_counts(stack: &Stack) -> anyhow::Result<(f64, f64)> {
