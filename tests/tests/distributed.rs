@@ -111,10 +111,12 @@ fn two_enrich_and_two_window_instances_equal_the_oracle() -> anyhow::Result<()> 
     run(2, 2)
 }
 
-/// The topic deleted and created again under the source: its offsets start
-/// over below the ones the source committed. The source must stop with an
-/// error that says so (exit 78: an operator must act), not drop the new
-/// records as applied nor skip them silently.
+/// The topic deleted and created again under the source, and refilled past
+/// the position the source committed (twice the records), so every stored
+/// offset looks valid against the partitions' watermarks: only the topic id
+/// tells the new topic from the old. The source must stop with an error that
+/// says so (exit 78: an operator must act), not read on from the middle of
+/// the new topic while later stages drop its first records as applied.
 #[test]
 fn a_recreated_topic_stops_the_source_with_a_clear_error() -> anyhow::Result<()> {
     let set = DataSet::small()?;
@@ -124,10 +126,11 @@ fn a_recreated_topic_stops_the_source_with_a_clear_error() -> anyhow::Result<()>
     stack.wait_for_sink(records, Duration::from_secs(300))?;
     ensure!(stack.remove_service("source-0", true)?, "the source did not drain cleanly");
     // The in-memory broker starts empty: the topic is gone, and the producer
-    // creates it again with ten records.
+    // creates it again and fills every partition past the old position.
     stack.restart_server("kafka")?;
-    let mut producer = stack.spawn_producer(&set.data(), 0, 0..10)?;
-    ensure!(producer.wait()?.success(), "sluice produce failed");
+    for _ in 0..2 {
+        ensure!(stack.produce(&set.data())? == records, "the set was not produced whole");
+    }
     stack.start_service("source", 0, 1)?;
     let started = std::time::Instant::now();
     let status = loop {

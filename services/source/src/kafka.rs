@@ -14,6 +14,10 @@
 
 use std::time::Duration;
 
+mod topic_id;
+
+pub use topic_id::{TopicIdError, topic_id};
+
 use rdkafka::ClientConfig;
 use rdkafka::consumer::BaseConsumer;
 use serde::{Deserialize, Serialize};
@@ -68,8 +72,9 @@ pub enum StartCheck {
     /// The partition ends before the next offset: the topic was deleted and
     /// created again (or truncated). Its offsets start over and repeat ones
     /// the pipeline already applied, which every later stage would drop by
-    /// lineage: always stop (a new topic name or fresh state for every
-    /// stage).
+    /// lineage: always stop (fresh state for every stage). A topic
+    /// recreated and refilled past the old position is told by its id
+    /// instead ([`topic_id`], checked by the runtime's source runner).
     Ahead {
         /// The next offset the state says to read.
         next: i64,

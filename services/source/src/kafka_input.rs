@@ -22,7 +22,7 @@ use sluice_model::key_group::KeyGroups;
 use sluice_model::lineage::{Lineage, Partition};
 use sluice_runtime::observe::metrics::Metrics;
 use sluice_runtime::runner::service::ServiceError;
-use sluice_runtime::runner::source::{Offsets, SourceInput, SourceOutput, Starts};
+use sluice_runtime::runner::source::{InputIdentity, Offsets, SourceInput, SourceOutput, Starts};
 use sluice_runtime::transport::dead_letter::{DeadLetter, Reason};
 use sluice_runtime::transport::hop::Hop;
 use tokio_util::sync::CancellationToken;
@@ -227,8 +227,8 @@ impl KafkaInput {
                         return Err(ServiceError::ForeignState(format!(
                             "{topic} partition {}: the state says offset {next} comes next, but the partition ends \
                              at {high}: the topic was deleted and created again (or truncated), and its offsets \
-                             repeat ones already applied. Read it under a new topic name, or with fresh state for \
-                             every stage",
+                             repeat ones already applied, which every later stage would drop. Start the whole \
+                             pipeline with fresh state (new state directories and NATS streams)",
                             p.0
                         )));
                     }
@@ -293,6 +293,21 @@ impl SourceInput for KafkaInput {
             }
             std::thread::sleep(Duration::from_millis(500));
         }
+    }
+
+    /// The topic and its id ([`kafka::topic_id`]).
+    fn identity(&mut self) -> Result<InputIdentity, ServiceError> {
+        let consumer = self.consumer()?;
+        let id = kafka::topic_id(&consumer, &self.settings.topic, Duration::from_secs(10))
+            .map_err(|e| ServiceError::Input(Box::new(e)))?;
+        if id.is_none() {
+            tracing::warn!(
+                topic = %self.settings.topic,
+                "the broker gives the topic no id: a topic deleted and created again is recognised only while it \
+                 holds fewer records than were read"
+            );
+        }
+        Ok(InputIdentity { name: self.settings.topic.clone(), id })
     }
 
     fn read(&mut self, starts: &Starts, out: &mut SourceOutput, stop: &dyn Fn() -> bool) -> Result<(), ServiceError> {

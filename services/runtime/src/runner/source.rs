@@ -33,7 +33,9 @@ use crate::transport::nats;
 use crate::transport::publisher::{self, PublisherCredit};
 use sluice_model::lineage::Partition;
 
+mod identity;
 mod output;
+pub use identity::InputIdentity;
 pub use output::{Offset, Offsets, SourceOutput, Starts};
 
 /// What a source reads: partitions of records at offsets. Its
@@ -47,6 +49,13 @@ pub trait SourceInput: Send + 'static {
     /// Wait until the input exists; how many partitions it has, or `None`
     /// when `shutdown` came first.
     fn partitions(&mut self, shutdown: &CancellationToken) -> Result<Option<u32>, ServiceError>;
+
+    /// Which input this is: its name and what tells it from another created
+    /// under the same name after it was deleted (Kafka: the topic id).
+    /// Asked once [`partitions`](Self::partitions) found it; recorded with
+    /// the offsets, and a later start that finds another stops
+    /// ([`InputIdentity`]).
+    fn identity(&mut self) -> Result<InputIdentity, ServiceError>;
 
     /// Read the partitions of `starts` from their offsets (`None`: the
     /// beginning) until `stop` says so: hand every record's output to
@@ -159,6 +168,7 @@ async fn read_static<I: SourceInput>(ctx: &ServiceContext, reading: Reading<I>) 
         // Waiting for the input to appear is a normal idle state, not unreadiness.
         health.set_ready(true);
         let Some(count) = input.partitions(&shutdown)? else { return Ok(()) };
+        out.check_input(&input.identity()?)?;
         let starts = out.start_static(&partitions_of(count, instance, instances))?;
         tracing::info!(partitions = ?starts.keys().collect::<Vec<_>>(), starts = ?starts, "reading");
         input.read(&starts, &mut out, &|| shutdown.is_cancelled())
@@ -178,7 +188,15 @@ async fn read_leased<I: SourceInput>(
     let (reading, count) = on_thread(move || {
         let mut reading = reading;
         health.set_ready(true);
-        let count = reading.input.partitions(&shutdown);
+        let count = reading.input.partitions(&shutdown).and_then(|count| {
+            // Only this store's offsets are checked: a partition's lease
+            // checkpoint carries no identity (docs/exactly-once.md, Limits).
+            if count.is_some() {
+                let Reading { input, out } = &mut reading;
+                out.check_input(&input.identity()?)?;
+            }
+            Ok(count)
+        });
         (reading, count)
     })
     .await?;

@@ -99,6 +99,12 @@ impl SourceOutput {
         }
     }
 
+    /// Check that the stored offsets were read from `input` (and record it
+    /// on the first start): [`super::identity`].
+    pub(super) fn check_input(&self, input: &super::InputIdentity) -> Result<(), ServiceError> {
+        super::identity::check(&self.store, input)
+    }
+
     fn offset_key(&self, p: Partition) -> StateKey {
         // Big-endian, as the source stored its Kafka partitions (i32) before.
         StateKey::namespace(self.namespace).part(&p.0.to_be_bytes())
