@@ -49,12 +49,51 @@ pub enum CodecError {
 
 type Result<T> = std::result::Result<T, CodecError>;
 
-/// Messages may be large (a batch per key group of a whole chunk of input);
-/// the traversal limit guards against malicious amplification, not size.
-fn reader_options() -> ReaderOptions {
-    let mut o = ReaderOptions::new();
-    o.traversal_limit_in_words(Some(1 << 30));
-    o
+/// The most words a packed message of `packed_len` bytes can unpack to:
+/// packing writes a run of up to 256 zero words as two bytes, so 128 words
+/// per byte (plus the one word a message of no bytes still reads). A segment
+/// table that claims more is lying, and is refused before anything is
+/// allocated for it.
+fn unpacked_limit(packed_len: usize) -> usize {
+    packed_len.saturating_mul(128).saturating_add(TRAVERSAL_FLOOR_WORDS)
+}
+
+/// Headroom every message gets whatever its size: a few root pointers and
+/// empty lists, never enough to matter.
+const TRAVERSAL_FLOOR_WORDS: usize = 1024;
+
+/// How many times a decoder may read each word of a message. Our decoders
+/// read every part once; pointers aimed at the same data (Cap'n Proto's
+/// amplification attack) or a list of zero-sized elements (each charged one
+/// word) would read more, and are refused at twice the message.
+const TRAVERSALS_PER_WORD: usize = 2;
+
+/// Read one packed message with every limit bound by its own size.
+///
+/// Cap'n Proto's traversal limit guards against a small message that makes
+/// its reader walk (and a decoder allocate for) far more than it holds. A
+/// fixed limit (8 GiB of words before) made ten hostile bytes worth gigabytes
+/// of work. Here the message is first read with the most its bytes can
+/// expand to, then reopened with a limit of twice what it really holds, so a
+/// decoder's work and its lists' lengths stay within a small factor of the
+/// message.
+fn read_bounded(bytes: &[u8]) -> Result<capnp::message::Reader<capnp::serialize::OwnedSegments>> {
+    let mut read = ReaderOptions::new();
+    read.traversal_limit_in_words(Some(unpacked_limit(bytes.len())));
+    let message = capnp::serialize_packed::read_message(&mut &bytes[..], read)?;
+    let words = message.size_in_words();
+    let mut traverse = ReaderOptions::new();
+    traverse.traversal_limit_in_words(Some(
+        words.saturating_mul(TRAVERSALS_PER_WORD).saturating_add(TRAVERSAL_FLOOR_WORDS),
+    ));
+    Ok(capnp::message::Reader::new(message.into_segments(), traverse))
+}
+
+/// Room to reserve for a list read from a message of `words` words: its
+/// length, but never more elements than the message has words (a list of
+/// zero-sized elements can claim millions at no cost on the wire).
+fn capacity(len: u32, words: usize) -> usize {
+    (len as usize).min(words)
 }
 
 fn check_version(found: u16) -> Result<()> {
@@ -163,11 +202,11 @@ pub fn encode_raw(batch: &RawBatch) -> Vec<u8> {
 
 /// Decode a source → enrich batch.
 pub fn decode_raw(bytes: &[u8]) -> Result<RawBatch> {
-    let message = capnp::serialize_packed::read_message(&mut &bytes[..], reader_options())?;
+    let message = read_bounded(bytes)?;
     let b = message.get_root::<wire::raw_batch::Reader<'_>>()?;
     check_version(b.get_format_version())?;
     let list = b.get_uploads()?;
-    let mut uploads = Vec::with_capacity(list.len() as usize);
+    let mut uploads = Vec::with_capacity(capacity(list.len(), message.size_in_words()));
     for u in list.iter() {
         let lineage = get_lineage(u.get_lineage())?;
         let body = match u.which()? {
@@ -284,7 +323,7 @@ pub fn encode_enriched(batch: &EnrichedBatch) -> Vec<u8> {
 
 /// Decode an enrich → window batch.
 pub fn decode_enriched(bytes: &[u8]) -> Result<EnrichedBatch> {
-    let message = capnp::serialize_packed::read_message(&mut &bytes[..], reader_options())?;
+    let message = read_bounded(bytes)?;
     let b = message.get_root::<wire::enriched_batch::Reader<'_>>()?;
     check_version(b.get_format_version())?;
     let mut uploads = Vec::new();
@@ -393,7 +432,7 @@ pub fn encode_rows(batch: &RowBatch) -> Vec<u8> {
 /// Decode a window → sink batch.
 pub fn decode_rows(bytes: &[u8]) -> Result<RowBatch> {
     use wire::partial_row::Which;
-    let message = capnp::serialize_packed::read_message(&mut &bytes[..], reader_options())?;
+    let message = read_bounded(bytes)?;
     let b = message.get_root::<wire::row_batch::Reader<'_>>()?;
     check_version(b.get_format_version())?;
     let mut rows = Vec::new();
@@ -641,9 +680,8 @@ mod tests {
         Dimensions { os: "ios".into(), channel: "apple".into(), country: "CN".into() }
     }
 
-    #[test]
-    fn raw_batches_round_trip() -> Result<()> {
-        let batch = RawBatch {
+    fn raw_sample() -> RawBatch {
+        RawBatch {
             key_group: KeyGroup(7),
             uploads: vec![
                 RawUpload { lineage: Lineage { partition: 3, offset: 99 }, body: Err(RejectReason::Malformed) },
@@ -666,16 +704,20 @@ mod tests {
                     }),
                 },
             ],
-        };
+        }
+    }
+
+    #[test]
+    fn raw_batches_round_trip() -> Result<()> {
+        let batch = raw_sample();
         assert_eq!(decode_raw(&encode_raw(&batch))?, batch);
         Ok(())
     }
 
-    #[test]
-    fn enriched_batches_round_trip() -> Result<()> {
+    fn enriched_sample() -> EnrichedBatch {
         let mut rejects = RejectCounts::default();
         rejects.add(RejectReason::Duplicate);
-        let batch = EnrichedBatch {
+        EnrichedBatch {
             key_group: KeyGroup(1),
             uploads: vec![EnrichedUpload {
                 lineage: Lineage::line(1),
@@ -693,9 +735,66 @@ mod tests {
             }],
             rejects,
             input: InputSpan { records: 3, last: Lineage { partition: 2, offset: 77 } },
-        };
+        }
+    }
+
+    #[test]
+    fn enriched_batches_round_trip() -> Result<()> {
+        let batch = enriched_sample();
         assert_eq!(decode_enriched(&encode_enriched(&batch))?, batch);
         Ok(())
+    }
+
+    /// Cap'n Proto's packing, the plain way (no runs): enough to put a
+    /// hand-made message on the wire the way a hostile peer would.
+    fn pack(unpacked: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for word in unpacked.chunks(8) {
+            let tag = word.iter().enumerate().fold(0u8, |t, (i, b)| if *b != 0 { t | 1 << i } else { t });
+            out.push(tag);
+            out.extend(word.iter().filter(|b| **b != 0));
+            if tag == 0x00 || tag == 0xff {
+                out.push(0); // no further zero or literal words
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_segment_table_claiming_more_than_the_bytes_can_hold_is_refused() {
+        // One segment of 2^28 words (2 GiB) in two bytes: read with the old
+        // fixed limit, this allocated the segment before finding the bytes
+        // missing.
+        let lying = pack(&[0, 0, 0, 0, 0, 0, 0, 0x10]);
+        assert_eq!(lying, [0x80, 0x10]);
+        let refused = decode_raw(&lying);
+        assert!(
+            matches!(&refused, Err(CodecError::Capnp(e)) if matches!(e.kind, capnp::ErrorKind::MessageTooLarge(_))),
+            "{refused:?}"
+        );
+    }
+
+    #[test]
+    fn a_list_of_zero_sized_elements_cannot_claim_more_than_the_message_holds() {
+        // An empty raw batch, then its uploads list re-labelled as 2^28
+        // elements of no size: a few words on the wire. The old limit let
+        // that through, and the decoder reserved 2^28 uploads (tens of GiB).
+        let mut message = Builder::new_default();
+        let mut b = message.init_root::<wire::raw_batch::Builder<'_>>();
+        b.set_format_version(FORMAT_VERSION);
+        b.init_uploads(0);
+        let mut unpacked = capnp::serialize::write_message_segments_to_words(&message);
+        let tag = unpacked.len() - 8; // the list's tag word is the last one written
+        unpacked[tag..].copy_from_slice(&((1u64 << 28) << 2).to_le_bytes());
+        let hostile = pack(&unpacked);
+        assert!(hostile.len() < 64, "{} bytes", hostile.len());
+        let refused = decode_raw(&hostile);
+        assert!(matches!(refused, Err(CodecError::Capnp(_))), "{refused:?}");
+        // The same message with its real tag still reads: the limit is what refused it.
+        let mut honest = capnp::serialize::write_message_segments_to_words(&message);
+        honest[tag..].copy_from_slice(&((3u64) << 2).to_le_bytes());
+        let three = decode_raw(&pack(&honest)).map(|batch| batch.uploads.len());
+        assert!(matches!(three, Ok(3)), "{three:?}");
     }
 
     #[test]
@@ -731,11 +830,10 @@ mod tests {
         Ok(())
     }
 
-    #[test]
-    fn row_batches_round_trip_and_versions_are_checked() -> Result<()> {
+    fn rows_sample() -> RowBatch {
         let mut daily = DailyValue { events: 2, playtime_s: i128::from(i64::MAX) * 3, ..Default::default() };
         daily.revenue.insert("CNY".into(), 600);
-        let batch = RowBatch {
+        RowBatch {
             key_group: KeyGroup(3),
             covered: 12,
             rows: vec![
@@ -766,7 +864,12 @@ mod tests {
                 },
                 PartialRow { version: 6, key: RowKey::Rejects(RejectReason::BadValue), value: RowValue::Rejects(3) },
             ],
-        };
+        }
+    }
+
+    #[test]
+    fn row_batches_round_trip_and_versions_are_checked() -> Result<()> {
+        let batch = rows_sample();
         assert_eq!(decode_rows(&encode_rows(&batch))?, batch);
 
         let mut message = Builder::new_default();
@@ -775,5 +878,59 @@ mod tests {
         assert!(matches!(err, CodecError::Version { .. }), "{err}");
         assert!(decode_rows(b"garbage").is_err());
         Ok(())
+    }
+
+    /// Apply `edits` (position, byte) to `bytes`, then cut it at `cut`.
+    fn damage(bytes: &[u8], edits: &[(proptest::sample::Index, u8)], cut: proptest::sample::Index) -> Vec<u8> {
+        let mut out = bytes.to_vec();
+        for (at, byte) in edits {
+            let at = at.index(out.len());
+            out[at] = *byte;
+        }
+        out.truncate(cut.index(out.len() + 1));
+        out
+    }
+
+    /// Every decoder on `bytes`, and the checks the stages run on what
+    /// decodes: none may panic, whatever came in.
+    fn read_everything(bytes: &[u8]) {
+        if let Ok(batch) = decode_raw(bytes) {
+            let _ = crate::validate::raw(&batch, batch.key_group);
+        }
+        if let Ok(batch) = decode_enriched(bytes) {
+            let _ = crate::validate::enriched(&batch, batch.key_group);
+        }
+        if let Ok(batch) = decode_rows(bytes) {
+            let _ = crate::validate::rows(&batch, batch.key_group);
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config { cases: 1024, ..Default::default() })]
+
+        #[test]
+        fn decoders_never_panic_on_random_bytes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..4096)) {
+            read_everything(&bytes);
+        }
+
+        /// Random bytes rarely get past the segment table; a real batch with
+        /// a few bytes changed reaches every pointer, list and union.
+        #[test]
+        fn decoders_never_panic_on_damaged_batches(
+            edits in proptest::collection::vec((proptest::prelude::any::<proptest::sample::Index>(), proptest::num::u8::ANY), 1..24),
+            cut in proptest::prelude::any::<proptest::sample::Index>(),
+        ) {
+            for valid in [encode_raw(&raw_sample()), encode_enriched(&enriched_sample()), encode_rows(&rows_sample())] {
+                read_everything(&damage(&valid, &edits, cut));
+                // Unpacked damage reaches the words themselves, not only the packing tags.
+                let mut words = capnp::serialize::write_message_segments_to_words(
+                    &capnp::serialize_packed::read_message(&mut &valid[..], ReaderOptions::new())
+                        .map_err(|e| proptest::test_runner::TestCaseError::fail(e.to_string()))?
+                        .into_segments(),
+                );
+                words = damage(&words, &edits, cut);
+                read_everything(&pack(&words));
+            }
+        }
     }
 }
