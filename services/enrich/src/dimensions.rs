@@ -360,4 +360,25 @@ mod tests {
         .expect_err("overlap");
         assert!(err.to_string().contains("overlap"), "{err}");
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config { cases: 512, ..Default::default() })]
+
+        /// Dimension CSVs come from files and from `LoadDimensions` calls:
+        /// any text is a set of tables or a clear error, and the tables it
+        /// gives answer any lookup.
+        #[test]
+        fn any_dimension_csv_loads_or_fails_cleanly(
+            apps in "(app_key,name,kind\n)?[a-z0-9,\n\\\" -]{0,80}",
+            geo in "(start_ip,end_ip,country,region\n)?[0-9.,A-Z\n\" -]{0,120}",
+            channels in "(raw,group\n)?[a-zA-Z ,\n\"]{0,60}",
+            ip in "[0-9.]{0,20}",
+            raw in "[a-zA-Z ]{0,12}",
+        ) {
+            if let Ok(tables) = DimensionTables::from_csv(&apps, &geo, &channels) {
+                let _ = tables.dimensions(Some(&raw), Some(&raw), Some(&ip));
+                let _ = tables.app(&raw);
+            }
+        }
+    }
 }

@@ -489,4 +489,33 @@ mod tests {
             assert_eq!(money_to_fen(s), None, "{s}");
         }
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config { cases: 1024, ..Default::default() })]
+
+        /// A Kafka record is whatever a client sent: any bytes are an
+        /// upload or a counted reject, never a panic.
+        #[test]
+        fn any_record_bytes_parse_or_reject(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..2048)) {
+            let _ = parse_upload(&bytes);
+        }
+
+        /// Random bytes are rejected at the first one; real uploads with a
+        /// few bytes changed reach every field and every event rule.
+        #[test]
+        fn damaged_uploads_parse_or_reject(
+            edits in proptest::collection::vec((proptest::prelude::any::<proptest::sample::Index>(), proptest::num::u8::ANY), 1..8),
+            cut in proptest::prelude::any::<proptest::sample::Index>(),
+        ) {
+            for valid in [V1, V2] {
+                let mut bytes = valid.as_bytes().to_vec();
+                for (at, byte) in &edits {
+                    let at = at.index(bytes.len());
+                    bytes[at] = *byte;
+                }
+                bytes.truncate(cut.index(bytes.len() + 1));
+                let _ = parse_upload(&bytes);
+            }
+        }
+    }
 }

@@ -497,4 +497,68 @@ mod tests {
         assert_eq!(limit(&ledger, 1), None);
         assert!(limit(&ledger, 2).is_some());
     }
+
+    /// What a receiver may hear on its status subject, and from its stream.
+    #[derive(Debug, Clone)]
+    enum Heard {
+        Status(Status),
+        Consumed(KeyGroup, Sender, Usage),
+        Tick,
+    }
+
+    fn any_heard() -> impl proptest::strategy::Strategy<Value = Heard> {
+        use proptest::prelude::*;
+        let usage = || (any::<u64>(), any::<u64>()).prop_map(|(b, n)| Usage::new(b, n));
+        let small = || (0u64..8, 0u64..100_000).prop_map(|(b, n)| Usage::new(b, n));
+        let usage = || prop_oneof![usage(), small()];
+        let sender = (proptest::sample::select(vec!["enrich-0", "enrich-1", ""]), 0u64..3)
+            .prop_map(|(name, run)| Sender { name: name.to_string(), run });
+        let kg = (0u16..4).prop_map(KeyGroup);
+        prop_oneof![
+            (sender.clone(), kg.clone(), usage(), usage()).prop_map(|(sender, key_group, sent, backlog)| {
+                Heard::Status(Status { v: WireVersion::CURRENT, sender, key_group, sent, backlog })
+            }),
+            (kg, sender, usage()).prop_map(|(kg, s, total)| Heard::Consumed(kg, s, total)),
+            Just(Heard::Tick),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever senders report (forged totals included), the ledger
+        /// never panics, never grants below what a channel consumed, and
+        /// never hands out more than the floating pool beyond the
+        /// exclusive shares.
+        #[test]
+        fn any_reports_keep_grants_within_the_pool(heard in proptest::collection::vec(any_heard(), 0..64)) {
+            let policy = CreditPolicy { exclusive: Usage::new(2, 1 << 20), floating: Usage::new(8, 8 << 20) };
+            let mut ledger = Ledger::new(policy, 3);
+            for h in &heard {
+                match h {
+                    Heard::Status(s) => ledger.status(s),
+                    Heard::Consumed(kg, s, total) => ledger.consumed(*kg, s, *total),
+                    Heard::Tick => ledger.tick(),
+                }
+                let mut floating = Usage::ZERO;
+                for g in ledger.grants() {
+                    let c = ledger.channels[&(g.key_group, g.sender.clone())];
+                    proptest::prop_assert!(g.limit.batches >= c.consumed.batches && g.limit.bytes >= c.consumed.bytes);
+                    floating = floating.plus(g.limit.minus(c.consumed).minus(policy.exclusive));
+                }
+                proptest::prop_assert!(floating.batches <= policy.floating.batches && floating.bytes <= policy.floating.bytes, "{floating:?}");
+            }
+        }
+
+        /// Statuses and grants arrive as JSON on core NATS: any bytes either
+        /// fail to parse or give values the ledger and a sender can take.
+        #[test]
+        fn any_credit_bytes_parse_or_fail_cleanly(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
+            if let Ok(status) = serde_json::from_slice::<Status>(&bytes) {
+                Ledger::new(CreditPolicy { exclusive: Usage::new(1, 1), floating: Usage::ZERO }, 1).status(&status);
+            }
+            if let Ok(grant) = serde_json::from_slice::<Grant>(&bytes) {
+                Outbound::new(Usage::ZERO).grant(grant.limit);
+            }
+            let _ = parse_stamp(&String::from_utf8_lossy(&bytes));
+        }
+    }
 }

@@ -266,10 +266,18 @@ pub fn step(table: &LeaseTable, me: &Me, alive: impl Fn(&str, &Member) -> bool) 
             if !mine {
                 to_release.insert(unit);
             }
-        } else if mine && !lease.owner.as_deref().is_some_and(live) {
+        } else if mine
+            && !lease.owner.as_deref().is_some_and(live)
+            // A fence that cannot be raised (u64::MAX: never reached by
+            // acquisitions, only written by someone forging the table) is
+            // not wrapped to 0, which would let fenced-out writers back in:
+            // the unit stays unowned, and the forgery shows as a stalled
+            // unit instead of wrong tables.
+            && let Some(fence) = lease.fence.checked_add(1)
+        {
             acquired.insert(unit, lease.clone());
             lease.owner = Some(me.name.clone());
-            lease.fence += 1;
+            lease.fence = fence;
             held.insert(unit, lease.fence);
         }
     }

@@ -245,3 +245,57 @@ fn simulated_groups_never_share_a_unit_and_settle_balanced() {
         assert!(max.zip(min).is_some_and(|(a, b)| a - b <= 1), "seed {seed}: {c:?}");
     }
 }
+
+/// Any table a peer could have written (or anyone could have forged, before
+/// NATS permissions keep them out): a few member names, any numbers.
+fn any_table() -> impl proptest::strategy::Strategy<Value = LeaseTable> {
+    use proptest::prelude::*;
+    let name = proptest::sample::select(vec!["a", "b", "me", "zombie"]);
+    let member =
+        (any::<u32>(), any::<u64>(), any::<u64>()).prop_map(|(weight, beat, ttl_ms)| Member { weight, beat, ttl_ms });
+    let fence = prop_oneof![any::<u64>(), 0u64..3, Just(u64::MAX)];
+    let lease = (proptest::option::of(name.clone()), fence, proptest::option::of(any::<u64>()))
+        .prop_map(|(owner, fence, checkpoint)| Lease { owner: owner.map(str::to_string), fence, checkpoint });
+    (
+        proptest::collection::btree_map(name.prop_map(str::to_string), member, 0..4),
+        proptest::collection::vec(lease, 0..24),
+    )
+        .prop_map(|(members, leases)| LeaseTable { v: sluice_model::wire::WireVersion::CURRENT, members, leases })
+}
+
+proptest::proptest! {
+    /// Whatever table a step reads, it neither panics nor lets a fence go
+    /// back, and it only claims what it acquired or already held.
+    #[test]
+    fn a_step_over_any_table_keeps_fences_growing(
+        table in any_table(),
+        weight in 0u32..4,
+        leaving in proptest::prelude::any::<bool>(),
+        dead in proptest::prelude::any::<bool>(),
+    ) {
+        let me = Me { name: "me".into(), weight, ttl: Duration::from_secs(3), leaving };
+        let step = step(&table, &me, |name, _| !(dead && name == "zombie"));
+        proptest::prop_assert_eq!(step.table.leases.len(), table.leases.len());
+        for (unit, (before, after)) in table.leases.iter().zip(&step.table.leases).enumerate() {
+            proptest::prop_assert!(after.fence >= before.fence, "unit {unit}: fence {} -> {}", before.fence, after.fence);
+            let unit = unit as u32;
+            if after.owner.as_deref() == Some("me") {
+                proptest::prop_assert_eq!(step.held.get(&unit), Some(&after.fence));
+            } else {
+                proptest::prop_assert!(!step.held.contains_key(&unit));
+            }
+        }
+        proptest::prop_assert!(step.acquired.keys().all(|u| step.held.contains_key(u)));
+        proptest::prop_assert!(step.to_release.iter().all(|u| step.held.contains_key(u)));
+    }
+
+    /// A lease table arrives as JSON from the KV bucket: any bytes either
+    /// fail to parse or give a table a step can take.
+    #[test]
+    fn any_lease_table_bytes_parse_or_fail_cleanly(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+        if let Ok(table) = serde_json::from_slice::<LeaseTable>(&bytes) {
+            let me = Me { name: "me".into(), weight: 1, ttl: Duration::from_secs(3), leaving: false };
+            let _ = step(&table, &me, |_, _| true);
+        }
+    }
+}
