@@ -183,3 +183,122 @@ fn the_api_answers_from_the_pipelines_state_and_reloads_reach_every_instance() -
     ensure!(services.contains("sluice.enrich.v1.Enrich") && services.contains("grpc.health.v1.Health"), "{seen}");
     f.stack.stop()
 }
+
+/// Hostile requests against an enrich instance with small limits: each gets
+/// a clear, short error, none costs anything lasting, and the instance
+/// answers its health checks and lookups throughout.
+#[test]
+fn hostile_requests_get_short_clear_errors_and_the_api_keeps_answering() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let set = DataSet::small()?;
+    let dir = scratch()?;
+    let mut config = StackConfig::new(&dir.path().join("stack"), &set.data());
+    let limits = [
+        ("SLUICE_GRPC__MAX_UPLOADS", "50"),
+        ("SLUICE_GRPC__MAX_EVENTS", "200"),
+        ("SLUICE_GRPC__MAX_REQUEST_BYTES", "65536"),
+        ("SLUICE_GRPC__MAX_CONNECTIONS", "8"),
+        ("SLUICE_GRPC__MAX_CONNECTION_AGE", "3s"),
+    ];
+    config.env = limits.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let stack = Stack::start(config)?;
+    let addr = stack.grpc("enrich-0")?.to_string();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let mut c = client(&addr).await?;
+        let answers = |c: &mut EnrichClient<Channel>| {
+            let mut c = c.clone();
+            async move {
+                let app = c.lookup_app(LookupAppRequest { app: "no-such-app".into() }).await?.into_inner();
+                ensure!(!app.known, "{app:?}");
+                anyhow::Ok(())
+            }
+        };
+        let upload = |events: usize| proto::RawUpload {
+            mid: "m".into(),
+            app: "a".into(),
+            dev: "d".into(),
+            sent_ms: 1_732_000_000_000,
+            events: vec![
+                proto::RawEvent {
+                    ts_ms: 1_732_000_000_000,
+                    body: Some(proto::raw_event::Body::Launch(proto::Launch {}))
+                };
+                events
+            ],
+            ..Default::default()
+        };
+        let short = |s: &tonic::Status| s.message().len() <= 1024;
+
+        // Over the caps: refused before any work, naming the setting.
+        let many = c.enrich_batch(EnrichBatchRequest { uploads: vec![upload(1); 51] }).await.expect_err("51 uploads");
+        ensure!(
+            many.code() == tonic::Code::ResourceExhausted && many.message().contains("grpc.max_uploads"),
+            "{many:?}"
+        );
+        let events =
+            c.enrich_batch(EnrichBatchRequest { uploads: vec![upload(101); 2] }).await.expect_err("202 events");
+        ensure!(
+            events.code() == tonic::Code::ResourceExhausted && events.message().contains("grpc.max_events"),
+            "{events:?}"
+        );
+        // Over the request size: refused by the decoder.
+        let big = c.lookup_geo(LookupGeoRequest { ip: "9".repeat(100_000) }).await.expect_err("100 kB request");
+        ensure!(big.code() != tonic::Code::Ok && short(&big), "{big:?}");
+        // Under the size, but an error that would quote 60 kB: quoted short.
+        let bad = c.lookup_geo(LookupGeoRequest { ip: "x".repeat(60_000) }).await.expect_err("not an IP");
+        ensure!(
+            bad.code() == tonic::Code::InvalidArgument && short(&bad),
+            "{} bytes: {:.200}",
+            bad.message().len(),
+            bad.message()
+        );
+        let reason = proto::RawEvent { ts_ms: 0, body: Some(proto::raw_event::Body::Rejected("r".repeat(60_000))) };
+        let unknown = c
+            .enrich_batch(EnrichBatchRequest { uploads: vec![proto::RawUpload { events: vec![reason], ..upload(0) }] })
+            .await
+            .expect_err("unknown reason");
+        ensure!(unknown.code() == tonic::Code::InvalidArgument && short(&unknown), "{:.200}", unknown.message());
+        answers(&mut c).await?;
+
+        // Garbage on the port: the connection is dropped, the server goes on.
+        let mut raw = tokio::net::TcpStream::connect(&addr).await?;
+        raw.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n\x00\x01\x02 not http/2 at all").await?;
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), raw.read_to_end(&mut sink)).await;
+        answers(&mut c).await?;
+
+        // A flood of idle connections: the ones past grpc.max_connections are
+        // closed at once; the rest are closed by grpc.max_connection_age, and
+        // a new client gets through again.
+        let mut idle = Vec::new();
+        for _ in 0..12 {
+            idle.push(tokio::net::TcpStream::connect(&addr).await?);
+        }
+        let mut closed = 0;
+        for s in &mut idle {
+            let mut byte = [0u8; 1];
+            if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_millis(500), s.read(&mut byte)).await {
+                closed += 1;
+            }
+        }
+        ensure!(closed >= 4, "{closed} of 12 idle connections closed at once with a limit of 8 (one is the client's)");
+        let started = Instant::now();
+        loop {
+            let fresh =
+                tokio::time::timeout(Duration::from_secs(2), async { answers(&mut client(&addr).await?).await }).await;
+            if matches!(fresh, Ok(Ok(()))) {
+                break;
+            }
+            ensure!(
+                started.elapsed() < Duration::from_secs(30),
+                "idle connections held every slot for 30 s: {fresh:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        anyhow::Ok(())
+    })?;
+    let (status, _) = sluice_tests::stack::http_get(stack.http("enrich-0")?, "/healthz")?;
+    ensure!(status == 200, "enrich /healthz answered {status}");
+    stack.stop()
+}

@@ -1,7 +1,11 @@
 //! The enrichment API over gRPC (`schemas/enrich.proto`): an adapter over the
 //! same enricher the stream path uses. It converts between proto and domain
-//! types, takes the enricher's lock for one call at a time, and maps every
-//! error to a `Status` in one place ([`ApiError`]).
+//! types, takes the enricher's lock for one call at a time (on a blocking
+//! thread: the stage thread may hold it for a whole batch, and a tokio worker
+//! must not wait for that), and maps every error to a `Status` in one place
+//! ([`ApiError`]). What one client may cost is bounded in [`limits`].
+
+pub mod limits;
 
 use std::sync::{Arc, Mutex};
 
@@ -34,7 +38,11 @@ use proto::enrich_server::Enrich;
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     /// The device lives on another instance: ask that one.
-    #[error("{app}/{dev} is in key group {key_group}, owned by {owner}; ask that instance")]
+    #[error(
+        "{}/{} is in key group {key_group}, owned by {owner}; ask that instance",
+        limits::quoted(app),
+        limits::quoted(dev)
+    )]
     NotOwned {
         /// App key.
         app: String,
@@ -48,6 +56,9 @@ pub enum ApiError {
     /// The request is malformed.
     #[error("{0}")]
     Invalid(String),
+    /// The request is larger than this server takes.
+    #[error("{0}")]
+    TooLarge(String),
     /// The enricher failed.
     #[error("enriching: {0}")]
     Stage(#[from] sluice_runtime::stage::StageError),
@@ -58,10 +69,12 @@ pub enum ApiError {
 
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Self {
-        let message = format!("{e:#}");
+        // Messages may quote the request; a status travels in a header.
+        let message = limits::status_message(format!("{e:#}"));
         match e {
             ApiError::NotOwned { .. } => Status::failed_precondition(message),
             ApiError::Invalid(_) => Status::invalid_argument(message),
+            ApiError::TooLarge(_) => Status::resource_exhausted(message),
             ApiError::Stage(_) => Status::internal(message),
             ApiError::Feed(_) => Status::unavailable(message),
         }
@@ -71,15 +84,13 @@ impl From<ApiError> for Status {
 /// The gRPC service of one enrich instance.
 pub struct EnrichApi {
     live: SharedEnricher,
-    key_groups: KeyGroups,
-    /// Static ownership: the key groups owned; `None` with leases, where
-    /// the enricher in use knows which it holds now.
-    owned: Option<KeyGroupSet>,
+    owners: Owners,
     instance: usize,
-    instances: usize,
     js: jetstream::Context,
     nats: NatsSettings,
     current: Arc<Mutex<DimensionSource>>,
+    max_uploads: usize,
+    max_events: usize,
 }
 
 impl EnrichApi {
@@ -94,18 +105,65 @@ impl EnrichApi {
         js: jetstream::Context,
         nats: NatsSettings,
         current: Arc<Mutex<DimensionSource>>,
+        limits: &crate::service::GrpcSettings,
     ) -> Self {
-        Self { live, key_groups, owned, instance, instances, js, nats, current }
+        let (max_uploads, max_events) = (limits.max_uploads, limits.max_events);
+        let owners = Owners { key_groups, owned, instances };
+        Self { live, owners, instance, js, nats, current, max_uploads, max_events }
     }
 
-    fn check_owned(&self, app: &str, dev: &str) -> Result<u16, ApiError> {
+    /// Run `work` on the enricher on a blocking thread (see the module doc).
+    async fn with_enricher<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut crate::Enricher) -> T + Send + 'static,
+    ) -> Result<T, Status> {
+        let live = self.live.clone();
+        tokio::task::spawn_blocking(move || work(&mut live.lock()))
+            .await
+            .map_err(|e| Status::internal(format!("the enricher call failed: {e}")))
+    }
+
+    /// `EnrichBatch`'s caps, checked before anything is converted.
+    fn check_size(&self, r: &proto::EnrichBatchRequest) -> Result<(), ApiError> {
+        let events: usize = r.uploads.iter().map(|u| u.events.len()).sum();
+        if r.uploads.len() > self.max_uploads {
+            return Err(ApiError::TooLarge(format!(
+                "an EnrichBatch of {} uploads; this server takes at most {} (grpc.max_uploads): split the batch",
+                r.uploads.len(),
+                self.max_uploads
+            )));
+        }
+        if events > self.max_events {
+            return Err(ApiError::TooLarge(format!(
+                "an EnrichBatch of {events} events; this server takes at most {} (grpc.max_events): split the batch",
+                self.max_events
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Which instance owns a device's key group: a device is answered for only
+/// by its owner, the one whose registry holds it.
+#[derive(Debug, Clone)]
+struct Owners {
+    key_groups: KeyGroups,
+    /// Static ownership: the key groups owned; `None` with leases, where
+    /// the enricher in use knows which it holds now.
+    owned: Option<KeyGroupSet>,
+    instances: usize,
+}
+
+impl Owners {
+    /// `app`/`dev`'s key group if `enricher`'s instance owns it.
+    fn check(&self, app: &str, dev: &str, enricher: &crate::Enricher) -> Result<u16, ApiError> {
         let kg = self.key_groups.of_device(app.as_bytes(), dev.as_bytes());
         let (owns, owner) = match &self.owned {
             Some(owned) => (
                 owned.contains(kg),
                 format!("enrich instance {} of {}", KeyGroupSet::owner(kg, self.instances), self.instances),
             ),
-            None => (self.live.lock().owns(kg), "another enrich instance (key groups are leased)".into()),
+            None => (enricher.owns(kg), "another enrich instance (key groups are leased)".into()),
         };
         if owns {
             return Ok(kg.0);
@@ -123,7 +181,7 @@ fn raw_event(e: proto::RawEvent) -> Result<RawEvent, ApiError> {
     let body = match e.body {
         None => return Err(ApiError::Invalid("an event without a body".into())),
         Some(Body::Rejected(reason)) => Err(RejectReason::from_name(&reason)
-            .ok_or_else(|| ApiError::Invalid(format!("unknown reject reason {reason:?}")))?),
+            .ok_or_else(|| ApiError::Invalid(format!("unknown reject reason {}", limits::quoted(&reason))))?),
         Some(Body::Launch(_)) => Ok(EventBody::Launch),
         Some(Body::PageDurS(dur)) => Ok(EventBody::Page { dur }),
         Some(Body::TerminateDurS(dur)) => Ok(EventBody::Terminate { dur }),
@@ -190,32 +248,32 @@ impl Enrich for EnrichApi {
         request: Request<proto::LookupDeviceRequest>,
     ) -> Result<Response<proto::DeviceInfo>, Status> {
         let r = request.into_inner();
-        let key_group = self.check_owned(&r.app, &r.dev)?;
-        let enricher = self.live.lock();
-        let mut info = proto::DeviceInfo {
-            app: r.app.clone(),
-            dev: r.dev.clone(),
-            key_group: u32::from(key_group),
-            ..Default::default()
-        };
-        if let Some(record) = enricher.device(&r.app, &r.dev) {
-            info.known = true;
-            info.last_seen_ms = record.last_seen().unwrap_or(0);
-            info.remembered_message_ids = record.remembered() as u64;
-            info.first_event = record.first.as_ref().map(|f| proto::FirstEvent {
-                ts_ms: f.ts,
-                mid: f.mid.to_string(),
-                index: f.index,
-                day: f.cell.day.to_string(),
-                dimensions: Some(dims(&f.cell.dimensions)),
-            });
-        }
+        let owners = self.owners.clone();
+        let info = self
+            .with_enricher(move |enricher| {
+                let key_group = owners.check(&r.app, &r.dev, enricher)?;
+                let mut info = proto::DeviceInfo { key_group: u32::from(key_group), ..Default::default() };
+                if let Some(record) = enricher.device(&r.app, &r.dev) {
+                    info.known = true;
+                    info.last_seen_ms = record.last_seen().unwrap_or(0);
+                    info.remembered_message_ids = record.remembered() as u64;
+                    info.first_event = record.first.as_ref().map(|f| proto::FirstEvent {
+                        ts_ms: f.ts,
+                        mid: f.mid.to_string(),
+                        index: f.index,
+                        day: f.cell.day.to_string(),
+                        dimensions: Some(dims(&f.cell.dimensions)),
+                    });
+                }
+                Ok::<_, ApiError>(proto::DeviceInfo { app: r.app, dev: r.dev, ..info })
+            })
+            .await??;
         Ok(Response::new(info))
     }
 
     async fn lookup_app(&self, request: Request<proto::LookupAppRequest>) -> Result<Response<proto::AppInfo>, Status> {
         let r = request.into_inner();
-        let tables = self.live.lock().tables().clone();
+        let tables = self.with_enricher(|enricher| enricher.tables().clone()).await?;
         let info = match tables.app(&r.app) {
             Some(app) => proto::AppInfo { app: r.app, known: true, name: app.name.clone(), kind: app.kind.clone() },
             None => proto::AppInfo { app: r.app, ..Default::default() },
@@ -226,9 +284,9 @@ impl Enrich for EnrichApi {
     async fn lookup_geo(&self, request: Request<proto::LookupGeoRequest>) -> Result<Response<proto::GeoInfo>, Status> {
         let r = request.into_inner();
         if ipv4_to_u32(&r.ip).is_none() {
-            return Err(ApiError::Invalid(format!("{:?} is not an IPv4 address", r.ip)).into());
+            return Err(ApiError::Invalid(format!("{} is not an IPv4 address", limits::quoted(&r.ip))).into());
         }
-        let tables = self.live.lock().tables().clone();
+        let tables = self.with_enricher(|enricher| enricher.tables().clone()).await?;
         let info = match tables.geo(&r.ip) {
             Some(g) => proto::GeoInfo { ip: r.ip, country: g.country.to_string(), region: g.region.to_string() },
             None => {
@@ -243,7 +301,7 @@ impl Enrich for EnrichApi {
         request: Request<proto::LookupChannelRequest>,
     ) -> Result<Response<proto::ChannelInfo>, Status> {
         let r = request.into_inner();
-        let tables = self.live.lock().tables().clone();
+        let tables = self.with_enricher(|enricher| enricher.tables().clone()).await?;
         let group = tables.channel_group(Some(&r.channel)).to_string();
         Ok(Response::new(proto::ChannelInfo { channel: r.channel, group }))
     }
@@ -253,9 +311,9 @@ impl Enrich for EnrichApi {
         request: Request<proto::EnrichBatchRequest>,
     ) -> Result<Response<proto::EnrichBatchResponse>, Status> {
         let r = request.into_inner();
+        self.check_size(&r)?;
         let mut uploads = Vec::with_capacity(r.uploads.len());
         for (position, up) in r.uploads.into_iter().enumerate() {
-            self.check_owned(&up.app, &up.dev)?;
             let events = up.events.into_iter().map(raw_event).collect::<Result<Vec<_>, _>>()?;
             let body = Upload {
                 mid: up.mid.into(),
@@ -271,7 +329,17 @@ impl Enrich for EnrichApi {
             uploads.push(DomainUpload { lineage: Lineage { partition: 0, offset: position as u64 }, body: Ok(body) });
         }
         let batch = RawBatch { key_group: Default::default(), uploads };
-        let out = self.live.lock().preview(batch).map_err(ApiError::from)?;
+        let owners = self.owners.clone();
+        let out = self
+            .with_enricher(move |enricher| {
+                for up in &batch.uploads {
+                    if let Ok(up) = &up.body {
+                        owners.check(&up.app, &up.dev, enricher)?;
+                    }
+                }
+                enricher.preview(batch).map_err(ApiError::from)
+            })
+            .await??;
         Ok(Response::new(response(out)))
     }
 

@@ -21,6 +21,7 @@ use sluice_runtime::transport::hop::Hop;
 use sluice_runtime::transport::nats::NatsSettings;
 
 use crate::dimension_feed::{self, DimensionSource};
+use crate::grpc::limits::{CallLimit, limited_connections};
 use crate::grpc::proto::enrich_server::EnrichServer;
 use crate::grpc::{EnrichApi, FILE_DESCRIPTOR_SET};
 use crate::shared::SharedEnricher;
@@ -46,17 +47,72 @@ pub struct EnrichServiceSettings {
     pub grpc: GrpcSettings,
 }
 
-/// The enrichment API's server.
+/// The enrichment API's server, and what one client may cost it
+/// (docs/configuration.md, `[grpc]`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GrpcSettings {
     /// Address of the gRPC server (`sluice.enrich.v1.Enrich`, `grpc.health.v1`, reflection).
     pub listen: String,
+    /// The largest request message, in bytes (a `LoadDimensions` carries
+    /// whole CSV tables: raise it for large geo tables).
+    pub max_request_bytes: usize,
+    /// Uploads one `EnrichBatch` may carry.
+    pub max_uploads: usize,
+    /// Events one `EnrichBatch` may carry, over all its uploads.
+    pub max_events: usize,
+    /// Enrich API calls running at once over every connection; others wait
+    /// (within `request_timeout`) before their bodies are read. Health and
+    /// reflection are not counted.
+    pub max_concurrent_calls: usize,
+    /// Connections open at once; one more is closed as it arrives.
+    pub max_connections: usize,
+    /// Calls open at once on one connection (HTTP/2 streams).
+    pub max_streams_per_connection: u32,
+    /// A call (waiting, reading its request and answering) is cut off
+    /// after this long.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// A connection is asked to close after this long (clients reconnect
+    /// transparently), and closed 30 s later (or this long, if shorter): no
+    /// connection, idle or half-open, holds a slot for good.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age: Duration,
 }
 
 impl Default for GrpcSettings {
     fn default() -> Self {
-        Self { listen: "0.0.0.0:50051".into() }
+        Self {
+            listen: "0.0.0.0:50051".into(),
+            max_request_bytes: 4 << 20,
+            max_uploads: 10_000,
+            max_events: 100_000,
+            max_concurrent_calls: 2,
+            max_connections: 256,
+            max_streams_per_connection: 32,
+            request_timeout: Duration::from_secs(30),
+            max_connection_age: Duration::from_secs(600),
+        }
+    }
+}
+
+impl GrpcSettings {
+    /// Every limit must let something through.
+    fn check(&self) -> anyhow::Result<()> {
+        let zero = [
+            ("grpc.max_request_bytes", self.max_request_bytes == 0),
+            ("grpc.max_uploads", self.max_uploads == 0),
+            ("grpc.max_events", self.max_events == 0),
+            ("grpc.max_concurrent_calls", self.max_concurrent_calls == 0),
+            ("grpc.max_connections", self.max_connections == 0),
+            ("grpc.max_streams_per_connection", self.max_streams_per_connection == 0),
+            ("grpc.request_timeout", self.request_timeout.is_zero()),
+            ("grpc.max_connection_age", self.max_connection_age.is_zero()),
+        ];
+        match zero.iter().find(|(_, is_zero)| *is_zero) {
+            Some((name, _)) => anyhow::bail!("{name} is 0: nothing would get through; see docs/configuration.md"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -160,9 +216,11 @@ async fn serve_api(
     current: Arc<Mutex<DimensionSource>>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let (nats, listen) = (settings.nats.clone(), settings.grpc.listen.clone());
+    let (nats, grpc) = (settings.nats.clone(), settings.grpc.clone());
+    let listen = grpc.listen.clone();
     let instances = (settings.service.instance, settings.service.instances);
     let run = async {
+        grpc.check()?;
         let addr: std::net::SocketAddr =
             listen.parse().with_context(|| format!("grpc.listen {listen:?} is not an address"))?;
         let js = sluice_runtime::transport::nats::connect(&nats, &format!("sluice-enrich-{}-api", instances.0)).await?;
@@ -173,7 +231,7 @@ async fn serve_api(
             current.clone(),
             shutdown.clone(),
         ));
-        let api = EnrichApi::new(live, key_groups, owned, instances, js, nats, current);
+        let api = EnrichApi::new(live, key_groups, owned, instances, js, nats, current, &grpc);
         let (reporter, health) = tonic_health::server::health_reporter();
         reporter.set_serving::<EnrichServer<EnrichApi>>().await;
         // Reflection in both versions: v1, and v1alpha, which most tools
@@ -188,13 +246,23 @@ async fn serve_api(
         let listener =
             tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr} (grpc.listen)"))?;
         tracing::info!(addr = %listener.local_addr()?, "enrich: gRPC on {addr}");
+        let enrich = EnrichServer::new(api).max_decoding_message_size(grpc.max_request_bytes);
+        let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let server = tonic::transport::Server::builder()
+            .timeout(grpc.request_timeout)
+            .max_concurrent_streams(grpc.max_streams_per_connection)
+            .max_connection_age(grpc.max_connection_age)
+            .max_connection_age_grace(grpc.max_connection_age.min(Duration::from_secs(30)))
+            // Dead peers are found within a minute; their slots come back.
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .http2_max_header_list_size(64 * 1024)
             .add_service(health)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(EnrichServer::new(api))
+            .add_service(CallLimit::new(enrich, grpc.max_concurrent_calls))
             .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                limited_connections(listener, grpc.max_connections, refused),
                 shutdown.clone().cancelled_owned(),
             );
         // A graceful stop waits for clients to hang up; long-lived clients
